@@ -1,0 +1,141 @@
+"""``plait train | generate | convert``: the command line.
+
+Any user error ends as one line on stderr, ``plait: error: ...``, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from plait.errors import PlaitError
+from plait.launch import RankFailed
+
+USAGE = """plait train [CONFIG.toml] [--print-config] [--resume] [--section.field VALUE ...]
+       plait generate CHECKPOINT [--prompt TEXT] [--max-new-tokens N] [--temperature T]
+                      [--top-k K] [--top-p P] [--seed S]
+       plait convert SRC DST          (Hugging Face folder <-> plait checkpoint)"""
+
+
+class UsageError(PlaitError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise UsageError(f"{message} (see 'plait {self.prog.split()[-1]} --help')")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separate ``--section.field value`` / ``--section.field=value`` pairs from the rest."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            key = arg[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            else:
+                raise UsageError(f"--{key} needs a value")
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def cmd_train(argv: list[str]) -> int:
+    from plait.config import build_config, to_toml
+    from plait.launch import launch_training
+
+    rest, overrides = split_overrides(argv)
+    parser = _Parser(prog="plait train", description="Train a model (see README for the config fields).")
+    parser.add_argument("config", nargs="?", help="TOML config file; defaults give the demo job")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of run.dir")
+    args = parser.parse_args(rest)
+    if args.resume:
+        overrides.append(("checkpoint.resume", "true"))
+    cfg = build_config(args.config, overrides)
+    if args.print_config:
+        print(to_toml(cfg), end="")
+        return 0
+    launch_training(cfg)
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from plait.data.tokenizer import Tokenizer
+    from plait.infer.generate import generate
+    from plait.train.checkpoint import load_model_checkpoint
+
+    parser = _Parser(prog="plait generate", description="Sample text from a checkpoint.")
+    parser.add_argument("checkpoint", help="checkpoint folder, or a run dir (its latest checkpoint)")
+    parser.add_argument("--prompt", default="ROMEO:")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens = {args.max_new_tokens}; it must be >= 1")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise UsageError("--temperature and --top-k must be >= 0, --top-p in (0, 1]")
+    model, _ = load_model_checkpoint(args.checkpoint)
+    folder = args.checkpoint
+    if not any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model")):
+        from plait.train.checkpoint import latest_checkpoint
+
+        folder = latest_checkpoint(folder) or folder
+    tokenizer = Tokenizer.load(folder)
+    prompt = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
+    ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tokenizer.eos_id)
+    print(args.prompt + tokenizer.decode(ids))
+    return 0
+
+
+def cmd_convert(argv: list[str]) -> int:
+    from plait.models.hf import convert
+
+    parser = _Parser(prog="plait convert", description="Convert between a Hugging Face folder and a plait checkpoint.")
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    args = parser.parse_args(argv)
+    print(convert(args.src, args.dst))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "convert": cmd_convert}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv:  # `plait` alone behaves like `plait train`: the demo job
+            argv = ["train"]
+        else:
+            print(USAGE)
+            return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"plait: error: unknown command '{command}'; use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except PlaitError as exc:
+        print(f"plait: error: {exc}", file=sys.stderr)
+        return 2
+    except RankFailed as exc:
+        print(f"plait: error: {exc}", file=sys.stderr)
+        return exc.exitcode if exc.exitcode > 0 else 1
+    except KeyboardInterrupt:
+        print("plait: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

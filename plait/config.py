@@ -1,0 +1,304 @@
+"""Typed job config: TOML file + dotted command-line overrides, validated before any rank starts.
+
+Every field lives in one section dataclass below; its name is the same in the TOML file, on the
+command line (``--train.steps 200``), in the code and in the docs. Range limits and allowed
+choices are declared next to the field (``metadata``) so the validator and the README agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+from plait.errors import ConfigError
+
+
+def _f(default: Any, doc: str, **limits: Any) -> Any:
+    """A config field with its one-line doc and optional ``min``/``max``/``gt`` limits."""
+    return field(default=default, metadata={"doc": doc, **limits})
+
+
+@dataclass
+class RunConfig:
+    dir: str = _f("runs/default", "output folder: metrics, checkpoints, plots, resolved config")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _f(0, "vocabulary size; 0 takes the tokenizer's", min=0)
+    dim: int = _f(256, "hidden size", min=1)
+    n_layers: int = _f(6, "transformer blocks", min=1)
+    n_heads: int = _f(8, "attention (query) heads", min=1)
+    n_kv_heads: int = _f(0, "key/value heads (GQA/MQA); 0 means n_heads", min=0)
+    ffn_dim: int = _f(768, "SwiGLU hidden size", min=1)
+    max_seq_len: int = _f(2048, "longest sequence the model accepts", min=1)
+    rope_theta: float = _f(10000.0, "RoPE base", gt=0)
+    rope_scaling: Literal["none", "llama3"] = _f("none", "RoPE frequency scaling")
+    rope_factor: float = _f(8.0, "llama3 scaling: factor", gt=0)
+    rope_low_freq_factor: float = _f(1.0, "llama3 scaling: low-frequency factor", gt=0)
+    rope_high_freq_factor: float = _f(4.0, "llama3 scaling: high-frequency factor", gt=0)
+    rope_original_max_seq_len: int = _f(8192, "llama3 scaling: original context", min=1)
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon", gt=0)
+    qkv_bias: bool = _f(False, "bias on q/k/v projections (Qwen2)")
+    tie_embeddings: bool = _f(False, "output layer shares the embedding matrix")
+    init_std: float = _f(0.02, "std of the normal weight init", gt=0)
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("demo", "'demo' (Shakespeare), a .txt/.md/.jsonl/.parquet file, or a folder")
+    text_field: str = _f("text", "JSONL/parquet field holding the document text")
+    tokenizer: str = _f(
+        "bpe:4096",
+        "'bpe:N' (byte-level BPE trained and cached), 'gpt2', a tokenizer.json, or a .model",
+    )
+    cache_dir: str = _f(".plait_cache", "where tokenizers and tokenized data are cached")
+    val_fraction: float = _f(0.05, "share of documents held out for validation", min=0, max=0.5)
+    doc_mask: bool = _f(True, "attention never crosses a document boundary in packed windows")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(300, "optimizer steps", min=1)
+    seed: int = _f(0, "seed for init, data order and sampling", min=0)
+    seq_len: int = _f(256, "tokens per sequence", min=2)
+    global_batch: int = _f(16, "sequences per optimizer step, over all data-parallel ranks", min=1)
+    micro_batch: int = _f(8, "sequences per forward/backward on one rank", min=1)
+    lr: float = _f(3e-3, "peak learning rate", gt=0)
+    min_lr_ratio: float = _f(0.1, "final lr as a fraction of the peak", min=0, max=1)
+    warmup_steps: int = _f(20, "linear warmup steps", min=0)
+    schedule: Literal["cosine", "wsd", "constant"] = _f("cosine", "lr schedule after warmup")
+    decay_fraction: float = _f(0.2, "wsd: share of steps spent decaying", min=0, max=1)
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)", min=0)
+    beta1: float = _f(0.9, "AdamW beta1", min=0, max=1)
+    beta2: float = _f(0.95, "AdamW beta2", min=0, max=1)
+    eps: float = _f(1e-8, "AdamW epsilon", gt=0)
+    grad_clip: float = _f(1.0, "max global grad norm; 0 disables clipping", min=0)
+    dtype: Literal["fp32", "bf16"] = _f("fp32", "compute dtype (bf16 uses autocast)")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto picks cuda when available")
+    eval_every: int = _f(50, "validate every N steps (and at the end); 0 only at the end", min=0)
+    eval_batches: int = _f(8, "validation micro-batches in all (rounded up to a multiple of the dp degree)", min=1)
+    sample_tokens: int = _f(64, "tokens generated as a sample at the end; 0 disables", min=0)
+    sample_prompt: str = _f("ROMEO:", "prompt of the end-of-training sample")
+
+
+@dataclass
+class ParallelConfig:
+    nproc: int = _f(2, "local ranks to spawn (ignored under torchrun)", min=1)
+    dp_replicate: int = _f(1, "replicated data-parallel degree (DDP; HSDP's outer dim)", min=1)
+    dp_shard: int = _f(-1, "sharded data-parallel degree (FSDP2); -1 fills the world", min=-1)
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto: nccl on cuda, gloo on cpu")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(0, "save every N steps; 0 saves only at the end", min=0)
+    keep: int = _f(2, "checkpoints kept on disk (oldest removed)", min=1)
+    resume: bool = _f(False, "continue from the latest checkpoint in run.dir")
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = _f(1, "write a metrics.jsonl line every N steps", min=1)
+    peak_tflops: float = _f(1.0, "peak TFLOP/s of one rank's device, for mfu", gt=0)
+    tensorboard: bool = _f(True, "write TensorBoard events when tensorboard is installed")
+    plot: bool = _f(True, "write loss_curve.png at the end when matplotlib is installed")
+    progress: bool = _f(True, "rich progress bar on rank 0 (plain lines when not a terminal)")
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(JobConfig)}
+_SECTION_TYPES = typing.get_type_hints(JobConfig)
+
+
+def section_fields(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(_SECTION_TYPES[section])}
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(key: str, raw: Any, hint: Any, from_cli: bool) -> Any:
+    """Turn ``raw`` into the field's type, or raise ConfigError naming the key and the type."""
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if raw not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{key} = {raw!r} is not allowed; choose one of {allowed}")
+        return raw
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if from_cli and isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
+            return raw.lower() in ("true", "1")
+        raise ConfigError(f"{key} = {raw!r} is not a boolean; use true or false")
+    if hint is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key} = {raw!r} is not an integer")
+        if isinstance(raw, int):
+            return raw
+        if from_cli and isinstance(raw, str):
+            try:
+                return int(raw)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} = {raw!r} is not an integer")
+    if hint is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if from_cli and isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} = {raw!r} is not a number")
+    if hint is str:
+        if isinstance(raw, str):
+            return raw
+        raise ConfigError(f"{key} = {raw!r} is not a string")
+    raise ConfigError(f"{key}: unsupported field type {hint}")  # pragma: no cover
+
+
+def _set(cfg: JobConfig, dotted: str, raw: Any, from_cli: bool) -> None:
+    section, _, name = dotted.partition(".")
+    if section not in SECTIONS or not name:
+        options = [f"{s}.{n}" for s in SECTIONS for n in section_fields(s)]
+        raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, options)}")
+    fields = section_fields(section)
+    if name not in fields:
+        options = [f"{section}.{n}" for n in fields]
+        raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, options)}")
+    hint = typing.get_type_hints(type(getattr(cfg, section)))[name]
+    value = _coerce(dotted, raw, hint, from_cli)
+    meta = fields[name].metadata
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{dotted} = {value!r} is out of range; it must be >= {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{dotted} = {value!r} is out of range; it must be <= {meta['max']}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(f"{dotted} = {value!r} is out of range; it must be > {meta['gt']}")
+    setattr(getattr(cfg, section), name, value)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
+
+
+def build_config(
+    path: str | None = None,
+    overrides: list[tuple[str, str]] | None = None,
+    values: dict[str, Any] | None = None,
+) -> JobConfig:
+    """Defaults, then the TOML file, then ``values`` (typed), then CLI overrides (strings).
+
+    Returns a validated JobConfig; raises ConfigError on the first problem.
+    """
+    cfg = JobConfig()
+    if path is not None:
+        for section, body in load_toml(path).items():
+            if not isinstance(body, dict):
+                raise ConfigError(
+                    f"'{section}' in {path} must be a [section] table"
+                    f"{_closest(section, list(SECTIONS))}"
+                )
+            for name, raw in body.items():
+                _set(cfg, f"{section}.{name}", raw, from_cli=False)
+    for dotted, raw in (values or {}).items():
+        _set(cfg, dotted, raw, from_cli=False)
+    for dotted, raw in overrides or []:
+        _set(cfg, dotted, raw, from_cli=True)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: JobConfig, world_size: int | None = None) -> None:
+    """Cross-field checks: the layout matches the world, batches and heads divide evenly."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    kv = m.n_kv_heads or m.n_heads
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim = {m.dim} is not divisible by model.n_heads = {m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (RoPE)")
+    if m.n_heads % kv:
+        raise ConfigError(
+            f"model.n_heads = {m.n_heads} is not divisible by model.n_kv_heads = {kv}"
+        )
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len = {t.seq_len} is above the model's limit model.max_seq_len = "
+            f"{m.max_seq_len}"
+        )
+    world = world_size if world_size is not None else p.nproc
+    dp = resolve_dp(cfg, world)
+    if t.global_batch % (t.micro_batch * dp):
+        raise ConfigError(
+            f"train.global_batch = {t.global_batch} must be a multiple of train.micro_batch "
+            f"({t.micro_batch}) x data-parallel degree ({dp})"
+        )
+
+
+def resolve_dp(cfg: JobConfig, world: int) -> int:
+    """The data-parallel degree for ``world`` ranks; raises if the layout does not fill it."""
+    p = cfg.parallel
+    if p.dp_shard == 0:
+        raise ConfigError("parallel.dp_shard = 0 is out of range; use -1 (fill) or >= 1")
+    if p.dp_shard == -1:
+        if world % p.dp_replicate:
+            raise ConfigError(
+                f"world size {world} is not divisible by parallel.dp_replicate = {p.dp_replicate}"
+            )
+        return world
+    if p.dp_replicate * p.dp_shard != world:
+        raise ConfigError(
+            f"layout parallel.dp_replicate x parallel.dp_shard = {p.dp_replicate} x "
+            f"{p.dp_shard} = {p.dp_replicate * p.dp_shard} does not match the world size {world}"
+        )
+    return world
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """The resolved config as TOML text (what ``plait train --print-config`` prints)."""
+    lines: list[str] = []
+    for section, body in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for name, value in body.items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(value)
+            lines.append(f"{name} = {text}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,22 @@
+"""The one exception type users see: bad input, reported as a single line with exit code 2."""
+
+
+class PlaitError(Exception):
+    """A problem with the user's input (config, data, checkpoint, files).
+
+    The CLI prints ``plait: <message>`` on one line and exits with code 2; nothing else is
+    written. Raise it with a message that names the field or file, the value, and what is
+    allowed.
+    """
+
+
+class ConfigError(PlaitError):
+    """A config field is unknown, mistyped, out of range, or inconsistent with another."""
+
+
+class DataError(PlaitError):
+    """A data source or tokenizer cannot be read or is empty."""
+
+
+class CheckpointError(PlaitError):
+    """A checkpoint is missing, incomplete or corrupt."""

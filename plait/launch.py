@@ -1,0 +1,172 @@
+"""Start the ranks: in this process, as N local processes on 127.0.0.1, or under torchrun.
+
+Everything a user can get wrong is checked here, in the launching process, before any rank
+starts (``preflight``), so a bad input costs one line and exit code 2, not N tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from plait.config import JobConfig, resolve_dp, validate
+from plait.errors import CheckpointError, ConfigError, PlaitError
+
+
+def under_torchrun() -> bool:
+    """True when torchrun (or Slurm + a rendezvous script) already set up the rank environment."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def pick_backend(cfg: JobConfig) -> str:
+    if cfg.parallel.backend != "auto":
+        return cfg.parallel.backend
+    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    return "nccl" if on_cuda else "gloo"
+
+
+def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfig:
+    """Validate everything that depends on files before ranks start; returns the config with
+    ``model.vocab_size`` resolved. Builds the tokenizer and token caches as a side effect, so
+    the ranks only read them."""
+    from plait.data import prepare_data
+    from plait.train import checkpoint as ckpt
+    from plait.train.trainer import validation_batches, with_vocab
+
+    validate(cfg, world_size)
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+    if cfg.parallel.backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend = 'nccl' needs CUDA devices; use 'gloo' or 'auto'")
+    if cfg.checkpoint.resume:
+        folder = ckpt.latest_checkpoint(cfg.run.dir)
+        if folder is None:
+            raise CheckpointError(f"--resume: no checkpoint in '{ckpt.checkpoint_root(cfg.run.dir)}'")
+        ckpt.verify_checkpoint(folder)
+    if not prepare:
+        return cfg
+    bundle = prepare_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
+    validation_batches(cfg, bundle, 0, resolve_dp(cfg, world_size))  # raises if the split is too small
+    vocab = bundle.tokenizer.vocab_size
+    if cfg.model.vocab_size and cfg.model.vocab_size < vocab:
+        raise ConfigError(
+            f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({vocab}); use 0 to take the tokenizer's size"
+        )
+    return with_vocab(cfg, vocab)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple, results) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    # N ranks share this machine's cores; without this each would start one thread per core.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world)
+        out = fn(*args)
+        results.put((rank, out))
+    except PlaitError as exc:
+        print(f"plait: error on rank {rank}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RankFailed(RuntimeError):
+    """A spawned rank exited with a non-zero code; ``exitcode`` is the first failure's."""
+
+    def __init__(self, rank: int, exitcode: int):
+        super().__init__(f"rank {rank} exited with code {exitcode}; the other ranks were stopped")
+        self.rank, self.exitcode = rank, exitcode
+
+
+def spawn(fn: Callable, nproc: int, args: tuple = (), backend: str = "gloo") -> list[Any]:
+    """Run ``fn(*args)`` on ``nproc`` local ranks joined in one process group (127.0.0.1).
+
+    Returns the list of each rank's return value. If any rank fails, all are stopped and
+    RankFailed is raised: no rank is left running.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, nproc, port, backend, fn, args, results), daemon=False)
+        for r in range(nproc)
+    ]
+    for proc in procs:
+        proc.start()
+    outputs: dict[int, Any] = {}
+    try:
+        while len(outputs) < nproc:
+            try:
+                rank, out = results.get(timeout=0.2)
+                outputs[rank] = out
+                continue
+            except queue.Empty:
+                pass
+            for rank, proc in enumerate(procs):
+                if proc.exitcode not in (None, 0):
+                    raise RankFailed(rank, proc.exitcode)
+            if all(p.exitcode == 0 for p in procs) and len(outputs) < nproc:
+                time.sleep(0.2)  # results may still be in flight in the queue's feeder thread
+                while not results.empty():
+                    rank, out = results.get()
+                    outputs[rank] = out
+                if len(outputs) < nproc:
+                    raise RuntimeError("a rank exited without returning its result")
+        for proc in procs:
+            proc.join()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+    return [outputs[r] for r in range(nproc)]
+
+
+def launch_training(cfg: JobConfig):
+    """Run the training job for ``cfg`` in whichever way this process was started.
+
+    Returns rank 0's TrainResult (this process's own under torchrun)."""
+    from plait.train.trainer import run_training
+
+    if under_torchrun():
+        # Every rank checks the config and checkpoint; the data is prepared by rank 0 inside
+        # the trainer while the others wait, so no two ranks write the same cache file.
+        world = int(os.environ["WORLD_SIZE"])
+        preflight(cfg, world, prepare=False)
+        if not dist.is_initialized():
+            dist.init_process_group(pick_backend(cfg))
+        try:
+            return run_training(cfg)
+        finally:
+            dist.destroy_process_group()
+    cfg = preflight(cfg, cfg.parallel.nproc)
+    if cfg.parallel.nproc == 1:
+        return run_training(cfg)
+    return spawn(run_training, cfg.parallel.nproc, (cfg,), pick_backend(cfg))[0]

@@ -1,0 +1,234 @@
+"""Llama-family decoder (Llama 2/3, Qwen2, Mistral) in plain PyTorch, with no parallel code.
+
+RoPE uses the rotate-half layout of Hugging Face checkpoints, so weights load without
+permutation. Packed sequences carry ``position_ids`` that restart at 0 at every document; the
+attention mask is derived from them so no token attends across a document boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in fp32, with Llama-3 scaling when configured."""
+    head_dim = cfg.dim // cfg.n_heads
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if cfg.rope_scaling != "llama3":
+        return inv_freq
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between.
+    low_wavelen = cfg.rope_original_max_seq_len / cfg.rope_low_freq_factor
+    high_wavelen = cfg.rope_original_max_seq_len / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+    smooth = (cfg.rope_original_max_seq_len / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, heads, seq, head_dim); cos/sin: (batch, seq, head_dim)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Boolean (batch, 1, seq, seq) causal mask that also blocks attention across documents.
+
+    A document starts wherever ``position_ids`` is 0. Returns None when every row is one
+    document, so attention can take the faster plain causal path.
+    """
+    starts = position_ids == 0
+    if int(starts[:, 1:].sum()) == 0:
+        return None
+    doc = torch.cumsum(starts.to(torch.int32), dim=-1)
+    seq = position_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 like the reference implementations, then return the input dtype.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values for generation: one (batch, kv_heads, max_len, head_dim) pair
+    per layer, and ``length`` tokens already filled."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+        kv_heads = cfg.n_kv_heads or cfg.n_heads
+        shape = (batch, kv_heads, max_len, cfg.dim // cfg.n_heads)
+        make = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
+        return cls([make() for _ in range(cfg.n_layers)], [make() for _ in range(cfg.n_layers)])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+        batch, seq, _ = x.shape
+        # -1 instead of the head count lets tensor parallelism shard heads without a change here.
+        q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        is_causal = mask is None
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer][:, :, start : start + seq] = k
+            cache.values[layer][:, :, start : start + seq] = v
+            k = cache.keys[layer][:, :, : start + seq]
+            v = cache.values[layer][:, :, : start + seq]
+            if start > 0:  # query i sits at absolute position start+i and sees keys <= it
+                is_causal = False
+                if seq > 1:
+                    key_pos = torch.arange(start + seq, device=x.device)
+                    query_pos = torch.arange(start, start + seq, device=x.device)
+                    mask = key_pos[None, :] <= query_pos[:, None]
+        repeats = q.shape[1] // k.shape[1]
+        if repeats > 1:
+            k = k.repeat_interleave(repeats, dim=1)
+            v = v.repeat_interleave(repeats, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    """Decoder-only transformer. ``forward`` returns logits (batch, seq, vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be resolved (> 0) before building the model")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init from ``seed``: normal(0, init_std) for matrices, output
+        projections scaled by 1/sqrt(2·layers) (GPT-2), zero biases, unit norms. Also
+        (re)computes the RoPE buffer, which a meta-device build leaves empty."""
+        gen = torch.Generator().manual_seed(seed)
+        std = self.cfg.init_std
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                scale = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
+                values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=gen)
+                param.copy_(values)
+        self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_mask: bool = True,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        batch, seq = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + seq, device=input_ids.device).expand(batch, seq)
+        mask = document_mask(position_ids) if doc_mask and cache is None else None
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        h = self.tok_embeddings(input_ids)
+        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        for index, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, cache, index)
+        if cache is not None:
+            cache.length += seq
+        h = self.norm(h)
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> Llama:
+    """Build on the meta device (no memory touched), then materialize on ``device`` and init."""
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
+def count_params(model: nn.Module, include_embedding: bool = True) -> int:
+    """Number of parameters (elements); tied weights counted once."""
+    total = sum(p.numel() for p in model.parameters())
+    if not include_embedding and isinstance(model, Llama):
+        total -= model.tok_embeddings.weight.numel()
+    return total

@@ -1,0 +1,42 @@
+"""Data parallelism: DDP (replicate), FSDP2 (ZeRO-3) and HSDP on the ``dp_*`` mesh dims.
+
+What each shards and sends per step, for Ψ parameters:
+- DDP: nothing sharded; all-reduce of gradients, 2(n-1)/n·Ψ elements per rank.
+- FSDP2: parameters, gradients and optimizer state sharded over ``dp_shard``; all-gather of
+  parameters in forward and again in backward, reduce-scatter of gradients: 3(n-1)/n·Ψ.
+- HSDP: FSDP2 inside ``dp_shard``, gradients all-reduced across ``dp_replicate``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed._composable.replicate import replicate
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from plait.parallel.dims import ParallelDims
+
+
+def apply_data_parallel(model: nn.Module, dims: ParallelDims, blocks: list[nn.Module]) -> nn.Module:
+    """Wrap ``model`` in place for the layout in ``dims``; ``blocks`` are sharded one by one
+    so only one block's full parameters are live at a time. Returns the model."""
+    if dims.mesh is None or dims.dp == 1:
+        return model
+    if dims.fsdp_enabled:
+        mesh = dims.mesh["dp_replicate", "dp_shard"] if dims.hsdp_enabled else dims.mesh["dp_shard"]
+        # Parameters stay fp32 (bf16 compute comes from autocast), so the reduction is exact fp32.
+        policy = MixedPrecisionPolicy()
+        for index, block in enumerate(blocks):
+            # The last block is needed again at once by backward: keep it gathered.
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    else:
+        replicate(model, device_mesh=dims.mesh["dp_replicate"])
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip (False) or perform (True) the gradient reduction of the next backward; used so
+    gradient accumulation reduces once per step instead of once per micro-batch."""
+    setter = getattr(model, "set_requires_gradient_sync", None)
+    if setter is not None:
+        setter(enabled)

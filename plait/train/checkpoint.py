@@ -1,0 +1,215 @@
+"""Sharded, atomic, verified checkpoints (torch DCP) and the model-only checkpoint format.
+
+A checkpoint is a folder ``<run.dir>/checkpoints/step_NNNNNN`` holding the DCP shards of the
+model and optimizer, ``state/rank<r>.pt`` (scheduler, sampler position, RNG of each rank),
+``config.toml`` (the resolved config), the tokenizer, and ``manifest.json`` listing every file
+with its size and CRC32. It is written under ``step_NNNNNN.tmp`` and renamed only when every
+rank has finished, then ``latest`` is replaced atomically: a crash mid-save leaves the
+previous checkpoint whole and ``latest`` pointing at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from plait.config import JobConfig, build_config, to_toml
+from plait.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+def checkpoint_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _write_manifest(folder: str, step: int, extra: dict[str, Any]) -> None:
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            files[rel] = {"bytes": os.path.getsize(path), "crc32": _crc32(path)}
+    manifest = {"step": step, "files": files, **extra}
+    with open(os.path.join(folder, MANIFEST), "w") as fh:
+        json.dump(manifest, fh, indent=1)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def verify_checkpoint(folder: str) -> dict[str, Any]:
+    """Check that every file of the manifest is present with its size and CRC32.
+
+    Returns the manifest; raises CheckpointError naming the first problem.
+    """
+    manifest_path = os.path.join(folder, MANIFEST)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint '{folder}' does not exist")
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"checkpoint '{folder}' is incomplete: it has no {MANIFEST}")
+    try:
+        with open(manifest_path) as fh:
+            manifest = json.load(fh)
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint '{folder}' is corrupt: {MANIFEST} cannot be read") from None
+    for rel, want in files.items():
+        path = os.path.join(folder, rel)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint '{folder}' is incomplete: '{rel}' is missing")
+        if os.path.getsize(path) != want["bytes"] or _crc32(path) != want["crc32"]:
+            raise CheckpointError(f"checkpoint '{folder}' is corrupt: '{rel}' does not match its checksum")
+    return manifest
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """Path of the newest complete checkpoint of ``run_dir``, or None if there is none."""
+    pointer = os.path.join(checkpoint_root(run_dir), LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as fh:
+        name = fh.read().strip()
+    return os.path.join(checkpoint_root(run_dir), name)
+
+
+def save_checkpoint(
+    run_dir: str,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank_state: dict[str, Any],
+    cfg: JobConfig,
+    tokenizer: Any,
+    keep: int,
+) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    root = checkpoint_root(run_dir)
+    name = f"step_{step:06d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+    rank = _rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "state"))
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save(rank_state, os.path.join(tmp, "state", f"rank{rank}.pt"))
+    _barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "config.toml"), "w") as fh:
+            fh.write(to_toml(cfg))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        _write_manifest(tmp, step, {"world_size": world})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write_text(os.path.join(root, LATEST), name)
+        _prune(root, keep)
+    _barrier()
+    return final
+
+
+def _prune(root: str, keep: int) -> None:
+    done = sorted(n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp"))
+    for name in done[:-keep]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load_checkpoint(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Collective: load model and optimizer shards into the (already parallelized) objects.
+
+    Returns this rank's saved state (``step``, ``scheduler``, ``loader``, ``rng``); when the
+    world size changed, rank r falls back to rank 0's state (the data position is global).
+    """
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=folder)
+    except Exception as exc:  # DCP raises many types for damaged shards
+        raise CheckpointError(f"checkpoint '{folder}' cannot be loaded: {str(exc).splitlines()[0]}") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    path = os.path.join(folder, "state", f"rank{_rank()}.pt")
+    if not os.path.isfile(path):
+        path = os.path.join(folder, "state", "rank0.pt")
+    return torch.load(path, weights_only=True)
+
+
+def save_model_checkpoint(model: nn.Module, cfg: JobConfig, dst: str) -> None:
+    """Single process: write a model-only checkpoint (DCP shards + config + manifest) to ``dst``
+    atomically. ``plait generate`` and ``plait convert`` read it."""
+    if os.path.exists(dst):
+        raise CheckpointError(f"destination '{dst}' already exists; choose a new folder")
+    tmp = dst.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
+        with open(os.path.join(tmp, "config.toml"), "w") as fh:
+            fh.write(to_toml(cfg))
+        _write_manifest(tmp, 0, {"world_size": 1, "model_only": True})
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model_checkpoint(src: str, device: str = "cpu") -> tuple[nn.Module, JobConfig]:
+    """Single process: verify ``src`` (a checkpoint folder, or a run dir whose latest is
+    taken) and return the plain model with its weights and the checkpoint's config."""
+    from plait.models.llama import build_model  # the model package imports config only
+
+    if os.path.isdir(checkpoint_root(src)) and not os.path.isfile(os.path.join(src, MANIFEST)):
+        src = latest_checkpoint(src) or src
+    verify_checkpoint(src)
+    cfg = build_config(os.path.join(src, "config.toml"))
+    model = build_model(cfg.model, device=device, seed=cfg.train.seed)
+    state = {"model": get_model_state_dict(model)}
+    try:
+        dcp.load(state, checkpoint_id=src)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint '{src}' cannot be loaded: {str(exc).splitlines()[0]}") from None
+    model.load_state_dict(state["model"])
+    return model, cfg
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the unsharded model state dict on CPU, materialized on rank 0 only."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)

@@ -1,0 +1,155 @@
+"""Metrics on rank 0: metrics.jsonl, TensorBoard, a progress display, a loss-curve PNG.
+
+metrics.jsonl holds one JSON object per logged step with ``step``, ``loss``, ``lr``,
+``grad_norm``, ``tokens`` (cumulative), ``tokens_per_s``, ``mfu`` (fraction of the configured
+peak), ``mem_gib`` and ``step_s``; steps that ran validation add ``val_loss`` and ``val_ppl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+from plait.config import JobConfig, ModelConfig
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward, no recompute): 6 per weight multiply-add
+    of every matrix including the output layer, plus attention's 6·2·layers·seq·dim (half of
+    it for causal masking is not subtracted: this is the usual PaLM-style count)."""
+    kv_dim = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
+    per_layer = cfg.dim * (2 * cfg.dim + 2 * kv_dim) + 3 * cfg.dim * cfg.ffn_dim
+    matmul_params = cfg.n_layers * per_layer + cfg.dim * cfg.vocab_size
+    return 6.0 * matmul_params + 12.0 * cfg.n_layers * seq_len * cfg.dim
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank in GiB: CUDA max allocated, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    """Writes everything on rank 0; other ranks get an instance whose calls do nothing."""
+
+    def __init__(self, cfg: JobConfig, enabled: bool, start_step: int = 0):
+        self.cfg, self.enabled = cfg, enabled
+        self.history: list[dict[str, Any]] = []
+        self.start_time = time.perf_counter()
+        self.start_step = start_step
+        self._file = self._tb = self._progress = None
+        if not enabled:
+            return
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        path = os.path.join(cfg.run.dir, "metrics.jsonl")
+        if start_step == 0 and os.path.exists(path):
+            os.remove(path)
+        elif start_step > 0 and os.path.exists(path):
+            self._truncate_after(path, start_step)
+        self._file = open(path, "a")
+        if cfg.metrics.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(cfg.run.dir, "tensorboard"))
+            except ImportError:
+                self._tb = None
+        if cfg.metrics.progress and sys.stdout.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]step {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
+            self._task = self._progress.add_task("train", total=cfg.train.steps, completed=start_step, info="")
+            self._progress.start()
+
+    @staticmethod
+    def _truncate_after(path: str, step: int) -> None:
+        """On resume, drop lines of steps the resumed run will log again."""
+        with open(path) as fh:
+            kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as fh:
+            fh.writelines(kept)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.history.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record["step"])
+        text = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
+        if "val_loss" in record:
+            text += f"  val {record['val_loss']:.4f}"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=record["step"], info=text)
+        else:
+            done = record["step"] - self.start_step
+            elapsed = time.perf_counter() - self.start_time
+            eta = elapsed / max(done, 1) * (self.cfg.train.steps - record["step"])
+            print(f"step {record['step']}/{self.cfg.train.steps}  {text}  eta {eta:.0f}s", flush=True)
+
+    def close(self) -> dict[str, Any]:
+        """Stop the display, write loss_curve.png and return the run summary."""
+        if not self.enabled:
+            return {}
+        if self._progress is not None:
+            self._progress.stop()
+        if self._tb is not None:
+            self._tb.close()
+        self._file.close()
+        summary = self.summary()
+        with open(os.path.join(self.cfg.run.dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=1)
+        if self.cfg.metrics.plot:
+            self._plot()
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        rows = self.history
+        vals = [r["val_loss"] for r in rows if "val_loss" in r]
+        return {
+            "steps": rows[-1]["step"] if rows else self.start_step,
+            "final_loss": rows[-1]["loss"] if rows else math.nan,
+            "first_val_loss": vals[0] if vals else None,
+            "final_val_loss": vals[-1] if vals else None,
+            "tokens": rows[-1]["tokens"] if rows else 0,
+            "mean_tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows) if rows else 0.0,
+            "peak_mem_gib": max((r["mem_gib"] for r in rows), default=0.0),
+            "wall_s": time.perf_counter() - self.start_time,
+        }
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in self.history], [r["loss"] for r in self.history], label="train")
+        vals = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
+        if vals:
+            ax.plot(*zip(*vals), "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.cfg.run.dir, "loss_curve.png"), dpi=100)
+        plt.close(fig)

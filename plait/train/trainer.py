@@ -1,0 +1,246 @@
+"""The training loop: one function every rank runs, single process or under a process group.
+
+A step: take this rank's micro-batches, forward/backward each (gradient reduction only on the
+last), clip, AdamW, schedule; then maybe validate, checkpoint and log. The loss is the sum of
+token losses over the whole global batch divided by its token count, so every layout computes
+the same number as the single-process reference.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from plait.config import JobConfig
+from plait.data import prepare_data, DataBundle
+from plait.data.loader import StepLoader, StepSampler, val_batches
+from plait.infer.generate import generate
+from plait.models.llama import build_model, count_params
+from plait.parallel.data_parallel import apply_data_parallel, set_gradient_sync
+from plait.parallel.dims import ParallelDims
+from plait.train import checkpoint as ckpt
+from plait.train.metrics import MetricsLogger, flops_per_token, peak_memory_gib
+from plait.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns on every rank (``sample`` and ``summary`` on rank 0)."""
+
+    losses: dict[int, float] = field(default_factory=dict)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    grad_norms: dict[int, float] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    sample: str | None = None
+    checkpoint: str | None = None
+
+
+def resolve_device(cfg: JobConfig) -> torch.device:
+    wanted = cfg.train.device
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def load_data(cfg: JobConfig) -> DataBundle:
+    """Rank 0 builds the tokenizer and token caches first; the others then read them."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank != 0:
+        dist.barrier()
+    bundle = prepare_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
+    if rank == 0 and dist.is_initialized():
+        dist.barrier()
+    return bundle
+
+
+def validation_batches(cfg: JobConfig, data: DataBundle, dp_rank: int, dp: int) -> list:
+    """This rank's share of the ``train.eval_batches`` validation micro-batches (a global count,
+    rounded up to a multiple of the dp degree so every rank runs the same number)."""
+    if len(data.val) == 0:
+        return []
+    per_rank = -(-cfg.train.eval_batches // dp)
+    return val_batches(data.val, cfg.train.micro_batch, per_rank, dp_rank, dp)
+
+
+def with_vocab(cfg: JobConfig, vocab_size: int) -> JobConfig:
+    """The config with ``model.vocab_size`` resolved from the tokenizer when it is 0."""
+    if cfg.model.vocab_size:
+        return cfg
+    return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size))
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.device = resolve_device(cfg)
+        self.dims = ParallelDims.from_config(cfg, self.world)
+        self.dims.build_mesh(self.device.type)
+        self.data = load_data(cfg)
+        self.cfg = cfg = with_vocab(cfg, self.data.tokenizer.vocab_size)
+        self.model = build_model(cfg.model, self.device, seed=cfg.train.seed)
+        self.n_params = count_params(self.model)
+        apply_data_parallel(self.model, self.dims, list(self.model.layers))
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        dp_rank, dp = self.dims.dp_rank(), self.dims.dp
+        sampler = StepSampler(len(self.data.train), cfg.train.global_batch, dp_rank, dp, cfg.train.seed)
+        self.loader = StepLoader(self.data.train, sampler, cfg.train.micro_batch)
+        self.val = validation_batches(cfg, self.data, dp_rank, dp)
+        self.start_step = 0
+        if cfg.checkpoint.resume:
+            self._resume()
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else nullcontext()
+        )
+
+    def _reduce(self, value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """Reduce a scalar over the data-parallel ranks (identity on one process)."""
+        if self.dims.mesh is None:
+            return value
+        value = value.to(self.device)
+        dist.all_reduce(value, op=op, group=self.dims.mesh["dp"].get_group())
+        return value.cpu()
+
+    def _resume(self) -> None:
+        folder = ckpt.latest_checkpoint(self.cfg.run.dir)
+        if folder is None:
+            from plait.errors import CheckpointError
+
+            raise CheckpointError(f"--resume: no checkpoint in '{ckpt.checkpoint_root(self.cfg.run.dir)}'")
+        state = ckpt.load_checkpoint(folder, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"])
+        self.start_step = int(state["step"])
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Sum of token cross-entropies of one micro-batch, and its count of scored tokens."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self.autocast:
+            logits = self.model(batch["input_ids"], batch["position_ids"], doc_mask=self.cfg.data.doc_mask)
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        return loss, int((labels != -100).sum())
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """One optimizer step. Returns (global mean loss, global grad norm before clipping)."""
+        self.model.train()
+        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+        global_tokens = float(self._reduce(torch.tensor(float(local_tokens))))
+        # Data-parallel wrappers average gradients over dp ranks; scaling by dp undoes that so
+        # gradients are of sum(loss)/global_tokens, the single-process reference's objective.
+        scale = self.dims.dp / max(global_tokens, 1.0)
+        total = torch.zeros((), dtype=torch.float64)
+        for index, mb in enumerate(micro_batches):
+            set_gradient_sync(self.model, index == len(micro_batches) - 1)
+            loss_sum, _ = self._loss_sum(mb)
+            (loss_sum * scale).backward()
+            total += loss_sum.detach().double().cpu()
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(self._reduce(total)) / max(global_tokens, 1.0)
+        return loss, float(norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the fixed validation micro-batches of all dp ranks."""
+        self.model.eval()
+        total, count = torch.zeros((), dtype=torch.float64), 0
+        for mb in self.val:
+            loss_sum, n = self._loss_sum(mb)
+            total += loss_sum.double().cpu()
+            count += n
+        total = self._reduce(total)
+        count = float(self._reduce(torch.tensor(float(count), dtype=torch.float64)))
+        return float(total) / max(count, 1.0)
+
+    def _rank_state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+
+    def sample(self) -> str | None:
+        """Collective: gather the full weights and generate a sample on rank 0."""
+        t = self.cfg.train
+        if t.sample_tokens == 0:
+            return None
+        state = ckpt.full_model_state(self.model)
+        if self.rank != 0:
+            return None
+        plain = build_model(self.cfg.model, "cpu", seed=t.seed)
+        plain.load_state_dict(state)
+        tok = self.data.tokenizer
+        ids = generate(plain, tok.encode(t.sample_prompt) or [tok.eos_id], t.sample_tokens, seed=t.seed, eos_id=tok.eos_id)
+        return t.sample_prompt + tok.decode(ids)
+
+    def run(self) -> TrainResult:
+        cfg, result = self.cfg, TrainResult()
+        t = cfg.train
+        metrics = MetricsLogger(cfg, self.rank == 0, self.start_step)
+        fpt = flops_per_token(cfg.model, t.seq_len)
+        tokens_per_step = t.global_batch * t.seq_len
+        if self.rank == 0:
+            print(
+                f"plait: {self.n_params / 1e6:.2f}M parameters, layout {self.dims.layout_name}, "
+                f"{self.world} rank(s) on {self.device.type}, {len(self.data.train)} train windows, "
+                f"steps {self.start_step + 1}..{t.steps}",
+                flush=True,
+            )
+        for step in range(self.start_step + 1, t.steps + 1):
+            begin = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]
+            loss, norm = self.train_step(self.loader.next_step())
+            elapsed = time.perf_counter() - begin
+            result.losses[step], result.grad_norms[step] = loss, norm
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": norm,
+                "tokens": step * tokens_per_step,
+                "tokens_per_s": tokens_per_step / elapsed,
+                "mfu": fpt * tokens_per_step / elapsed / (cfg.metrics.peak_tflops * 1e12 * self.world),
+                "mem_gib": peak_memory_gib(self.device),
+                "step_s": elapsed,
+            }
+            if self.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
+                val = self.evaluate()
+                result.val_losses[step] = val
+                record["val_loss"], record["val_ppl"] = val, float(torch.tensor(val).exp())
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
+                result.checkpoint = ckpt.save_checkpoint(
+                    cfg.run.dir, step, self.model, self.optimizer, self._rank_state(step), cfg,
+                    self.data.tokenizer, cfg.checkpoint.keep,
+                )
+            if step % cfg.metrics.log_every == 0 or "val_loss" in record or step == t.steps:
+                metrics.log(record)
+        result.sample = self.sample()
+        result.summary = metrics.close()
+        if self.rank == 0 and result.sample is not None:
+            print(f"plait: sample: {result.sample!r}", flush=True)
+        return result
+
+
+def run_training(cfg: JobConfig) -> TrainResult:
+    """Build everything from ``cfg`` and train (the process group, if any, already exists)."""
+    return Trainer(cfg).run()
