@@ -69,11 +69,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(300, "optimizer steps", min=1)
+    steps: int = _f(250, "optimizer steps", min=1)
     seed: int = _f(0, "seed for init, data order and sampling", min=0)
     seq_len: int = _f(256, "tokens per sequence", min=2)
-    global_batch: int = _f(16, "sequences per optimizer step, over all data-parallel ranks", min=1)
-    micro_batch: int = _f(8, "sequences per forward/backward on one rank", min=1)
+    global_batch: int = _f(8, "sequences per optimizer step, over all data-parallel ranks", min=1)
+    micro_batch: int = _f(4, "sequences per forward/backward on one rank", min=1)
     lr: float = _f(3e-3, "peak learning rate", gt=0)
     min_lr_ratio: float = _f(0.1, "final lr as a fraction of the peak", min=0, max=1)
     warmup_steps: int = _f(20, "linear warmup steps", min=0)
@@ -302,3 +302,20 @@ def to_toml(cfg: JobConfig) -> str:
             lines.append(f"{name} = {text}")
         lines.append("")
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The config reference table of the README, generated from the dataclasses above."""
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for section in SECTIONS:
+        hints = typing.get_type_hints(_SECTION_TYPES[section])
+        for name, fld in section_fields(section).items():
+            hint = hints[name]
+            if typing.get_origin(hint) is Literal:
+                kind = " \\| ".join(str(c) for c in typing.get_args(hint))
+            else:
+                kind = hint.__name__
+            default = fld.default
+            text = "true" if default is True else "false" if default is False else repr(default) if isinstance(default, str) else str(default)
+            rows.append(f"| `{section}.{name}` | {kind} | `{text}` | {fld.metadata['doc']} |")
+    return "\n".join(rows)

@@ -37,7 +37,7 @@ def generate(
     seed: int = 0,
     eos_id: int | None = None,
 ) -> list[int]:
-    """Return the generated token ids (prompt excluded), stopping early at ``eos_id``.
+    """Return the generated token ids (prompt and the final ``eos_id`` excluded).
 
     The prompt is run once to fill the cache; each new token then costs one single-token
     forward over the cached keys and values.
@@ -57,8 +57,8 @@ def generate(
         logits = model(tokens, cache=cache)[:, -1]
         next_id = sample_next(logits.cpu(), temperature, top_k, top_p, gen)
         token = int(next_id[0])
-        out.append(token)
         if eos_id is not None and token == eos_id:
             break
+        out.append(token)
         tokens = next_id.view(1, 1).to(device)
     return out

@@ -441,8 +441,12 @@ def hf_to_plait(src: str, dst: str) -> str:
     Returns a one-line description."""
     from plait.train.checkpoint import save_model_checkpoint
 
+    from plait.config import JobConfig, TrainConfig
+
     model = from_pretrained(src)
-    save_model_checkpoint(model, model.cfg, dst)
+    # A plait checkpoint carries a whole job config; the model section is what matters here.
+    job = JobConfig(model=model.cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, model.cfg.max_seq_len)))
+    save_model_checkpoint(model, job, dst)
     n = sum(p.numel() for p in model.parameters())
     arch = ARCHITECTURES[model.hf_architecture]
     return f"wrote plait checkpoint {dst} ({n:,} parameters) from {arch} {src}"

@@ -170,6 +170,13 @@ class Llama(nn.Module):
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Keep the RoPE frequencies fp32 whatever dtype the weights are cast to: bf16 frequencies
+        # put positions in the thousands radians off.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        return self
+
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Deterministic init from ``seed``: normal(0, init_std) for matrices, output

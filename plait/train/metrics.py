@@ -53,7 +53,7 @@ class MetricsLogger:
         if start_step == 0 and os.path.exists(path):
             os.remove(path)
         elif start_step > 0 and os.path.exists(path):
-            self._truncate_after(path, start_step)
+            self.history = self._truncate_after(path, start_step)
         self._file = open(path, "a")
         if cfg.metrics.tensorboard:
             try:
@@ -75,12 +75,14 @@ class MetricsLogger:
             self._progress.start()
 
     @staticmethod
-    def _truncate_after(path: str, step: int) -> None:
-        """On resume, drop lines of steps the resumed run will log again."""
+    def _truncate_after(path: str, step: int) -> list[dict[str, Any]]:
+        """On resume, drop lines of steps the resumed run will log again; returns the rest."""
         with open(path) as fh:
-            kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+            kept = [json.loads(line) for line in fh if line.strip()]
+        kept = [r for r in kept if r["step"] <= step]
         with open(path, "w") as fh:
-            fh.writelines(kept)
+            fh.writelines(json.dumps(r) + "\n" for r in kept)
+        return kept
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -92,6 +94,9 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, record["step"])
+        if "loss" not in record:  # the step-0 validation before training
+            print(f"step 0  val {record['val_loss']:.4f}", flush=True)
+            return
         text = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
         if "val_loss" in record:
             text += f"  val {record['val_loss']:.4f}"
@@ -120,8 +125,8 @@ class MetricsLogger:
         return summary
 
     def summary(self) -> dict[str, Any]:
-        rows = self.history
-        vals = [r["val_loss"] for r in rows if "val_loss" in r]
+        vals = [r["val_loss"] for r in self.history if "val_loss" in r]
+        rows = [r for r in self.history if "loss" in r]
         return {
             "steps": rows[-1]["step"] if rows else self.start_step,
             "final_loss": rows[-1]["loss"] if rows else math.nan,
@@ -142,7 +147,8 @@ class MetricsLogger:
         except ImportError:
             return
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["step"] for r in self.history], [r["loss"] for r in self.history], label="train")
+        rows = [r for r in self.history if "loss" in r]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
         vals = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
         if vals:
             ax.plot(*zip(*vals), "o-", label="validation")

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from plait.config import JobConfig
+from plait.config import JobConfig, to_toml
 from plait.data import prepare_data, DataBundle
 from plait.data.loader import StepLoader, StepSampler, val_batches
 from plait.infer.generate import generate
@@ -200,12 +200,18 @@ class Trainer:
         fpt = flops_per_token(cfg.model, t.seq_len)
         tokens_per_step = t.global_batch * t.seq_len
         if self.rank == 0:
+            with open(os.path.join(cfg.run.dir, "config.toml"), "w") as fh:
+                fh.write(to_toml(cfg))
             print(
                 f"plait: {self.n_params / 1e6:.2f}M parameters, layout {self.dims.layout_name}, "
                 f"{self.world} rank(s) on {self.device.type}, {len(self.data.train)} train windows, "
                 f"steps {self.start_step + 1}..{t.steps}",
                 flush=True,
             )
+        if self.val and self.start_step == 0:
+            # The loss before any update: the baseline every later validation is judged against.
+            result.val_losses[0] = val = self.evaluate()
+            metrics.log({"step": 0, "tokens": 0, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
         for step in range(self.start_step + 1, t.steps + 1):
             begin = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]

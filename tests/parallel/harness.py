@@ -69,6 +69,16 @@ def run_layouts(workdir: str, layouts: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def roll_back(run_dir: str, step: int) -> None:
+    """Make ``run_dir`` look as if the run had died right after checkpointing ``step``."""
+    ckpts = os.path.join(run_dir, "checkpoints")
+    for name in os.listdir(ckpts):
+        if name.startswith("step_") and int(name[5:11]) > step:
+            shutil.rmtree(os.path.join(ckpts, name))
+    with open(os.path.join(ckpts, "latest"), "w") as fh:
+        fh.write(f"step_{step:06d}")
+
+
 def run_resume(workdir: str, values: dict) -> dict:
     """Inside a spawned rank: train STEPS with a checkpoint every 10, roll the run back to
     step 10 (as if it had died there), resume, and return both loss series."""
@@ -76,11 +86,8 @@ def run_resume(workdir: str, values: dict) -> dict:
     name = f"resume{world}"
     common = {"parallel.nproc": world, "checkpoint.every": 10, "checkpoint.keep": 5, **values}
     full = run_training(job(workdir, name, **common)).losses
-    ckpts = os.path.join(workdir, "runs", name, "checkpoints")
     if dist.get_rank() == 0:
-        shutil.rmtree(os.path.join(ckpts, f"step_{STEPS:06d}"))
-        with open(os.path.join(ckpts, "latest"), "w") as fh:
-            fh.write("step_000010")
+        roll_back(os.path.join(workdir, "runs", name), 10)
     dist.barrier()
     resumed = run_training(job(workdir, name, **common, **{"checkpoint.resume": True})).losses
     return {"full": full, "resumed": resumed}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from plait.launch import spawn
 from plait.train.trainer import run_training
-from tests.parallel.harness import RTOL, STEPS, job, run_layouts, run_resume, write_corpus
+from tests.parallel.harness import RTOL, STEPS, job, roll_back, run_layouts, run_resume, write_corpus
 
 LAYOUTS_2 = {
     "ddp2": {"parallel.dp_replicate": 2, "parallel.dp_shard": 1},
@@ -65,17 +67,10 @@ def test_reference_differs_with_other_seed(workdir, reference):
 @pytest.mark.parametrize("world", [1, 2])
 def test_resume_is_bit_identical(workdir, world):
     if world == 1:
-        import torch.distributed as dist  # noqa: F401 - single process: no group
-
-        full = run_training(job(workdir, "resume1", **{"checkpoint.every": 10, "checkpoint.keep": 5}))
-        import os, shutil
-
-        ckpts = os.path.join(workdir, "runs", "resume1", "checkpoints")
-        shutil.rmtree(os.path.join(ckpts, f"step_{STEPS:06d}"))
-        with open(os.path.join(ckpts, "latest"), "w") as fh:
-            fh.write("step_000010")
-        resumed = run_training(job(workdir, "resume1", **{"checkpoint.every": 10, "checkpoint.resume": True}))
-        full, resumed = full.losses, resumed.losses
+        common = {"checkpoint.every": 10, "checkpoint.keep": 5}
+        full = run_training(job(workdir, "resume1", **common)).losses
+        roll_back(os.path.join(workdir, "runs", "resume1"), 10)
+        resumed = run_training(job(workdir, "resume1", **common, **{"checkpoint.resume": True})).losses
     else:
         out = spawn(run_resume, world, (workdir, {"parallel.dp_shard": 2}))[0]
         full, resumed = out["full"], out["resumed"]

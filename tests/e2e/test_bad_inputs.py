@@ -1,0 +1,148 @@
+"""Bad input: one line on stderr naming the problem, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from plait.cli import main
+from tests.parallel.harness import write_corpus
+
+TINY = [
+    "--model.dim", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--model.ffn_dim", "64",
+    "--model.max_seq_len", "64", "--data.tokenizer", "bpe:300", "--train.seq_len", "16",
+    "--train.global_batch", "4", "--train.micro_batch", "2", "--train.steps", "2",
+    "--train.sample_tokens", "0", "--parallel.nproc", "1", "--metrics.tensorboard", "false",
+    "--metrics.plot", "false", "--train.device", "cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    corpus = write_corpus(str(root), n_docs=40)
+    return {"root": str(root), "corpus": corpus, "cache": str(root / "cache")}
+
+
+def run_cli(env, *args: str, tiny: bool = True) -> tuple[int, str]:
+    """Run ``plait`` in-process; returns (exit code, stderr text)."""
+    import contextlib
+    import io
+
+    run_dir = os.path.join(env["root"], "run")
+    base = [*TINY, "--data.source", env["corpus"], "--data.cache_dir", env["cache"], "--run.dir", run_dir] if tiny else []
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([args[0], *base, *args[1:]]) if args[0] == "train" else main(list(args))
+    return code, err.getvalue()
+
+
+def assert_one_line(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, f"exit code {code}, stderr: {err}"
+    assert len(lines) == 1 and lines[0].startswith("plait: error: "), err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+
+
+CASES = {
+    "unknown_key": (["train", "--train.stepz", "5"], ["train.stepz", "did you mean 'train.steps'"]),
+    "unknown_section": (["train", "--trian.steps", "5"], ["trian.steps", "train.steps"]),
+    "wrong_type_int": (["train", "--train.steps", "ten"], ["train.steps", "not an integer"]),
+    "wrong_type_bool": (["train", "--data.doc_mask", "maybe"], ["data.doc_mask", "boolean"]),
+    "out_of_range": (["train", "--train.lr", "-1"], ["train.lr", "> 0"]),
+    "bad_choice": (["train", "--train.schedule", "linear"], ["train.schedule", "'cosine'"]),
+    "seq_len_above_limit": (["train", "--train.seq_len", "128"], ["train.seq_len = 128", "model.max_seq_len = 64"]),
+    "layout_vs_world": (["train", "--parallel.nproc", "2", "--parallel.dp_shard", "3"], ["does not match the world size 2"]),
+    "heads_not_divisible": (["train", "--model.n_heads", "3"], ["model.dim = 32", "model.n_heads = 3"]),
+    "kv_heads_not_divisible": (["train", "--model.n_heads", "4", "--model.n_kv_heads", "3"], ["model.n_kv_heads = 3"]),
+    "batch_not_divisible": (["train", "--train.global_batch", "5"], ["train.global_batch = 5"]),
+    "missing_data": (["train", "--data.source", "/nonexistent/corpus.jsonl"], ["/nonexistent/corpus.jsonl"]),
+    "bad_tokenizer_spec": (["train", "--data.tokenizer", "bpe:abc"], ["bpe:abc"]),
+    "missing_tokenizer_file": (["train", "--data.tokenizer", "/nope/tokenizer.json"], ["/nope/tokenizer.json"]),
+    "vocab_too_small": (["train", "--model.vocab_size", "10"], ["model.vocab_size = 10"]),
+    "cuda_without_gpu": (["train", "--train.device", "cuda"], ["train.device"]),
+    "override_without_value": (["train", "--train.steps"], ["--train.steps needs a value"]),
+    "missing_config_file": (["train", "/nope/job.toml"], ["/nope/job.toml", "does not exist"]),
+    "resume_without_checkpoint": (["train", "--resume"], ["no checkpoint"]),
+    "unknown_flag": (["train", "--frobnicate"], ["--frobnicate"]),
+    "generate_missing_checkpoint": (["generate", "/nope/ckpt"], ["/nope/ckpt", "does not exist"]),
+    "convert_missing_source": (["convert", "/nope/src", "/tmp/plait-never-written"], ["/nope/src"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input(env, name):
+    if name == "cuda_without_gpu":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    args, needles = CASES[name]
+    code, err = run_cli(env, *args, tiny=args[0] == "train")
+    assert_one_line(code, err, *needles)
+    assert not os.path.exists(os.path.join(env["root"], "run")), "a failed start wrote run.dir"
+    assert not os.path.exists("/tmp/plait-never-written")
+
+
+def test_empty_data_folder(env, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run_cli(env, "train", "--data.source", str(empty))
+    assert_one_line(code, err, str(empty))
+
+
+def test_empty_documents(env, tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text('{"text": ""}\n{"text": "   "}\n')
+    code, err = run_cli(env, "train", "--data.source", str(path))
+    assert_one_line(code, err, str(path))
+
+
+def test_bad_toml(env, tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[train\nsteps = 3\n")
+    code, err = run_cli(env, "train", str(broken))
+    assert_one_line(code, err, "not valid TOML")
+    typed = tmp_path / "typed.toml"
+    typed.write_text('[train]\nsteps = "ten"\n')
+    code, err = run_cli(env, "train", str(typed))
+    assert_one_line(code, err, "train.steps", "not an integer")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[train]\nstep = 3\n")
+    code, err = run_cli(env, "train", str(unknown))
+    assert_one_line(code, err, "train.step", "did you mean 'train.steps'")
+
+
+def test_corrupt_and_incomplete_checkpoint(env, tmp_path):
+    run_dir = str(tmp_path / "run")
+    code, _ = run_cli(env, "train", "--run.dir", run_dir)
+    assert code == 0
+    folder = os.path.join(run_dir, "checkpoints", "step_000002")
+    shard = next(n for n in os.listdir(folder) if n.endswith(".distcp"))
+    with open(os.path.join(folder, shard), "r+b") as fh:
+        fh.seek(10)
+        fh.write(b"\xff\xfe\xfd")
+    metrics_before = open(os.path.join(run_dir, "metrics.jsonl")).read()
+    code, err = run_cli(env, "train", "--run.dir", run_dir, "--resume", "--train.steps", "4")
+    assert_one_line(code, err, "corrupt", shard)
+    assert open(os.path.join(run_dir, "metrics.jsonl")).read() == metrics_before
+    code, err = run_cli(env, "generate", folder, tiny=False)
+    assert_one_line(code, err, "corrupt")
+    os.remove(os.path.join(folder, "manifest.json"))
+    code, err = run_cli(env, "train", "--run.dir", run_dir, "--resume", "--train.steps", "4")
+    assert_one_line(code, err, "incomplete")
+
+
+def test_real_process_exit_code(env):
+    """The installed entry point: exit status 2 and no traceback, from a real process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "plait", "train", "--train.stepz", "5"],
+        capture_output=True, text=True, cwd=env["root"], timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "plait: error: unknown config key 'train.stepz' (did you mean 'train.steps'?)"
