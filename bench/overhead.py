@@ -32,7 +32,7 @@ def bare_step(model, optimizer, micro_batches, autocast) -> float:
             logits = model(mb["input_ids"], mb["position_ids"])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), mb["labels"].flatten(), ignore_index=-100, reduction="sum")
         (loss / tokens).backward()
-        total += float(loss)
+        total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
