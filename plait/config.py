@@ -259,13 +259,25 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
             f"train.seq_len = {t.seq_len} is above the model's limit model.max_seq_len = "
             f"{m.max_seq_len}"
         )
-    world = world_size if world_size is not None else p.nproc
+    world = world_size if world_size is not None else job_world_size(cfg)
     dp = resolve_dp(cfg, world)
     if t.global_batch % (t.micro_batch * dp):
         raise ConfigError(
             f"train.global_batch = {t.global_batch} must be a multiple of train.micro_batch "
             f"({t.micro_batch}) x data-parallel degree ({dp})"
         )
+
+
+def torchrun_world_size() -> int | None:
+    """WORLD_SIZE when torchrun (or another launcher) set up the rank environment, else None."""
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def job_world_size(cfg: JobConfig) -> int:
+    """Ranks the job will run on: torchrun's world when launched by it, else parallel.nproc."""
+    return torchrun_world_size() or cfg.parallel.nproc
 
 
 def resolve_dp(cfg: JobConfig, world: int) -> int:

@@ -18,13 +18,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from plait.config import JobConfig, resolve_dp, validate
+from plait.config import JobConfig, resolve_dp, torchrun_world_size, validate
 from plait.errors import CheckpointError, ConfigError, PlaitError
 
 
 def under_torchrun() -> bool:
     """True when torchrun (or Slurm + a rendezvous script) already set up the rank environment."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    return torchrun_world_size() is not None
 
 
 def pick_backend(cfg: JobConfig) -> str:

@@ -1,6 +1,6 @@
 """ParallelDims: the layout's degrees, validated, turned into one DeviceMesh with named dims.
 
-Every parallel component asks this object (``dims.fsdp_enabled``, ``dims.mesh["dp"]``) instead
+Every parallel component asks this object (``dims.fsdp_enabled``, ``dims.dp_mesh``) instead
 of keeping process groups of its own. Later layouts add their dimensions here.
 """
 
@@ -20,6 +20,7 @@ class ParallelDims:
     dp_shard: int
     world_size: int
     mesh: DeviceMesh | None = field(default=None, repr=False)
+    dp_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp_replicate x dp_shard, flattened
 
     @classmethod
     def from_config(cls, cfg: JobConfig, world_size: int) -> "ParallelDims":
@@ -55,17 +56,18 @@ class ParallelDims:
         return f"fsdp({self.dp_shard})" if self.fsdp_enabled else f"ddp({self.dp_replicate})"
 
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        """Create the mesh (dims ``dp_replicate``, ``dp_shard``, flattened ``dp``); None when
+        """Create the mesh (dims ``dp_replicate``, ``dp_shard``; ``dp_mesh`` flattens them); None when
         running as a single process without a process group."""
         if self.world_size == 1 and not dist.is_initialized():
             return None
         mesh = init_device_mesh(
             device_type, (self.dp_replicate, self.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
         )
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        # Keep the flattened mesh: slicing it back out of the root mesh is deprecated.
+        self.dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
         self.mesh = mesh
         return mesh
 
     def dp_rank(self) -> int:
         """This rank's index among the data-parallel ranks (0 without a mesh)."""
-        return 0 if self.mesh is None else self.mesh["dp"].get_local_rank()
+        return 0 if self.dp_mesh is None else self.dp_mesh.get_local_rank()

@@ -110,7 +110,7 @@ class Trainer:
         if self.dims.mesh is None:
             return value
         value = value.to(self.device)
-        dist.all_reduce(value, op=op, group=self.dims.mesh["dp"].get_group())
+        dist.all_reduce(value, op=op, group=self.dims.dp_mesh.get_group())
         return value.cpu()
 
     def _resume(self) -> None:
