@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 import zlib
 from typing import Any
 
@@ -29,6 +30,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from plait.config import JobConfig, build_config, to_toml
 from plait.errors import CheckpointError
+
+# A single process saves and loads without a process group on purpose; DCP warns each time.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
