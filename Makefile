@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 CPU is the pinned build for CPU machines; GPU images bring their own torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -28,3 +28,6 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .plait_cache runs
+
+docs: setup
+	$(PY) scripts/update_readme_config.py

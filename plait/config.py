@@ -86,6 +86,10 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "max global grad norm; 0 disables clipping", min=0)
     dtype: Literal["fp32", "bf16"] = _f("fp32", "compute dtype (bf16 uses autocast)")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto picks cuda when available")
+    activation_checkpointing: Literal["none", "full", "selective", "op"] = _f(
+        "none", "recompute activations in backward: every block, every ac_every-th block, or all but matmuls"
+    )
+    ac_every: int = _f(2, "selective checkpointing: recompute every N-th block", min=1)
     eval_every: int = _f(50, "validate every N steps (and at the end); 0 only at the end", min=0)
     eval_batches: int = _f(8, "validation micro-batches in all (rounded up to a multiple of the dp degree)", min=1)
     sample_tokens: int = _f(64, "tokens generated as a sample at the end; 0 disables", min=0)
@@ -97,6 +101,13 @@ class ParallelConfig:
     nproc: int = _f(2, "local ranks to spawn (ignored under torchrun)", min=1)
     dp_replicate: int = _f(1, "replicated data-parallel degree (DDP; HSDP's outer dim)", min=1)
     dp_shard: int = _f(-1, "sharded data-parallel degree (FSDP2); -1 fills the world", min=-1)
+    tp: int = _f(1, "tensor-parallel degree (with sequence parallel); divides heads and KV heads", min=1)
+    pp: int = _f(1, "pipeline-parallel degree (stages across ranks)", min=1)
+    pp_schedule: Literal[
+        "gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv", "dualpipev"
+    ] = _f("1f1b", "pipeline schedule")
+    pp_virtual_stages: int = _f(1, "pipeline stages per rank (interleaving); zbv and dualpipev use 2", min=1)
+    pp_split: str = _f("", "layers per stage, e.g. '3,3,2'; empty balances by parameter count")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto: nccl on cuda, gloo on cpu")
 
 
@@ -261,11 +272,81 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         )
     world = world_size if world_size is not None else job_world_size(cfg)
     dp = resolve_dp(cfg, world)
+    validate_model_parallel(cfg, dp)
     if t.global_batch % (t.micro_batch * dp):
         raise ConfigError(
             f"train.global_batch = {t.global_batch} must be a multiple of train.micro_batch "
             f"({t.micro_batch}) x data-parallel degree ({dp})"
         )
+
+
+PP_MULTI_STAGE = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv", "dualpipev")
+PP_V_SHAPED = ("zbv", "dualpipev")
+
+
+def pp_stage_layers(cfg: JobConfig) -> list[int] | None:
+    """Layers per pipeline stage from ``parallel.pp_split``, or None when it is empty (balance)."""
+    text = cfg.parallel.pp_split.strip()
+    if not text:
+        return None
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"parallel.pp_split = {text!r} is not a comma-separated list of integers") from None
+    stages = cfg.parallel.pp * cfg.parallel.pp_virtual_stages
+    if len(counts) != stages or min(counts) < 1 or sum(counts) != cfg.model.n_layers:
+        raise ConfigError(
+            f"parallel.pp_split = {text!r} must list {stages} stage sizes (pp x pp_virtual_stages), "
+            f"each >= 1, summing to model.n_layers = {cfg.model.n_layers}"
+        )
+    return counts
+
+
+def validate_model_parallel(cfg: JobConfig, dp: int) -> None:
+    """Tensor and pipeline parallel checks: heads split over tp, layers over the stages."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    kv = m.n_kv_heads or m.n_heads
+    if m.n_heads % p.tp or kv % p.tp:
+        raise ConfigError(
+            f"parallel.tp = {p.tp} must divide model.n_heads = {m.n_heads} and the KV heads ({kv})"
+        )
+    if p.tp > 1 and (m.ffn_dim % p.tp or t.seq_len % p.tp):
+        raise ConfigError(
+            f"parallel.tp = {p.tp} must divide model.ffn_dim = {m.ffn_dim} and train.seq_len = {t.seq_len} "
+            "(sequence parallel splits the sequence)"
+        )
+    if (p.tp > 1 or p.pp > 1) and m.tie_embeddings:
+        raise ConfigError("model.tie_embeddings = true is not supported with parallel.tp > 1 or parallel.pp > 1")
+    v = p.pp_virtual_stages
+    if p.pp_schedule in PP_V_SHAPED and p.pp > 1 and v != 2:
+        raise ConfigError(f"parallel.pp_schedule = '{p.pp_schedule}' needs parallel.pp_virtual_stages = 2 (got {v})")
+    if p.pp_schedule not in PP_MULTI_STAGE and v != 1:
+        raise ConfigError(
+            f"parallel.pp_schedule = '{p.pp_schedule}' runs one stage per rank; parallel.pp_virtual_stages "
+            f"must be 1 (got {v}); use one of {', '.join(PP_MULTI_STAGE)} for several"
+        )
+    if p.pp == 1:
+        return
+    stages = p.pp * v
+    if stages > m.n_layers:
+        raise ConfigError(
+            f"parallel.pp x parallel.pp_virtual_stages = {stages} stages is more than model.n_layers = {m.n_layers}"
+        )
+    pp_stage_layers(cfg)
+    micro = t.global_batch // (t.micro_batch * dp)
+    schedule = p.pp_schedule
+    if schedule in ("1f1b", "zbv") and micro < p.pp:
+        problem = f"at least parallel.pp = {p.pp}"
+    elif schedule == "dualpipev" and micro < 2 * p.pp:
+        problem = f"at least 2 x parallel.pp = {2 * p.pp}"
+    elif schedule in ("interleaved_1f1b", "interleaved_zero_bubble") and micro % p.pp:
+        problem = f"a multiple of parallel.pp = {p.pp}"
+    else:
+        return
+    raise ConfigError(
+        f"parallel.pp_schedule = '{schedule}' needs {problem} micro-batches per step; "
+        f"train.global_batch / (train.micro_batch x dp) = {t.global_batch} / ({t.micro_batch} x {dp}) = {micro}"
+    )
 
 
 def torchrun_world_size() -> int | None:
@@ -281,22 +362,30 @@ def job_world_size(cfg: JobConfig) -> int:
 
 
 def resolve_dp(cfg: JobConfig, world: int) -> int:
-    """The data-parallel degree for ``world`` ranks; raises if the layout does not fill it."""
+    """The data-parallel degree for ``world`` ranks (world / (tp x pp)); raises ConfigError if
+    the layout does not fill the world exactly."""
     p = cfg.parallel
     if p.dp_shard == 0:
         raise ConfigError("parallel.dp_shard = 0 is out of range; use -1 (fill) or >= 1")
-    if p.dp_shard == -1:
-        if world % p.dp_replicate:
-            raise ConfigError(
-                f"world size {world} is not divisible by parallel.dp_replicate = {p.dp_replicate}"
-            )
-        return world
-    if p.dp_replicate * p.dp_shard != world:
+    model_parallel = p.tp * p.pp
+    if world % model_parallel:
         raise ConfigError(
-            f"layout parallel.dp_replicate x parallel.dp_shard = {p.dp_replicate} x "
-            f"{p.dp_shard} = {p.dp_replicate * p.dp_shard} does not match the world size {world}"
+            f"world size {world} is not divisible by parallel.tp x parallel.pp = {p.tp} x {p.pp}"
         )
-    return world
+    dp_world = world // model_parallel
+    if p.dp_shard == -1:
+        if dp_world % p.dp_replicate:
+            raise ConfigError(
+                f"world size {world} / (tp x pp = {model_parallel}) = {dp_world} is not divisible by "
+                f"parallel.dp_replicate = {p.dp_replicate}"
+            )
+        return dp_world
+    if p.dp_replicate * p.dp_shard * model_parallel != world:
+        raise ConfigError(
+            f"layout parallel.dp_replicate x dp_shard x tp x pp = {p.dp_replicate} x {p.dp_shard} x "
+            f"{p.tp} x {p.pp} = {p.dp_replicate * p.dp_shard * model_parallel} does not match the world size {world}"
+        )
+    return dp_world
 
 
 def to_toml(cfg: JobConfig) -> str:

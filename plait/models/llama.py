@@ -165,7 +165,9 @@ class Llama(nn.Module):
             raise ValueError("model.vocab_size must be resolved (> 0) before building the model")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        # Keyed by the layer's global index, so a pipeline stage that keeps layers 4..7 still
+        # names them layers.4..layers.7 and checkpoints move between layouts.
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -205,19 +207,26 @@ class Llama(nn.Module):
         doc_mask: bool = True,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        batch, seq = input_ids.shape
+        """Token ids (batch, seq) -> logits (batch, seq, vocab).
+
+        A pipeline stage may lack the embedding (it then receives hidden states instead of
+        ids) or the final norm and output (it then returns hidden states).
+        """
+        batch, seq = input_ids.shape[:2]
         start = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + seq, device=input_ids.device).expand(batch, seq)
         mask = document_mask(position_ids) if doc_mask and cache is None else None
+        h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
         freqs = position_ids[..., None].float() * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        h = self.tok_embeddings(input_ids)
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
-        for index, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache, index)
+        for name, layer in self.layers.items():
+            h = layer(h, cos, sin, mask, cache, int(name))
         if cache is not None:
             cache.length += seq
+        if self.norm is None:
+            return h
         h = self.norm(h)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)

@@ -113,10 +113,26 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return os.path.join(checkpoint_root(run_dir), name)
 
 
+def merged_view(parts: list[nn.Module]) -> nn.Module:
+    """One module over this rank's model parts (pipeline stages) with the full model's names,
+    so state dicts have the same keys whatever the layout: checkpoints move between layouts."""
+    if len(parts) == 1:
+        return parts[0]
+    view = nn.Module()
+    view.layers = nn.ModuleDict()
+    for part in parts:
+        for name, block in part.layers.items():
+            view.layers[name] = block
+        for attr in ("tok_embeddings", "norm", "output"):
+            if getattr(part, attr, None) is not None:
+                setattr(view, attr, getattr(part, attr))
+    return view
+
+
 def save_checkpoint(
     run_dir: str,
     step: int,
-    model: nn.Module,
+    parts: list[nn.Module],
     optimizer: torch.optim.Optimizer,
     rank_state: dict[str, Any],
     cfg: JobConfig,
@@ -132,7 +148,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "state"))
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(merged_view(parts), optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(rank_state, os.path.join(tmp, "state", f"rank{rank}.pt"))
     _barrier()
@@ -157,12 +173,13 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def load_checkpoint(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(folder: str, parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Collective: load model and optimizer shards into the (already parallelized) objects.
 
     Returns this rank's saved state (``step``, ``scheduler``, ``loader``, ``rng``); when the
     world size changed, rank r falls back to rank 0's state (the data position is global).
     """
+    model = merged_view(parts)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
@@ -213,7 +230,19 @@ def load_model_checkpoint(src: str, device: str = "cpu") -> tuple[nn.Module, Job
     return model, cfg
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Collective: the unsharded model state dict on CPU, materialized on rank 0 only."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+def full_model_state(parts: list[nn.Module], pp_group=None) -> dict[str, torch.Tensor]:
+    """Collective: the unsharded model state dict on CPU, complete on rank 0 only. With
+    pipeline parallelism each stage's weights are gathered to rank 0 over the world."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=pp_group is None)
+    state = get_model_state_dict(merged_view(parts), options=options)
+    if pp_group is None:
+        return state
+    state = {k: v.cpu() for k, v in state.items()}
+    gathered = [None] * dist.get_world_size() if _rank() == 0 else None
+    dist.gather_object(state, gathered, dst=0)
+    if _rank() != 0:
+        return {}
+    merged: dict[str, torch.Tensor] = {}
+    for piece in gathered:
+        merged.update(piece)
+    return merged

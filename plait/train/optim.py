@@ -10,15 +10,34 @@ from torch import nn
 from plait.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over ``model``'s parameters; norms, biases (1-D) get no weight decay."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+def build_optimizer(parts: list[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
+    """One AdamW over the parameters of all model ``parts`` (pipeline stages of this rank);
+    norms and biases (1-D) get no weight decay."""
+    params = [p for part in parts for p in part.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) -> float:
+    """Clip gradients to a global L2 norm of ``max_norm`` (0 = no clipping) and return the norm
+    before clipping. Sharded (DTensor) gradients count once; with pipeline parallelism the
+    squares are summed over the stages of ``pp_group`` so every stage clips alike."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    if pp_group is not None:
+        squared = norm.pow(2)
+        torch.distributed.all_reduce(squared, group=pp_group)
+        norm = squared.sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return float(norm)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

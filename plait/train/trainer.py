@@ -16,18 +16,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch.distributed.tensor.parallel import loss_parallel
 
 from plait.config import JobConfig, to_toml
 from plait.data import prepare_data, DataBundle
 from plait.data.loader import StepLoader, StepSampler, val_batches
 from plait.infer.generate import generate
 from plait.models.llama import build_model, count_params
-from plait.parallel.data_parallel import apply_data_parallel, set_gradient_sync
+from plait.parallel.data_parallel import set_gradient_sync
 from plait.parallel.dims import ParallelDims
+from plait.parallel.parallelize import parallelize_llama
+from plait.train.loss import plain, token_loss_sum
+from plait.train.pipeline_runner import PipelineRunner
 from plait.train import checkpoint as ckpt
 from plait.train.metrics import MetricsLogger, flops_per_token, peak_memory_gib
-from plait.train.optim import build_optimizer, build_scheduler
+from plait.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 
 
 @dataclass
@@ -89,11 +92,18 @@ class Trainer:
         self.dims.build_mesh(self.device.type)
         self.data = load_data(cfg)
         self.cfg = cfg = with_vocab(cfg, self.data.tokenizer.vocab_size)
-        self.model = build_model(cfg.model, self.device, seed=cfg.train.seed)
-        self.n_params = count_params(self.model)
-        apply_data_parallel(self.model, self.dims, list(self.model.layers))
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        model = build_model(cfg.model, self.device, seed=cfg.train.seed)
+        self.n_params = count_params(model)
+        self.parts, stage_ids = parallelize_llama(model, self.dims, cfg, self.device)
+        self.model = self.parts[0]
+        del model
+        self.optimizer = build_optimizer(self.parts, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        n_micro = cfg.train.global_batch // (cfg.train.micro_batch * self.dims.dp)
+        self.pipeline = (
+            PipelineRunner(self.parts, stage_ids, cfg, self.dims, self.device, token_loss_sum, n_micro)
+            if self.dims.pp_enabled else None
+        )
         dp_rank, dp = self.dims.dp_rank(), self.dims.dp
         sampler = StepSampler(len(self.data.train), cfg.train.global_batch, dp_rank, dp, cfg.train.seed)
         self.loader = StepLoader(self.data.train, sampler, cfg.train.micro_batch)
@@ -105,13 +115,20 @@ class Trainer:
             torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else nullcontext()
         )
 
-    def _reduce(self, value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        """Reduce a scalar over the data-parallel ranks (identity on one process)."""
+    def _reduce(self, value: torch.Tensor, op=dist.ReduceOp.SUM, over_pp: bool = False) -> torch.Tensor:
+        """Reduce a scalar over the data-parallel ranks, and over the pipeline ranks with
+        ``over_pp`` (losses live on the last stage only); identity on one process."""
         if self.dims.mesh is None:
             return value
         value = value.to(self.device)
         dist.all_reduce(value, op=op, group=self.dims.dp_mesh.get_group())
+        if over_pp and self.dims.pp_enabled:
+            dist.all_reduce(value, op=op, group=self.dims.mesh["pp"].get_group())
         return value.cpu()
+
+    def _loss_context(self):
+        """Vocabulary-sharded logits need torch's loss_parallel around loss and backward."""
+        return loss_parallel() if self.dims.tp_enabled else nullcontext()
 
     def _resume(self) -> None:
         folder = ckpt.latest_checkpoint(self.cfg.run.dir)
@@ -119,55 +136,61 @@ class Trainer:
             from plait.errors import CheckpointError
 
             raise CheckpointError(f"--resume: no checkpoint in '{ckpt.checkpoint_root(self.cfg.run.dir)}'")
-        state = ckpt.load_checkpoint(folder, self.model, self.optimizer)
+        state = ckpt.load_checkpoint(folder, self.parts, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
         self.start_step = int(state["step"])
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Sum of token cross-entropies of one micro-batch, and its count of scored tokens."""
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of token cross-entropies of one micro-batch (unpipelined model)."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with self.autocast:
             logits = self.model(batch["input_ids"], batch["position_ids"], doc_mask=self.cfg.data.doc_mask)
-        labels = batch["labels"]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        return loss, int((labels != -100).sum())
+        return token_loss_sum(logits, batch["labels"])
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step. Returns (global mean loss, global grad norm before clipping)."""
-        self.model.train()
+        for part in self.parts:
+            part.train()
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
         global_tokens = float(self._reduce(torch.tensor(float(local_tokens))))
         # Data-parallel wrappers average gradients over dp ranks; scaling by dp undoes that so
         # gradients are of sum(loss)/global_tokens, the single-process reference's objective.
         scale = self.dims.dp / max(global_tokens, 1.0)
-        total = torch.zeros((), dtype=torch.float64)
-        for index, mb in enumerate(micro_batches):
-            set_gradient_sync(self.model, index == len(micro_batches) - 1)
-            loss_sum, _ = self._loss_sum(mb)
-            (loss_sum * scale).backward()
-            total += loss_sum.detach().double().cpu()
-        max_norm = self.cfg.train.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        if self.pipeline is not None:
+            with self.autocast:
+                total = self.pipeline.train(micro_batches, scale, self._loss_context())
+        else:
+            total = torch.zeros((), dtype=torch.float64)
+            for index, mb in enumerate(micro_batches):
+                set_gradient_sync(self.model, index == len(micro_batches) - 1)
+                with self._loss_context():
+                    loss_sum = self._loss_sum(mb)
+                    (loss_sum * scale).backward()
+                total += plain(loss_sum).detach().double().cpu()
+        pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp_enabled else None
+        norm = clip_grad_norm([p for part in self.parts for p in part.parameters()], self.cfg.train.grad_clip, pp_group)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = float(self._reduce(total)) / max(global_tokens, 1.0)
-        return loss, float(norm)
+        loss = float(self._reduce(total, over_pp=True)) / max(global_tokens, 1.0)
+        return loss, norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss over the fixed validation micro-batches of all dp ranks."""
-        self.model.eval()
-        total, count = torch.zeros((), dtype=torch.float64), 0
-        for mb in self.val:
-            loss_sum, n = self._loss_sum(mb)
-            total += loss_sum.double().cpu()
-            count += n
-        total = self._reduce(total)
+        count = sum(int((mb["labels"] != -100).sum()) for mb in self.val)
+        if self.pipeline is not None:
+            total = self.pipeline.evaluate(self.val, self.autocast)
+        else:
+            self.model.eval()
+            total = torch.zeros((), dtype=torch.float64)
+            for mb in self.val:
+                with self._loss_context():
+                    total += plain(self._loss_sum(mb)).double().cpu()
+            self.model.train()
+        total = self._reduce(total, over_pp=True)
         count = float(self._reduce(torch.tensor(float(count), dtype=torch.float64)))
         return float(total) / max(count, 1.0)
 
@@ -184,7 +207,8 @@ class Trainer:
         t = self.cfg.train
         if t.sample_tokens == 0:
             return None
-        state = ckpt.full_model_state(self.model)
+        pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp_enabled else None
+        state = ckpt.full_model_state(self.parts, pp_group)
         if self.rank != 0:
             return None
         plain = build_model(self.cfg.model, "cpu", seed=t.seed)
@@ -235,7 +259,7 @@ class Trainer:
                 record["val_loss"], record["val_ppl"] = val, float(torch.tensor(val).exp())
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
                 result.checkpoint = ckpt.save_checkpoint(
-                    cfg.run.dir, step, self.model, self.optimizer, self._rank_state(step), cfg,
+                    cfg.run.dir, step, self.parts, self.optimizer, self._rank_state(step), cfg,
                     self.data.tokenizer, cfg.checkpoint.keep,
                 )
             if step % cfg.metrics.log_every == 0 or "val_loss" in record or step == t.steps:

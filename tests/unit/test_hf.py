@@ -172,7 +172,7 @@ def test_dtype_and_inv_freq(tmp_path):
     model = hf.from_pretrained(save_hf(make_hf("llama"), tmp_path / "hf"), dtype=torch.bfloat16)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     assert model.inv_freq.dtype == torch.float32 and model.inv_freq.device.type == "cpu"
-    assert model.layers[0].attention.wq.weight.requires_grad
+    assert model.layers["0"].attention.wq.weight.requires_grad
 
 
 def test_rope_parameters_config(tmp_path):

@@ -1,0 +1,367 @@
+"""Counted collectives: every collective this process issues, with op, mesh dim, bytes and times.
+
+``install()`` hooks four places, because no single Python-visible point sees them all:
+
+1. ``ProcessGroup`` methods (``allreduce``, ``all_gather_single``/``_allgather_base``, ``send``...).
+   Every ``torch.distributed.*`` call lands here whoever makes it: plait, FSDP2, pipelining
+   P2P, DeviceMesh setup. Patching the methods rather than ``dist.*`` also catches callers
+   that hold the functions by name (pipelining compares ``P2POp.op is dist.isend``).
+2. ``torch.ops._c10d_functional.*``: functional collectives (DTensor redistribution, TP,
+   DDP's Python reducer) reach the process group from C++, so they are counted at the op.
+3. DDP's C++ Reducer all-reduces gradient buckets without Python. At each DDP's first
+   forward we register a comm hook doing exactly what the built-in one does (divide by n,
+   all-reduce, sum) through ``dist.all_reduce``, so (1) counts it. Skipped if a hook is set.
+4. ``torch.distributed._broadcast_coalesced``: DDP's parameter/buffer broadcast (C++ too).
+
+Not counted: collectives issued from C++ elsewhere (a built-in C++ DDP comm hook, DDP's
+bucket-order sync when it rebuilds buckets, NCCL-internal traffic), ``.default`` overloads of
+functional ops called directly, and collectives inside torch.compile'd graphs.
+
+Units: bytes, and seconds from ``time.perf_counter()``. ``start`` is when the call was issued;
+``end`` is when this process saw it finish: return of ``Work.wait()``, of ``wait_tensor``
+(functional collectives), of the DDP bucket future's callback, or else of the issuing call.
+On CUDA these are host times (CUDA events would cost a sync), i.e. how long the host waited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+_perf = time.perf_counter
+# Bytes each rank sends per payload byte under ring algorithms. Rooted ops (broadcast, reduce,
+# gather, scatter) are averaged over ranks: a pipelined chain moves the payload through n-1
+# links whatever the tree, so (n-1)/n per rank. all_to_all is exact when its splits are known.
+_RING = {
+    "all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
+    "broadcast": lambda n: (n - 1) / n, "reduce": lambda n: (n - 1) / n,
+    "gather": lambda n: (n - 1) / n, "scatter": lambda n: (n - 1) / n,
+    "send": lambda n: 1.0, "recv": lambda n: 0.0, "barrier": lambda n: 0.0,
+}
+
+# ProcessGroup method -> (op, index of the payload argument: the output for gathers, the input
+# for reductions to shards and all_to_all, the per-rank chunk for gather/scatter). Names differ
+# across torch versions (2.13 renamed _allgather_base to all_gather_single); missing ones are skipped.
+_PG_METHODS = {
+    "allreduce": ("all_reduce", 0), "allreduce_coalesced": ("all_reduce", 0),
+    "broadcast": ("broadcast", 0), "reduce": ("reduce", 0),
+    "allgather": ("all_gather", 0), "_allgather_base": ("all_gather", 0),
+    "all_gather_single": ("all_gather", 0), "allgather_coalesced": ("all_gather", 0),
+    "allgather_into_tensor_coalesced": ("all_gather", 0), "all_gather_single_coalesced": ("all_gather", 0),
+    "reduce_scatter": ("reduce_scatter", 1), "_reduce_scatter_base": ("reduce_scatter", 1),
+    "reduce_scatter_single": ("reduce_scatter", 1), "reduce_scatter_tensor_coalesced": ("reduce_scatter", 1),
+    "reduce_scatter_single_coalesced": ("reduce_scatter", 1),
+    "alltoall_base": ("all_to_all", 1), "all_to_all_single": ("all_to_all", 1), "alltoall": ("all_to_all", 1),
+    "gather": ("gather", 1), "scatter": ("scatter", 0),
+    "send": ("send", 0), "recv": ("recv", 0), "recv_anysource": ("recv", 0), "barrier": ("barrier", None),
+}
+# torch.ops._c10d_functional op -> (op, payload arg, group arg, arg holding group_size to
+# multiply by (all-gather output = input x n), arg holding input_split_sizes).
+_FUNC_OPS = {
+    "all_reduce": ("all_reduce", 0, 2, None, None), "all_reduce_": ("all_reduce", 0, 2, None, None),
+    "all_reduce_coalesced": ("all_reduce", 0, 2, None, None),
+    "all_reduce_coalesced_": ("all_reduce", 0, 2, None, None),
+    "broadcast": ("broadcast", 0, 2, None, None), "broadcast_": ("broadcast", 0, 2, None, None),
+    "all_gather_into_tensor": ("all_gather", 0, 2, 1, None),
+    "all_gather_into_tensor_out": ("all_gather", 0, 2, 1, None),
+    "all_gather_into_tensor_coalesced": ("all_gather", 0, 2, 1, None),
+    "reduce_scatter_tensor": ("reduce_scatter", 0, 3, None, None),
+    "reduce_scatter_tensor_coalesced": ("reduce_scatter", 0, 3, None, None),
+    "all_to_all_single": ("all_to_all", 0, 3, None, 2),
+    "isend": ("send", 0, 3, None, None), "irecv": ("recv", 0, 3, None, None),
+}
+
+
+class Record:
+    """One collective: ``bytes`` is the payload (all_gather: output, reduce_scatter and
+    all_to_all: input, others: the tensor), ``wire_bytes`` what this rank sends (see _RING),
+    ``start``/``end`` perf_counter seconds, ``seq`` this process's issue order."""
+
+    __slots__ = ("seq", "op", "dim", "bytes", "wire_bytes", "group_size", "start", "end")
+
+    def __init__(self, seq, op, dim, nbytes, wire, size, start):
+        self.seq, self.op, self.dim, self.bytes, self.wire_bytes = seq, op, dim, nbytes, wire
+        self.group_size, self.start, self.end = size, start, start
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __repr__(self) -> str:
+        return f"Record({self.as_dict()})"
+
+
+_seq = itertools.count()
+_records: list[Record] = []
+_blocked: dict[int, Record] = {}  # seq -> record the host is inside right now (issuing or waiting)
+_handles: dict[int, tuple] = {}  # id(Work or output tensor) -> (handle, record); the handle is held
+                                 # so its id cannot be reused before it is waited or reset() runs
+_names: dict[Any, str] = {}  # ProcessGroup or group name -> mesh dim name
+_info: dict[Any, tuple] = {}  # ProcessGroup or group name -> (dim, size, rank), filled on first use
+_paused = 0
+_originals: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) to undo install()
+
+
+def register_group(group: dist.ProcessGroup, name: str) -> None:
+    """Name ``group``'s collectives ``name``; a later name for the same group wins."""
+    _names[group] = name
+    with contextlib.suppress(Exception):
+        _names[group.group_name] = name  # functional collectives pass the group by name
+    _info.clear()
+
+
+def register_mesh(mesh) -> None:
+    """Name each dim's process group by the DeviceMesh's dim name (``dim<i>`` if unnamed)."""
+    names = mesh.mesh_dim_names or tuple(f"dim{i}" for i in range(mesh.ndim))
+    for index, name in enumerate(names):
+        register_group(mesh.get_group(index), name)
+
+
+def _resolve(key) -> tuple:
+    try:
+        group = key if not isinstance(key, str) else dist.distributed_c10d._resolve_process_group(key)
+        name = _names.get(group) or _names.get(getattr(group, "group_name", None))
+        if name is None:
+            world = dist.distributed_c10d._get_default_group()
+            name = "world" if group is world or group.group_name == world.group_name else "other"
+        return name, group.size(), group.rank()
+    except Exception:  # an unknown or destroyed group: still count it
+        return "other", 1, 0
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0
+
+
+def _begin(op: str, key, payload, splits=None) -> Record:
+    info = _info.get(key)
+    if info is None:
+        info = _info[key] = _resolve(key)
+    dim, n, rank = info
+    wire = _RING[op](n) * payload if n > 1 or op == "send" else 0
+    if splits and op == "all_to_all" and sum(splits):  # exact: all but the chunk kept locally
+        wire = payload * (1 - splits[rank] / sum(splits))
+    rec = Record(next(_seq), op, dim, payload, round(wire), n, _perf())
+    _records.append(rec)
+    _blocked[rec.seq] = rec
+    return rec
+
+
+def _issued(rec: Record, handle) -> None:
+    """The issuing call returned; ``handle`` (Work or tensor) will report completion if waited."""
+    rec.end = _perf()
+    _blocked.pop(rec.seq, None)
+    if handle is not None:
+        _handles[id(handle)] = (handle, rec)
+
+
+def _waited(handle, wait, *args, **kwargs):
+    entry = _handles.pop(id(handle), None)
+    if entry is None or entry[0] is not handle:
+        return wait(handle, *args, **kwargs)
+    rec = entry[1]
+    _blocked[rec.seq] = rec
+    try:
+        return wait(handle, *args, **kwargs)
+    finally:
+        rec.end = _perf()
+        _blocked.pop(rec.seq, None)
+
+
+def _pg_wrapper(method, op: str, index):
+    def counted(self, *args, **kwargs):
+        if _paused:
+            return method(self, *args, **kwargs)
+        payload = _nbytes(args[index]) if index is not None and len(args) > index else 0
+        splits = args[3] if op == "all_to_all" and len(args) > 3 else None
+        rec = _begin(op, self, payload, splits)
+        work = None
+        try:
+            work = method(self, *args, **kwargs)
+            return work
+        finally:
+            _issued(rec, work)
+
+    counted.__wrapped__ = method
+    return counted
+
+
+class _CountedOp:
+    """Stands in for ``torch.ops._c10d_functional.<name>``: counts the call, runs the real op.
+    Attribute access (``.default``) goes to the real packet, so identity checks still hold."""
+
+    def __init__(self, packet, spec):
+        self._packet, self._spec = packet, spec
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_packet", "_spec"):  # copy/pickle probes
+            raise AttributeError(name)
+        return getattr(self._packet, name)
+
+    def __call__(self, *args, **kwargs):
+        if _paused or torch.compiler.is_compiling():
+            return self._packet(*args, **kwargs)
+        op, pi, gi, mi, si = self._spec
+        payload = _nbytes(args[pi]) * (args[mi] if mi is not None else 1)
+        key = args[gi] if len(args) > gi else kwargs.get("group_name")
+        rec = _begin(op, key, payload, args[si] if si is not None and len(args) > si else None)
+        out = None
+        try:
+            out = self._packet(*args, **kwargs)
+            return out
+        finally:
+            _issued(rec, out if isinstance(out, torch.Tensor) else None)
+
+
+class _WaitOp(_CountedOp):
+    def __call__(self, tensor, *args, **kwargs):
+        return _waited(tensor, self._packet, *args, **kwargs)
+
+
+def _ddp_allreduce_hook(group: dist.ProcessGroup, bucket):  # no return annotation: DDP checks it
+    """torch's ``default_hooks.allreduce_hook`` (the built-in behaviour), plus the end time."""
+    tensor = bucket.buffer()
+    tensor.div_(group.size())
+    work = dist.all_reduce(tensor, group=group, async_op=True)
+    entry = _handles.pop(id(work), None)
+
+    def done(fut):
+        if entry is not None:
+            entry[1].end = _perf()
+        return fut.value()[0]
+
+    return work.get_future().then(done)
+
+
+def _ddp_pre_forward_wrapper(method):
+    def pre_forward(self, *args, **kwargs):
+        out = method(self, *args, **kwargs)
+        # After DDP's own lazy init (which may register optimizer-overlap hooks), before backward.
+        if not self.__dict__.get("_plait_comm_hooked"):
+            self.__dict__["_plait_comm_hooked"] = True
+            hooks = getattr(self, "_comm_hooks", None)
+            if getattr(self, "reducer", None) is not None and hooks == [] \
+                    and not getattr(self, "_use_python_reducer", False):
+                try:
+                    self.register_comm_hook(self.process_group, _ddp_allreduce_hook)
+                except RuntimeError:  # a built-in C++ hook is registered: leave it, uncounted
+                    if hooks and hooks[-1][0] is _ddp_allreduce_hook:
+                        hooks.pop()
+        return out
+
+    pre_forward.__wrapped__ = method
+    return pre_forward
+
+
+def _broadcast_coalesced_wrapper(fn):
+    def counted(process_group, tensors, *args, **kwargs):
+        if _paused:
+            return fn(process_group, tensors, *args, **kwargs)
+        rec = _begin("broadcast", process_group, _nbytes(list(tensors)))
+        try:
+            return fn(process_group, tensors, *args, **kwargs)
+        finally:
+            _issued(rec, None)
+
+    return counted
+
+
+def _patch(owner, name: str, make) -> None:
+    original = getattr(owner, name, None)
+    if original is None:
+        return  # not in this torch version
+    setattr(owner, name, make(original))
+    _originals.append((owner, name, original))
+
+
+def install() -> None:
+    """Start counting every collective this process issues (idempotent, process-wide)."""
+    if _originals:
+        return
+    import torch.distributed._functional_collectives  # noqa: F401  (its import-time op registrations first)
+    from torch.nn.parallel import DistributedDataParallel
+
+    for method, (op, index) in _PG_METHODS.items():
+        _patch(dist.ProcessGroup, method, lambda m, op=op, i=index: _pg_wrapper(m, op, i))
+    _patch(dist.Work, "wait", lambda w: lambda self, *a, **k: _waited(self, w, *a, **k))
+    ns = torch.ops._c10d_functional
+    for name, spec in _FUNC_OPS.items():
+        with contextlib.suppress(AttributeError, RuntimeError):
+            _patch(ns, name, lambda packet, spec=spec: _CountedOp(packet, spec))
+    with contextlib.suppress(AttributeError, RuntimeError):
+        _patch(ns, "wait_tensor", lambda packet: _WaitOp(packet, None))
+    _patch(DistributedDataParallel, "_pre_forward", _ddp_pre_forward_wrapper)
+    _patch(dist, "_broadcast_coalesced", _broadcast_coalesced_wrapper)
+
+
+def uninstall() -> None:
+    """Undo install() (DDP hooks already registered stay: they are the built-in math)."""
+    while _originals:
+        owner, name, original = _originals.pop()
+        setattr(owner, name, original)
+
+
+def installed() -> bool:
+    return bool(_originals)
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Leave the collectives issued inside uncounted (plait's own bookkeeping: metric
+    reductions, barriers). Process-wide, not per thread."""
+    global _paused
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
+
+
+def records() -> list[Record]:
+    """The records since the last reset, in issue order."""
+    return list(_records)
+
+
+def in_flight() -> list[Record]:
+    """Collectives the host is blocked in right now (issuing or waiting), oldest first: what
+    a hang monitor reports. Async work on the device that nobody waits for is not here."""
+    return sorted(_blocked.values(), key=lambda r: r.seq)
+
+
+def reset() -> None:
+    """Drop the records, forget unwaited handles, and re-resolve group names on next use."""
+    _clear()
+
+
+def _clear() -> None:
+    global _records
+    _records = []  # rebound, not cleared: a summary being computed keeps its list
+    _handles.clear()
+    _info.clear()
+
+
+def step_summary(reset: bool = True) -> dict[str, Any]:
+    """Totals since the last reset: ``comm_bytes`` (wire bytes sent by this rank) and
+    ``comm_payload_bytes`` per mesh dim, ``comm_s`` (sum of end - start over the records, in
+    seconds: overlapping async collectives each count, so it can exceed wall time) and
+    ``comm_count``. Resets afterwards unless ``reset=False``."""
+    recs = _records
+    if reset:
+        _clear()
+    wire: dict[str, int] = {}
+    payload: dict[str, int] = {}
+    seconds = 0.0
+    for rec in recs:
+        wire[rec.dim] = wire.get(rec.dim, 0) + rec.wire_bytes
+        payload[rec.dim] = payload.get(rec.dim, 0) + rec.bytes
+        seconds += rec.end - rec.start
+    return {"comm_bytes": wire, "comm_payload_bytes": payload, "comm_s": seconds, "comm_count": len(recs)}

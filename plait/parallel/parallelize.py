@@ -1,0 +1,34 @@
+"""The layout recipe for the Llama family: pipeline split, then per stage TP → activation
+checkpointing → data parallel (FSDP2/HSDP or DDP). One function, read top to bottom."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from plait.config import JobConfig
+from plait.parallel.checkpointing import apply_activation_checkpointing
+from plait.parallel.data_parallel import apply_data_parallel
+from plait.parallel.dims import ParallelDims
+from plait.parallel.pipeline import build_pipeline
+from plait.parallel.tensor_parallel import apply_tensor_parallel
+
+
+def parallelize_llama(
+    model: nn.Module, dims: ParallelDims, cfg: JobConfig, device: torch.device
+) -> tuple[list[nn.Module], list[int]]:
+    """Apply the layout of ``dims`` to ``model`` (materialized and initialized on every rank).
+
+    Returns this rank's model parts (one per pipeline stage it holds; ``[model]`` without
+    pipeline parallelism) and their global stage ids.
+    """
+    if dims.pp_enabled:
+        parts, ids = build_pipeline(model, cfg, dims.pp_rank(), dims.mesh["pp"].get_group(), device)
+    else:
+        parts, ids = [model], [0]
+    for part in parts:
+        if dims.tp_enabled:
+            apply_tensor_parallel(part, dims.mesh["tp"], loss_parallel=True)
+        apply_activation_checkpointing(part, cfg.train.activation_checkpointing, cfg.train.ac_every)
+        apply_data_parallel(part, dims, list(part.layers.values()))
+    return parts, ids

@@ -1,0 +1,67 @@
+"""Tensor + sequence parallelism on the ``tp`` mesh dim with DTensor (Megatron-style).
+
+What is sharded, per block, over t ranks:
+- attention: wq/wk/wv column-wise (each rank holds n_heads/t query heads and n_kv_heads/t KV
+  heads), wo row-wise; the MLP: w1/w3 column-wise, w2 row-wise;
+- between blocks the residual stream is sequence-sharded (sequence parallel): norms run on
+  seq/t tokens, and each column-wise input is all-gathered along the sequence;
+- the embedding is split by vocabulary rows, the output by vocabulary columns, and the loss is
+  computed on vocabulary-sharded logits (loss parallel) so full logits are never gathered.
+
+Communication per block and micro-batch, for activations of b·s·h elements: forward one
+all-gather and one reduce-scatter of b·s·h each for attention and again for the MLP
+((t−1)/t of the payload on the wire each); backward the same again.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool = True) -> None:
+    """Shard ``model`` (a Llama, or a pipeline stage of one) over ``tp_mesh`` in place.
+
+    With ``loss_parallel`` the output stays a vocabulary-sharded DTensor; the caller computes
+    cross-entropy inside ``torch.distributed.tensor.parallel.loss_parallel()``.
+    """
+    top: dict[str, object] = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        top["norm"] = SequenceParallel()
+    if model.output is not None:
+        top["output"] = ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    for block in model.layers.values():
+        plan = {
+            "attention_norm": SequenceParallel(),
+            # (x, cos, sin, mask, cache, layer): only x is sequence-sharded; gather it.
+            "attention": PrepareModuleInput(
+                input_layouts=(Shard(1), None, None, None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None, None, None),
+            ),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w3": ColwiseParallel(),
+        }
+        parallelize_module(block, tp_mesh, plan)
