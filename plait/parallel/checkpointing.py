@@ -80,8 +80,6 @@ def _op_context_fn():
 def checkpointed_indices(mode: str, every: int, n_layers: int) -> list[int]:
     """Global layer indices (0-based) of the blocks ``mode`` recomputes in an ``n_layers`` model."""
     _validate(mode, every)
-    if mode == "none":
-        return []
     return [index for index in range(n_layers) if _picked(mode, every, index)]
 
 
@@ -110,7 +108,7 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return inner(*args, **kwargs)
     if getattr(self, _ATTR) == "op":
         return checkpoint(inner, *args, use_reentrant=False, context_fn=_op_context_fn, **kwargs)
-    return inner(*args, **kwargs)
+    return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
 
 def _wrap(block: nn.Module, mode: str) -> None:
@@ -159,8 +157,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
     """Checkpoint the blocks of ``model.layers`` (ModuleList or ModuleDict) in place.
 
     ``mode`` is none | full | selective | op (see the module doc); ``every`` picks the layers
-    with global index 0, every, 2·every, ... in ``selective`` mode. Applying again replaces the previous mode.
-    Module structure, parameter names and ``state_dict`` keys are unchanged.
+    with global index 0, every, 2·every, ... in ``selective`` mode. Applying again replaces the
+    previous mode. Module structure, parameter names and ``state_dict`` keys are unchanged.
     """
     _validate(mode, every)
     for index, block in _blocks(model):

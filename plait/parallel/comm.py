@@ -15,7 +15,8 @@
 
 Not counted: collectives issued from C++ elsewhere (a built-in C++ DDP comm hook, DDP's
 bucket-order sync when it rebuilds buckets, NCCL-internal traffic), ``.default`` overloads of
-functional ops called directly, and collectives inside torch.compile'd graphs.
+functional ops called directly (as inductor-compiled graphs do), and DDP instances that ran
+their first forward before install().
 
 Units: bytes, and seconds from ``time.perf_counter()``. ``start`` is when the call was issued;
 ``end`` is when this process saw it finish: return of ``Work.wait()``, of ``wait_tensor``
@@ -25,9 +26,11 @@ On CUDA these are host times (CUDA events would cost a sync), i.e. how long the 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import time
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -38,50 +41,45 @@ _perf = time.perf_counter
 # gather, scatter) are averaged over ranks: a pipelined chain moves the payload through n-1
 # links whatever the tree, so (n-1)/n per rank. all_to_all is exact when its splits are known.
 _RING = {
-    "all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
-    "broadcast": lambda n: (n - 1) / n, "reduce": lambda n: (n - 1) / n,
-    "gather": lambda n: (n - 1) / n, "scatter": lambda n: (n - 1) / n,
-    "send": lambda n: 1.0, "recv": lambda n: 0.0, "barrier": lambda n: 0.0,
+    "all_reduce": lambda n: 2 * (n - 1) / n, "send": lambda n: 1.0, "recv": lambda n: 0.0,
+    "barrier": lambda n: 0.0,
+    **dict.fromkeys(["all_gather", "reduce_scatter", "all_to_all", "broadcast", "reduce", "gather", "scatter"],
+                    lambda n: (n - 1) / n),
 }
 
 # ProcessGroup method -> (op, index of the payload argument: the output for gathers, the input
 # for reductions to shards and all_to_all, the per-rank chunk for gather/scatter). Names differ
 # across torch versions (2.13 renamed _allgather_base to all_gather_single); missing ones are skipped.
 _PG_METHODS = {
-    "allreduce": ("all_reduce", 0), "allreduce_coalesced": ("all_reduce", 0),
-    "broadcast": ("broadcast", 0), "reduce": ("reduce", 0),
-    "allgather": ("all_gather", 0), "_allgather_base": ("all_gather", 0),
-    "all_gather_single": ("all_gather", 0), "allgather_coalesced": ("all_gather", 0),
-    "allgather_into_tensor_coalesced": ("all_gather", 0), "all_gather_single_coalesced": ("all_gather", 0),
-    "reduce_scatter": ("reduce_scatter", 1), "_reduce_scatter_base": ("reduce_scatter", 1),
-    "reduce_scatter_single": ("reduce_scatter", 1), "reduce_scatter_tensor_coalesced": ("reduce_scatter", 1),
-    "reduce_scatter_single_coalesced": ("reduce_scatter", 1),
-    "alltoall_base": ("all_to_all", 1), "all_to_all_single": ("all_to_all", 1), "alltoall": ("all_to_all", 1),
-    "gather": ("gather", 1), "scatter": ("scatter", 0),
-    "send": ("send", 0), "recv": ("recv", 0), "recv_anysource": ("recv", 0), "barrier": ("barrier", None),
+    **dict.fromkeys(["allreduce", "allreduce_coalesced"], ("all_reduce", 0)),
+    **dict.fromkeys(["allgather", "_allgather_base", "all_gather_single", "allgather_coalesced",
+                     "allgather_into_tensor_coalesced", "all_gather_single_coalesced"], ("all_gather", 0)),
+    **dict.fromkeys(["reduce_scatter", "_reduce_scatter_base", "reduce_scatter_single",
+                     "reduce_scatter_tensor_coalesced", "reduce_scatter_single_coalesced"], ("reduce_scatter", 1)),
+    **dict.fromkeys(["alltoall_base", "all_to_all_single", "alltoall"], ("all_to_all", 1)),
+    **dict.fromkeys(["recv", "recv_anysource"], ("recv", 0)),
+    "broadcast": ("broadcast", 0), "reduce": ("reduce", 0), "gather": ("gather", 1), "scatter": ("scatter", 0),
+    "send": ("send", 0), "barrier": ("barrier", None),
 }
 # torch.ops._c10d_functional op -> (op, payload arg, group arg, arg holding group_size to
 # multiply by (all-gather output = input x n), arg holding input_split_sizes).
 _FUNC_OPS = {
-    "all_reduce": ("all_reduce", 0, 2, None, None), "all_reduce_": ("all_reduce", 0, 2, None, None),
-    "all_reduce_coalesced": ("all_reduce", 0, 2, None, None),
-    "all_reduce_coalesced_": ("all_reduce", 0, 2, None, None),
-    "broadcast": ("broadcast", 0, 2, None, None), "broadcast_": ("broadcast", 0, 2, None, None),
-    "all_gather_into_tensor": ("all_gather", 0, 2, 1, None),
-    "all_gather_into_tensor_out": ("all_gather", 0, 2, 1, None),
-    "all_gather_into_tensor_coalesced": ("all_gather", 0, 2, 1, None),
-    "reduce_scatter_tensor": ("reduce_scatter", 0, 3, None, None),
-    "reduce_scatter_tensor_coalesced": ("reduce_scatter", 0, 3, None, None),
+    **dict.fromkeys(["all_reduce", "all_reduce_", "all_reduce_coalesced", "all_reduce_coalesced_"],
+                    ("all_reduce", 0, 2, None, None)),
+    **dict.fromkeys(["broadcast", "broadcast_"], ("broadcast", 0, 2, None, None)),
+    **dict.fromkeys(["all_gather_into_tensor", "all_gather_into_tensor_out", "all_gather_into_tensor_coalesced"],
+                    ("all_gather", 0, 2, 1, None)),
+    **dict.fromkeys(["reduce_scatter_tensor", "reduce_scatter_tensor_coalesced"], ("reduce_scatter", 0, 3, None, None)),
     "all_to_all_single": ("all_to_all", 0, 3, None, 2),
     "isend": ("send", 0, 3, None, None), "irecv": ("recv", 0, 3, None, None),
 }
 
 
 class Record:
-    """One collective: ``bytes`` is the payload (all_gather: output, reduce_scatter and
-    all_to_all: input, others: the tensor), ``wire_bytes`` what this rank sends (see _RING),
-    ``start``/``end`` perf_counter seconds, ``seq`` this process's issue order."""
+    """One collective on mesh dim ``dim``. ``bytes``: the payload (all_gather: the output;
+    reduce_scatter, all_to_all: the input; gather/scatter: this rank's chunk; others: the
+    tensor). ``wire_bytes``: what this rank sends (see _RING). ``start``/``end``: perf_counter
+    seconds. ``seq``: this process's issue order."""
 
     __slots__ = ("seq", "op", "dim", "bytes", "wire_bytes", "group_size", "start", "end")
 
@@ -92,19 +90,19 @@ class Record:
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
 
-    def __repr__(self) -> str:
-        return f"Record({self.as_dict()})"
-
 
 _seq = itertools.count()
-_records: list[Record] = []
+MAX_RECORDS = 1 << 18  # a run that never calls step_summary() keeps only the latest ones
+_records: collections.deque[Record] = collections.deque(maxlen=MAX_RECORDS)
 _blocked: dict[int, Record] = {}  # seq -> record the host is inside right now (issuing or waiting)
-_handles: dict[int, tuple] = {}  # id(Work or output tensor) -> (handle, record); the handle is held
-                                 # so its id cannot be reused before it is waited or reset() runs
+# id(Work or output tensor) -> (weakref to it, record). A weak reference: holding NCCL works
+# would hold their tensors; comparing the referent guards against a reused id.
+_handles: dict[int, tuple] = {}
 _names: dict[Any, str] = {}  # ProcessGroup or group name -> mesh dim name
 _info: dict[Any, tuple] = {}  # ProcessGroup or group name -> (dim, size, rank), filled on first use
 _paused = 0
 _originals: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) to undo install()
+_MISSING = object()
 
 
 def register_group(group: dist.ProcessGroup, name: str) -> None:
@@ -136,9 +134,9 @@ def _resolve(key) -> tuple:
 
 def _nbytes(x) -> int:
     if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
+        return x.nbytes  # numel x element size, whatever the strides
     if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
+        return sum(map(_nbytes, x))
     return 0
 
 
@@ -161,12 +159,17 @@ def _issued(rec: Record, handle) -> None:
     rec.end = _perf()
     _blocked.pop(rec.seq, None)
     if handle is not None:
-        _handles[id(handle)] = (handle, rec)
+        if len(_handles) > 1 << 16:  # handles nobody waits for, with no reset() to drop them
+            _handles.clear()
+        try:
+            _handles[id(handle)] = (weakref.ref(handle), rec)
+        except TypeError:  # not weak-referenceable: its end stays the issuing call's
+            pass
 
 
 def _waited(handle, wait, *args, **kwargs):
     entry = _handles.pop(id(handle), None)
-    if entry is None or entry[0] is not handle:
+    if entry is None or entry[0]() is not handle:
         return wait(handle, *args, **kwargs)
     rec = entry[1]
     _blocked[rec.seq] = rec
@@ -181,9 +184,11 @@ def _pg_wrapper(method, op: str, index):
     def counted(self, *args, **kwargs):
         if _paused:
             return method(self, *args, **kwargs)
-        payload = _nbytes(args[index]) if index is not None and len(args) > index else 0
-        splits = args[3] if op == "all_to_all" and len(args) > 3 else None
-        rec = _begin(op, self, payload, splits)
+        try:  # bookkeeping must never break the collective itself
+            payload = _nbytes(args[index]) if index is not None and len(args) > index else 0
+            rec = _begin(op, self, payload, args[3] if op == "all_to_all" and len(args) > 3 else None)
+        except Exception:
+            return method(self, *args, **kwargs)
         work = None
         try:
             work = method(self, *args, **kwargs)
@@ -211,9 +216,12 @@ class _CountedOp:
         if _paused or torch.compiler.is_compiling():
             return self._packet(*args, **kwargs)
         op, pi, gi, mi, si = self._spec
-        payload = _nbytes(args[pi]) * (args[mi] if mi is not None else 1)
-        key = args[gi] if len(args) > gi else kwargs.get("group_name")
-        rec = _begin(op, key, payload, args[si] if si is not None and len(args) > si else None)
+        try:  # bookkeeping must never break the collective itself
+            payload = _nbytes(args[pi]) * (args[mi] if mi is not None else 1)
+            key = args[gi] if len(args) > gi else kwargs.get("group_name")
+            rec = _begin(op, key, payload, args[si] if si is not None else None)
+        except Exception:
+            return self._packet(*args, **kwargs)
         out = None
         try:
             out = self._packet(*args, **kwargs)
@@ -262,25 +270,14 @@ def _ddp_pre_forward_wrapper(method):
     return pre_forward
 
 
-def _broadcast_coalesced_wrapper(fn):
-    def counted(process_group, tensors, *args, **kwargs):
-        if _paused:
-            return fn(process_group, tensors, *args, **kwargs)
-        rec = _begin("broadcast", process_group, _nbytes(list(tensors)))
-        try:
-            return fn(process_group, tensors, *args, **kwargs)
-        finally:
-            _issued(rec, None)
-
-    return counted
-
-
 def _patch(owner, name: str, make) -> None:
     original = getattr(owner, name, None)
     if original is None:
         return  # not in this torch version
+    # Undo must restore the raw class attribute (a pybind instancemethod), not the unbound
+    # function getattr returns, or the restored method stops binding ``self``.
+    _originals.append((owner, name, vars(owner).get(name, _MISSING)))
     setattr(owner, name, make(original))
-    _originals.append((owner, name, original))
 
 
 def install() -> None:
@@ -300,14 +297,18 @@ def install() -> None:
     with contextlib.suppress(AttributeError, RuntimeError):
         _patch(ns, "wait_tensor", lambda packet: _WaitOp(packet, None))
     _patch(DistributedDataParallel, "_pre_forward", _ddp_pre_forward_wrapper)
-    _patch(dist, "_broadcast_coalesced", _broadcast_coalesced_wrapper)
+    # _broadcast_coalesced(process_group, tensors, ...) has a ProcessGroup method's shape.
+    _patch(dist, "_broadcast_coalesced", lambda f: _pg_wrapper(f, "broadcast", 0))
 
 
 def uninstall() -> None:
     """Undo install() (DDP hooks already registered stay: they are the built-in math)."""
     while _originals:
         owner, name, original = _originals.pop()
-        setattr(owner, name, original)
+        if original is _MISSING:
+            delattr(owner, name)  # it was inherited (or created lazily): unshadow it
+        else:
+            setattr(owner, name, original)
 
 
 def installed() -> bool:
@@ -334,19 +335,18 @@ def records() -> list[Record]:
 def in_flight() -> list[Record]:
     """Collectives the host is blocked in right now (issuing or waiting), oldest first: what
     a hang monitor reports. Async work on the device that nobody waits for is not here."""
-    return sorted(_blocked.values(), key=lambda r: r.seq)
+    return sorted(list(_blocked.values()), key=lambda r: r.seq)  # list(): one atomic copy
 
 
 def reset() -> None:
     """Drop the records, forget unwaited handles, and re-resolve group names on next use."""
-    _clear()
-
-
-def _clear() -> None:
     global _records
-    _records = []  # rebound, not cleared: a summary being computed keeps its list
+    _records = collections.deque(maxlen=MAX_RECORDS)  # rebound: a summary in progress keeps its own
     _handles.clear()
     _info.clear()
+
+
+_clear = reset  # step_summary's ``reset`` argument shadows the function
 
 
 def step_summary(reset: bool = True) -> dict[str, Any]:
@@ -357,6 +357,7 @@ def step_summary(reset: bool = True) -> dict[str, Any]:
     recs = _records
     if reset:
         _clear()
+    recs = list(recs)  # one atomic copy: other threads may still be appending
     wire: dict[str, int] = {}
     payload: dict[str, int] = {}
     seconds = 0.0

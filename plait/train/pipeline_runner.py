@@ -4,6 +4,7 @@ plain forward chain for validation (no schedule needed, no backward)."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,8 @@ class PipelineRunner:
         return sum(plain(l).detach().double().cpu() for l in losses) / scale
 
     @torch.no_grad()
-    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]], context: AbstractContextManager) -> torch.Tensor:
+    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]],
+                 context: Callable[[], AbstractContextManager]) -> torch.Tensor:
         """Sum of token losses over ``micro_batches`` by running the stages in order,
         sending activations to the next stage's rank; non-zero only on the last stage's rank."""
         total = torch.zeros((), dtype=torch.float64)
@@ -72,10 +74,10 @@ class PipelineRunner:
                 else:
                     inputs = torch.empty(self._activation_shape(mb), dtype=torch.float32, device=self.device)
                     dist.recv(inputs, src=self._peer(stage - 1), group=self.group)
-                with context:
+                with context():
                     hidden = modules[stage](inputs, position_ids=mb["position_ids"])
                 if stage == self.n_stages - 1:
-                    with context:
+                    with context():
                         total += plain(self.loss_sum(hidden, mb["labels"])).double().cpu()
                 elif stage + 1 not in modules:
                     dist.send(hidden.float().contiguous(), dst=self._peer(stage + 1), group=self.group)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +23,7 @@ from plait.data import prepare_data, DataBundle
 from plait.data.loader import StepLoader, StepSampler, val_batches
 from plait.infer.generate import generate
 from plait.models.llama import build_model, count_params
+from plait.parallel import comm
 from plait.parallel.data_parallel import set_gradient_sync
 from plait.parallel.dims import ParallelDims
 from plait.parallel.parallelize import parallelize_llama
@@ -40,6 +41,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)
     val_losses: dict[int, float] = field(default_factory=dict)
     grad_norms: dict[int, float] = field(default_factory=dict)
+    comm_bytes: dict[int, dict[str, int]] = field(default_factory=dict)  # this rank's, per mesh dim
     summary: dict[str, Any] = field(default_factory=dict)
     sample: str | None = None
     checkpoint: str | None = None
@@ -90,6 +92,12 @@ class Trainer:
         self.device = resolve_device(cfg)
         self.dims = ParallelDims.from_config(cfg, self.world)
         self.dims.build_mesh(self.device.type)
+        if self.dims.mesh is not None:
+            # Count every collective from here on (ours, FSDP2's, DTensor's, pipelining's),
+            # named by the mesh dimension it runs on.
+            comm.install()
+            comm.register_group(self.dims.dp_mesh.get_group(), "dp")
+            comm.register_mesh(self.dims.mesh)
         self.data = load_data(cfg)
         self.cfg = cfg = with_vocab(cfg, self.data.tokenizer.vocab_size)
         model = build_model(cfg.model, self.device, seed=cfg.train.seed)
@@ -121,10 +129,18 @@ class Trainer:
         if self.dims.mesh is None:
             return value
         value = value.to(self.device)
-        dist.all_reduce(value, op=op, group=self.dims.dp_mesh.get_group())
-        if over_pp and self.dims.pp_enabled:
-            dist.all_reduce(value, op=op, group=self.dims.mesh["pp"].get_group())
+        with comm.paused():  # bookkeeping, not training traffic
+            dist.all_reduce(value, op=op, group=self.dims.dp_mesh.get_group())
+            if over_pp and self.dims.pp_enabled:
+                dist.all_reduce(value, op=op, group=self.dims.mesh["pp"].get_group())
         return value.cpu()
+
+    def _forward_context(self) -> ExitStack:
+        """Autocast (bf16) and loss parallel (tp), whichever apply, as one context."""
+        stack = ExitStack()
+        stack.enter_context(self.autocast)
+        stack.enter_context(self._loss_context())
+        return stack
 
     def _loss_context(self):
         """Vocabulary-sharded logits need torch's loss_parallel around loss and backward."""
@@ -182,7 +198,7 @@ class Trainer:
         """Mean token loss over the fixed validation micro-batches of all dp ranks."""
         count = sum(int((mb["labels"] != -100).sum()) for mb in self.val)
         if self.pipeline is not None:
-            total = self.pipeline.evaluate(self.val, self.autocast)
+            total = self.pipeline.evaluate(self.val, self._forward_context)
         else:
             self.model.eval()
             total = torch.zeros((), dtype=torch.float64)
@@ -237,10 +253,13 @@ class Trainer:
             result.val_losses[0] = val = self.evaluate()
             metrics.log({"step": 0, "tokens": 0, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
         for step in range(self.start_step + 1, t.steps + 1):
+            comm.reset()  # drop validation/checkpoint traffic of the previous step
             begin = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
             loss, norm = self.train_step(self.loader.next_step())
             elapsed = time.perf_counter() - begin
+            traffic = comm.step_summary()
+            result.comm_bytes[step] = traffic["comm_bytes"]
             result.losses[step], result.grad_norms[step] = loss, norm
             record = {
                 "step": step,
@@ -252,6 +271,8 @@ class Trainer:
                 "mfu": fpt * tokens_per_step / elapsed / (cfg.metrics.peak_tflops * 1e12 * self.world),
                 "mem_gib": peak_memory_gib(self.device),
                 "step_s": elapsed,
+                "comm_bytes": traffic["comm_bytes"],
+                "comm_s": traffic["comm_s"],
             }
             if self.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
                 val = self.evaluate()

@@ -94,15 +94,26 @@ def _mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(D, 2 * D), nn.ReLU(), nn.Linear(2 * D, D))
 
 
-def _ddp(n: int) -> float:
+def _ddp(n: int) -> tuple[float, float]:
+    """Measured / theoretical bytes, and how far the gradients are from the plain average:
+    the counting comm hook must not change what DDP computes."""
     from torch.distributed._composable.replicate import replicate
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (n,), mesh_dim_names=("dp_replicate",))
     comm.register_mesh(mesh)
     model = replicate(_mlp(), device_mesh=mesh)
-    wire, psi = _measured(model, torch.randn(8, D), "dp_replicate")
-    return wire / (2 * (n - 1) / n * psi * F32)
+    x = torch.randn(8, D, generator=torch.Generator().manual_seed(dist.get_rank()))
+    wire, psi = _measured(model, x, "dp_replicate")
+    model(x).square().mean().backward()
+    reference = _mlp()
+    reference(x).square().mean().backward()
+    gap = 0.0
+    with comm.paused():
+        for got, want in zip(model.parameters(), reference.parameters()):
+            dist.all_reduce(want.grad)
+            gap = max(gap, (got.grad - want.grad / n).abs().max().item())
+    return wire / (2 * (n - 1) / n * psi * F32), gap
 
 
 def _fsdp(n: int) -> float:
@@ -197,9 +208,9 @@ def _checks(n: int) -> dict:
     comm.install()  # idempotent: counted once
     out = {"n": n, "ddp": _ddp(n), "fsdp": _fsdp(n)}
     if n == 2:
+        out["pp"] = _pp(3)
         comm.register_group(dist.group.WORLD, "world")  # the 1-D meshes above reused it
         out["raw"] = [_raw(None, "world")]
-        out["pp"] = _pp(3)
         out["in_flight"] = _in_flight()
         out["summary"] = _summary()
     else:
@@ -208,6 +219,9 @@ def _checks(n: int) -> dict:
         out["raw"] = [_raw(mesh.get_group("tp"), "tp"), _raw(mesh.get_group("dp"), "dp")]
         out["tp"] = _tp(mesh)
     comm.uninstall()
+    comm.reset()
+    dist.all_reduce(torch.ones(2))
+    out["after_uninstall"] = len(comm.records())
     return out
 
 
@@ -226,7 +240,9 @@ def test_raw_collectives_recorded(ranks):
 
 def test_ddp_bytes_match_ring_all_reduce(ranks):
     for rank, out in enumerate(ranks):
-        assert 1 - TOL <= out["ddp"] <= 1 + TOL, f"rank {rank} n={out['n']}: DDP measured/theory = {out['ddp']:.4f}"
+        ratio, gap = out["ddp"]
+        assert 1 - TOL <= ratio <= 1 + TOL, f"rank {rank} n={out['n']}: DDP measured/theory = {ratio:.4f}"
+        assert gap <= 1e-6, f"rank {rank}: the counting hook changed DDP's gradients by {gap}"
 
 
 def test_fsdp_bytes_are_one_and_a_half_ddp(ranks):
@@ -238,7 +254,8 @@ def test_tp_all_reduces_activations_once_each_way(ranks):
     if ranks[0]["n"] != 4:
         pytest.skip("TP runs on the 2x2 mesh")
     for rank, out in enumerate(ranks):
-        want = [("all_reduce", "tp", out["act"], out["act"], 2)]  # 2(n-1)/n = 1 for n = 2
+        act = out["tp"]["act"]
+        want = [("all_reduce", "tp", act, act, 2)]  # 2(n-1)/n = 1 for n = 2
         assert out["tp"]["forward"] == want, f"rank {rank} forward"
         assert out["tp"]["backward"] == want, f"rank {rank} backward"
 
@@ -251,6 +268,10 @@ def test_pp_sends_one_activation_per_micro_batch(ranks):
     recvs = [("recv", "pp", act, 0, 2)] * 3
     assert sorted(ranks[0]["pp"]["got"]) == sorted(sends + recvs)  # activations out, gradients in
     assert sorted(ranks[1]["pp"]["got"]) == sorted(recvs + sends)  # activations in, gradients out
+
+
+def test_uninstall_stops_counting(ranks):
+    assert all(out["after_uninstall"] == 0 for out in ranks)
 
 
 def test_in_flight_shows_the_blocking_collective(ranks):

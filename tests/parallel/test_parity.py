@@ -1,4 +1,8 @@
-"""DDP, FSDP2 and HSDP on 2 and 4 gloo ranks against the single-process reference."""
+"""Every parallel layout against the single-process reference (fp32, same seed and data).
+
+Cases are grouped by world size so one spawned group of ranks trains all of its layouts in
+turn. Loss, validation loss and global gradient norm must match within RTOL at every step.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,44 @@ from plait.launch import spawn
 from plait.train.trainer import run_training
 from tests.parallel.harness import RTOL, STEPS, job, roll_back, run_layouts, run_resume, write_corpus
 
-LAYOUTS_2 = {
-    "ddp2": {"parallel.dp_replicate": 2, "parallel.dp_shard": 1},
-    "fsdp2": {"parallel.dp_shard": 2},
-}
-LAYOUTS_4 = {
-    "ddp4": {"parallel.dp_replicate": 4, "parallel.dp_shard": 1},
-    "fsdp4": {"parallel.dp_shard": 4},
-    "hsdp2x2": {"parallel.dp_replicate": 2, "parallel.dp_shard": 2},
-}
+SHORT = 10  # steps for the model-parallel cases (the issue asks 10+; data parallel runs STEPS)
 
 
+def pp(schedule: str, degree: int, v: int = 1, **extra) -> dict:
+    return {"parallel.pp": degree, "parallel.pp_schedule": schedule, "parallel.pp_virtual_stages": v,
+            "parallel.dp_shard": -1, "train.steps": SHORT, **extra}
+
+
+CASES = {
+    2: {
+        "ddp2": {"parallel.dp_replicate": 2, "parallel.dp_shard": 1},
+        "fsdp2": {"parallel.dp_shard": 2},
+        "tp2": {"parallel.tp": 2, "train.steps": SHORT},
+        "pp2_gpipe": pp("gpipe", 2),
+        "pp2_1f1b": pp("1f1b", 2),
+        "pp2_interleaved_1f1b": pp("interleaved_1f1b", 2, 2),
+        "pp2_looped_bfs": pp("looped_bfs", 2, 2),
+        "pp2_interleaved_zero_bubble": pp("interleaved_zero_bubble", 2, 2),
+        "pp2_zbv": pp("zbv", 2, 2),
+        "pp2_dualpipev": pp("dualpipev", 2, 2),
+    },
+    4: {
+        "ddp4": {"parallel.dp_replicate": 4, "parallel.dp_shard": 1},
+        "fsdp4": {"parallel.dp_shard": 4},
+        "hsdp2x2": {"parallel.dp_replicate": 2, "parallel.dp_shard": 2},
+        "tp4": {"parallel.tp": 4, "train.steps": SHORT},
+        "dp2_tp2": {"parallel.tp": 2, "train.steps": SHORT},
+        "dp2_pp2": pp("1f1b", 2),
+        "tp2_pp2": pp("1f1b", 2, **{"parallel.tp": 2}),
+        "pp4_1f1b": pp("1f1b", 4),
+        "pp4_interleaved_1f1b": pp("interleaved_1f1b", 4, 2),
+        "pp4_zbv": pp("zbv", 4, 2),
+    },
+    8: {
+        "dp2_tp2_pp2": pp("1f1b", 2, **{"parallel.tp": 2}),
+        "hsdp2x2_tp2": {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.tp": 2, "train.steps": SHORT},
+    },
+}
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("parity"))
@@ -29,8 +60,8 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(workdir):
-    return run_training(job(workdir, "reference"))
+def references(workdir):
+    return {steps: run_training(job(workdir, f"reference{steps}", **{"train.steps": steps})) for steps in (STEPS, SHORT)}
 
 
 def assert_close(name: str, got: dict[int, float], want: dict[int, float]) -> None:
@@ -40,27 +71,30 @@ def assert_close(name: str, got: dict[int, float], want: dict[int, float]) -> No
         assert rel <= RTOL, f"{name} step {step}: {got[step]!r} vs reference {want[step]!r} (rel {rel:.2e})"
 
 
-def test_reference_learns(reference):
+def test_reference_learns(references):
+    reference = references[STEPS]
     assert len(reference.losses) == STEPS
     assert reference.losses[STEPS] < reference.losses[1] - 0.5
 
 
-@pytest.mark.parametrize("world,layouts", [(2, LAYOUTS_2), (4, LAYOUTS_4)], ids=["2ranks", "4ranks"])
-def test_data_parallel_parity(workdir, reference, world, layouts):
+@pytest.mark.parametrize("world", sorted(CASES), ids=[f"{w}ranks" for w in sorted(CASES)])
+def test_layout_parity(workdir, references, world):
+    layouts = CASES[world]
     results = spawn(run_layouts, world, (workdir, layouts))
-    for name in layouts:
+    for name, values in layouts.items():
+        reference = references[values.get("train.steps", STEPS)]
         got = results[0][name]
         assert_close(f"{name} loss", got["losses"], reference.losses)
         assert_close(f"{name} val_loss", got["val"], reference.val_losses)
         assert_close(f"{name} grad_norm", got["norms"], reference.grad_norms)
-        # every rank reports the same global loss
-        for other in results[1:]:
-            assert other[name]["losses"] == got["losses"]
+        for other in results[1:]:  # every rank reports the same global loss
+            assert other[name]["losses"] == got["losses"], name
 
 
-def test_reference_differs_with_other_seed(workdir, reference):
+def test_reference_differs_with_other_seed(workdir, references):
     """Guards the harness itself: a different seed must not pass as 'parity'."""
-    other = run_training(job(workdir, "seed1", **{"train.seed": 1, "train.steps": 2}))
+    other = run_training(job(workdir, "seed1", **{"train.seed": 1, "train.steps": SHORT}))
+    reference = references[SHORT]
     assert abs(other.losses[2] - reference.losses[2]) / reference.losses[2] > RTOL
 
 

@@ -306,15 +306,12 @@ def test_compiled_blocks(mode, reference):
     torch._dynamo.reset()
 
 
-TP_PLAN = {"attention.wq": "col", "attention.wk": "col", "attention.wv": "col", "attention.wo": "row",
-           "feed_forward.w1": "col", "feed_forward.w3": "col", "feed_forward.w2": "row"}
-
-
 def _tp_ac_fsdp_worker(rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from plait.parallel.tensor_parallel import apply_tensor_parallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -322,13 +319,12 @@ def _tp_ac_fsdp_worker(rank: int, world: int, port: int) -> None:
         mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp_shard", "tp"))
         ids, pos = batch(True)
         ref_loss, ref_grads = loss_and_grads(build_model(CFG, seed=0), ids, pos)
-        plan = {k: ColwiseParallel() if v == "col" else RowwiseParallel() for k, v in TP_PLAN.items()}
-        all_reduces = {}
+        collectives = {}
         for mode in ("none", "full", "op"):
             model = build_model(CFG, seed=0)
             keys = list(model.state_dict())
-            for block in blocks(model):  # TP -> activation checkpointing -> FSDP
-                parallelize_module(block, mesh["tp"], plan)
+            # The documented order: TP (with sequence parallel) -> checkpointing -> FSDP2.
+            apply_tensor_parallel(model, mesh["tp"], loss_parallel=False)
             apply_activation_checkpointing(model, mode)
             for block in blocks(model):
                 fully_shard(block, mesh=mesh["dp_shard"])
@@ -341,9 +337,9 @@ def _tp_ac_fsdp_worker(rank: int, world: int, port: int) -> None:
             for name, p in model.named_parameters():
                 torch.testing.assert_close(p.grad.full_tensor(), ref_grads[name], rtol=RTOL, atol=ATOL,
                                            msg=lambda m: f"{mode} {name}: {m}")
-            all_reduces[mode] = counter.ops["all_reduce"]
-        # The forward all-reduces of the row-parallel layers: redone by full, kept by op.
-        assert all_reduces["full"] > all_reduces["none"] == all_reduces["op"] > 0, all_reduces
+            collectives[mode] = counter.ops["reduce_scatter_tensor"] + counter.ops["all_reduce"]
+        # The forward reduce-scatters of the row-parallel layers: redone by full, kept by op.
+        assert collectives["full"] > collectives["none"] == collectives["op"] > 0, collectives
     finally:
         dist.destroy_process_group()
 
