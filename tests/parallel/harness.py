@@ -93,3 +93,24 @@ def run_resume(workdir: str, values: dict) -> dict:
     dist.barrier()
     resumed = run_training(job(workdir, name, **common, **{"checkpoint.resume": True})).losses
     return {"full": full, "resumed": resumed}
+
+
+def run_cross_layout_resume(workdir: str) -> dict:
+    """Inside 4 ranks: train FSDP over 4 with checkpoints every 5 steps, then resume copies of
+    the run from step 5 under tp2 x dp2 and from step 10 under pp2 x dp2. Returns all series."""
+    common = {"parallel.nproc": 4, "train.steps": 15, "checkpoint.every": 5, "checkpoint.keep": 5}
+    source = os.path.join(workdir, "runs", "layout_src")
+    full = run_training(job(workdir, "layout_src", **common, **{"parallel.dp_shard": 4})).losses
+    out = {"full": full}
+    for name, step, layout in (
+        ("to_tp", 5, {"parallel.tp": 2}),
+        ("to_pp", 10, {"parallel.pp": 2, "parallel.pp_schedule": "1f1b"}),
+    ):
+        if dist.get_rank() == 0:
+            target = os.path.join(workdir, "runs", name)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+            roll_back(target, step)
+        dist.barrier()
+        out[name] = run_training(job(workdir, name, **common, **layout, **{"checkpoint.resume": True})).losses
+    return out

@@ -111,3 +111,15 @@ def test_resume_is_bit_identical(workdir, world):
     assert sorted(resumed) == list(range(11, STEPS + 1))
     for step in resumed:
         assert resumed[step] == full[step], f"step {step}: resumed {resumed[step]!r} != {full[step]!r}"
+
+
+def test_resume_on_another_layout(workdir):
+    """A checkpoint written by FSDP over 4 ranks resumes under tp2 x dp2 and pp2 x dp2 and the
+    loss curve continues as if nothing had changed."""
+    from tests.parallel.harness import run_cross_layout_resume
+
+    out = spawn(run_cross_layout_resume, 4, (workdir,))[0]
+    full = out["full"]
+    assert sorted(out["to_tp"]) == list(range(6, 16)) and sorted(out["to_pp"]) == list(range(11, 16))
+    for name in ("to_tp", "to_pp"):
+        assert_close(name, out[name], {s: full[s] for s in out[name]})
