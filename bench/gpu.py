@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         ("step time median", f"{median_s * 1e3:.1f} ms"),
         ("step time mean", f"{mean_s * 1e3:.1f} ms"),
         ("tokens/s", f"{tokens_per_s:,.0f}"),
-        ("TFLOP/s per GPU", f"{achieved_tflops:.1f} (flops/token {fpt:.4g} = 6*N_matmul + 12*L*s*h, "
+        ("TFLOP/s per GPU", f"{achieved_tflops:.4g} (flops/token {fpt:.4g} = 6*N_matmul + 12*L*s*h, "
                             "attention not halved for causality)"),
-        ("MFU", f"{mfu * 100:.1f}% of {peak:g} TFLOP/s bf16 peak"
+        ("MFU", f"{mfu * 100:.3g}% of {peak:g} TFLOP/s bf16 peak"
                 + (" (nominal CPU figure)" if device.type == "cpu" and args.peak_tflops is None else "")),
         ("peak memory", f"{mem_gib:.2f} GiB ({mem_kind})"),
         ("final loss", f"{losses[-1]:.4f}"),

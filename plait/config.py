@@ -101,6 +101,7 @@ class ParallelConfig:
     nproc: int = _f(2, "local ranks to spawn (ignored under torchrun)", min=1)
     dp_replicate: int = _f(1, "replicated data-parallel degree (DDP; HSDP's outer dim)", min=1)
     dp_shard: int = _f(-1, "sharded data-parallel degree (FSDP2); -1 fills the world", min=-1)
+    zero: int = _f(3, "ZeRO stage over dp_shard: 0 DDP, 1 +sharded optimizer, 2 +sharded grads, 3 +sharded params", min=0, max=3)
     tp: int = _f(1, "tensor-parallel degree (with sequence parallel); divides heads and KV heads", min=1)
     pp: int = _f(1, "pipeline-parallel degree (stages across ranks)", min=1)
     pp_schedule: Literal[
@@ -314,6 +315,12 @@ def validate_model_parallel(cfg: JobConfig, dp: int) -> None:
         raise ConfigError(
             f"parallel.tp = {p.tp} must divide model.ffn_dim = {m.ffn_dim} and train.seq_len = {t.seq_len} "
             "(sequence parallel splits the sequence)"
+        )
+    replicated = p.dp_shard == 1 or p.zero < 2
+    if p.tp > 1 and dp > 1 and replicated:
+        raise ConfigError(
+            f"parallel.tp = {p.tp} with replicated data parallelism (parallel.zero = {p.zero}, dp_shard = "
+            f"{p.dp_shard}) is not supported; use parallel.zero = 2 or 3 with dp_shard > 1"
         )
     if (p.tp > 1 or p.pp > 1) and m.tie_embeddings:
         raise ConfigError("model.tie_embeddings = true is not supported with parallel.tp > 1 or parallel.pp > 1")

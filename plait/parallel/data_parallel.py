@@ -16,21 +16,25 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from plait.parallel.dims import ParallelDims
 
 
-def apply_data_parallel(model: nn.Module, dims: ParallelDims, blocks: list[nn.Module]) -> nn.Module:
-    """Wrap ``model`` in place for the layout in ``dims``; ``blocks`` are sharded one by one
-    so only one block's full parameters are live at a time. Returns the model."""
+def apply_data_parallel(model: nn.Module, dims: ParallelDims, blocks: list[nn.Module], zero: int = 3) -> nn.Module:
+    """Wrap ``model`` in place for the layout in ``dims`` and the ZeRO stage ``zero`` (see
+    plait/parallel/zero.py); ``blocks`` are sharded one by one so only one block's full
+    parameters are live at a time under ZeRO-3. Returns the model."""
     if dims.mesh is None or dims.dp == 1:
         return model
-    if dims.fsdp_enabled:
+    if dims.fsdp_enabled and zero >= 2:
         mesh = dims.mesh["dp_replicate", "dp_shard"] if dims.hsdp_enabled else dims.mesh["dp_shard"]
         # Parameters stay fp32 (bf16 compute comes from autocast), so the reduction is exact fp32.
         policy = MixedPrecisionPolicy()
         for index, block in enumerate(blocks):
-            # The last block is needed again at once by backward: keep it gathered.
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+            # ZeRO-2 keeps every block gathered until backward; ZeRO-3 regathers all but the
+            # last block, which backward needs at once.
+            reshard = zero == 3 and index < len(blocks) - 1
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     else:
-        replicate(model, device_mesh=dims.mesh["dp_replicate"])
+        # DDP over every data-parallel rank (ZeRO-1 adds its sharded optimizer separately).
+        replicate(model, device_mesh=dims.dp_mesh)
     return model
 
 

@@ -30,5 +30,5 @@ def parallelize_llama(
         if dims.tp_enabled:
             apply_tensor_parallel(part, dims.mesh["tp"], loss_parallel=True)
         apply_activation_checkpointing(part, cfg.train.activation_checkpointing, cfg.train.ac_every)
-        apply_data_parallel(part, dims, list(part.layers.values()))
+        apply_data_parallel(part, dims, list(part.layers.values()), cfg.parallel.zero)
     return parts, ids

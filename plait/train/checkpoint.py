@@ -25,11 +25,14 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from plait.config import JobConfig, build_config, to_toml
 from plait.errors import CheckpointError
+from plait.parallel.zero import load_zero1_state_dict, zero1_state_dict
 
 # A single process saves and loads without a process group on purpose; DCP warns each time.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -113,6 +116,13 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return os.path.join(checkpoint_root(run_dir), name)
 
 
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, for_load: bool = False):
+    """(model, optimizer) state dicts keyed by parameter name whatever the layout."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        return get_model_state_dict(model), zero1_state_dict(optimizer, model, for_load)
+    return get_state_dict(model, optimizer)
+
+
 def merged_view(parts: list[nn.Module]) -> nn.Module:
     """One module over this rank's model parts (pipeline stages) with the full model's names,
     so state dicts have the same keys whatever the layout: checkpoints move between layouts."""
@@ -148,7 +158,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "state"))
     _barrier()
-    model_sd, optim_sd = get_state_dict(merged_view(parts), optimizer)
+    model_sd, optim_sd = _state_dicts(merged_view(parts), optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(rank_state, os.path.join(tmp, "state", f"rank{rank}.pt"))
     _barrier()
@@ -180,13 +190,18 @@ def load_checkpoint(folder: str, parts: list[nn.Module], optimizer: torch.optim.
     world size changed, rank r falls back to rank 0's state (the data position is global).
     """
     model = merged_view(parts)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    zero1 = isinstance(optimizer, ZeroRedundancyOptimizer)
+    model_sd, optim_sd = _state_dicts(model, optimizer, for_load=True)
+    state = {"model": model_sd, "optim": {"state": optim_sd["state"]} if zero1 else optim_sd}
     try:
         dcp.load(state, checkpoint_id=folder)
     except Exception as exc:  # DCP raises many types for damaged shards
         raise CheckpointError(f"checkpoint '{folder}' cannot be loaded: {str(exc).splitlines()[0]}") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if zero1:
+        set_model_state_dict(model, state["model"])
+        load_zero1_state_dict(optimizer, model, state["optim"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     path = os.path.join(folder, "state", f"rank{_rank()}.pt")
     if not os.path.isfile(path):
         path = os.path.join(folder, "state", "rank0.pt")

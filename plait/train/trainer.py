@@ -27,6 +27,7 @@ from plait.parallel import comm
 from plait.parallel.data_parallel import set_gradient_sync
 from plait.parallel.dims import ParallelDims
 from plait.parallel.parallelize import parallelize_llama
+from plait.parallel.zero import build_zero1_optimizer, state_bytes
 from plait.train.loss import plain, token_loss_sum
 from plait.train.pipeline_runner import PipelineRunner
 from plait.train import checkpoint as ckpt
@@ -42,6 +43,7 @@ class TrainResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     grad_norms: dict[int, float] = field(default_factory=dict)
     comm_bytes: dict[int, dict[str, int]] = field(default_factory=dict)  # this rank's, per mesh dim
+    model_state_bytes: dict[str, int] = field(default_factory=dict)  # this rank's params/grads/optimizer
     summary: dict[str, Any] = field(default_factory=dict)
     sample: str | None = None
     checkpoint: str | None = None
@@ -105,7 +107,10 @@ class Trainer:
         self.parts, stage_ids = parallelize_llama(model, self.dims, cfg, self.device)
         self.model = self.parts[0]
         del model
-        self.optimizer = build_optimizer(self.parts, cfg.train)
+        if self.dims.fsdp_enabled and cfg.parallel.zero == 1:
+            self.optimizer = build_zero1_optimizer(self.parts, cfg.train, self.dims.mesh["dp_shard"].get_group())
+        else:
+            self.optimizer = build_optimizer(self.parts, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         n_micro = cfg.train.global_batch // (cfg.train.micro_batch * self.dims.dp)
         self.pipeline = (
@@ -117,6 +122,7 @@ class Trainer:
         self.loader = StepLoader(self.data.train, sampler, cfg.train.micro_batch)
         self.val = validation_batches(cfg, self.data, dp_rank, dp)
         self.start_step = 0
+        self.model_state_bytes: dict[str, int] = {}
         if cfg.checkpoint.resume:
             self._resume()
         self.autocast = (
@@ -154,6 +160,8 @@ class Trainer:
             raise CheckpointError(f"--resume: no checkpoint in '{ckpt.checkpoint_root(self.cfg.run.dir)}'")
         state = ckpt.load_checkpoint(folder, self.parts, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # a ZeRO-1 optimizer state carries no lr; the schedule knows it
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
         self.start_step = int(state["step"])
@@ -188,6 +196,8 @@ class Trainer:
         pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp_enabled else None
         norm = clip_grad_norm([p for part in self.parts for p in part.parameters()], self.cfg.train.grad_clip, pp_group)
         self.optimizer.step()
+        if not self.model_state_bytes:  # the first step is the first time all three exist
+            self.model_state_bytes = state_bytes(self.parts, self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = float(self._reduce(total, over_pp=True)) / max(global_tokens, 1.0)
@@ -285,6 +295,12 @@ class Trainer:
                 )
             if step % cfg.metrics.log_every == 0 or "val_loss" in record or step == t.steps:
                 metrics.log(record)
+        result.model_state_bytes = self.model_state_bytes
+        if self.rank == 0 and self.model_state_bytes:
+            mib = {k: v / 2**20 for k, v in self.model_state_bytes.items()}
+            print(f"plait: model state on rank 0 (ZeRO-{cfg.parallel.zero if self.dims.fsdp_enabled else 0}): "
+                  f"params {mib['params']:.2f} MiB, grads {mib['grads']:.2f} MiB, optimizer {mib['optimizer']:.2f} MiB",
+                  flush=True)
         result.sample = self.sample()
         result.summary = metrics.close()
         if self.rank == 0 and result.sample is not None:

@@ -85,7 +85,7 @@ def run_resume(workdir: str, values: dict) -> dict:
     """Inside a spawned rank: train STEPS with a checkpoint every 10, roll the run back to
     step 10 (as if it had died there), resume, and return both loss series."""
     world = dist.get_world_size()
-    name = f"resume{world}"
+    name = f"resume{world}_zero{values.get('parallel.zero', 3)}"
     common = {"parallel.nproc": world, "checkpoint.every": 10, "checkpoint.keep": 5, **values}
     full = run_training(job(workdir, name, **common)).losses
     if dist.get_rank() == 0:

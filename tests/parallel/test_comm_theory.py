@@ -91,3 +91,32 @@ def test_pp_activations_per_micro_batch(measured):
     act = cfg.train.micro_batch * cfg.train.seq_len * cfg.model.dim * 4
     for rank in measured["ranks"]:
         assert 1.0 <= ratio(rank["pp"]["pp"], micro * act) <= 1.02, (rank["pp"], micro * act)
+
+
+def zero_memory(workdir: str) -> dict:
+    """In each of 2 ranks: one step under every ZeRO stage; returns model-state bytes."""
+    out = {}
+    for zero in range(4):
+        cfg = job(workdir, f"zero{zero}", **{"parallel.nproc": 2, "parallel.dp_shard": 2,
+                                              "parallel.zero": zero, "train.steps": 1})
+        out[zero] = run_training(cfg).model_state_bytes
+    return out
+
+
+def test_zero_stage_memory_matches_formulas(measured, tmp_path):
+    """fp32 AdamW: zero 0 holds 4Ψ + 4Ψ + 8Ψ; zero 1 shards the 8Ψ of moments; zero 2 also the
+    gradients; zero 3 also the parameters (sizes divide evenly here, so no padding)."""
+    write_corpus(str(tmp_path))
+    psi = sum(p.numel() for p in measured["model"].parameters()) * 4  # bytes of fp32 parameters
+    n = 2
+    want = {
+        0: {"params": psi, "grads": psi, "optimizer": 2 * psi},
+        1: {"params": psi, "grads": psi, "optimizer": 2 * psi / n},
+        2: {"params": psi / n, "grads": psi / n, "optimizer": 2 * psi / n},
+        3: {"params": psi / n, "grads": psi / n, "optimizer": 2 * psi / n},
+    }
+    ranks = spawn(zero_memory, 2, (str(tmp_path),))
+    for zero in range(4):
+        totals = {k: sum(r[zero][k] for r in ranks) / n for k in want[zero]}  # mean over ranks
+        for kind, bytes_ in want[zero].items():
+            assert abs(totals[kind] / bytes_ - 1) <= 0.02, (zero, kind, totals[kind], bytes_)

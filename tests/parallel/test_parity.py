@@ -26,6 +26,9 @@ CASES = {
     2: {
         "ddp2": {"parallel.dp_replicate": 2, "parallel.dp_shard": 1},
         "fsdp2": {"parallel.dp_shard": 2},
+        "zero0": {"parallel.dp_shard": 2, "parallel.zero": 0, "train.steps": SHORT},
+        "zero1": {"parallel.dp_shard": 2, "parallel.zero": 1, "train.steps": SHORT},
+        "zero2": {"parallel.dp_shard": 2, "parallel.zero": 2, "train.steps": SHORT},
         "tp2": {"parallel.tp": 2, "train.steps": SHORT},
         "pp2_gpipe": pp("gpipe", 2),
         "pp2_1f1b": pp("1f1b", 2),
@@ -98,15 +101,15 @@ def test_reference_differs_with_other_seed(workdir, references):
     assert abs(other.losses[2] - reference.losses[2]) / reference.losses[2] > RTOL
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_resume_is_bit_identical(workdir, world):
+@pytest.mark.parametrize("world,zero", [(1, 3), (2, 3), (2, 1)], ids=["1rank", "2ranks_fsdp", "2ranks_zero1"])
+def test_resume_is_bit_identical(workdir, world, zero):
     if world == 1:
         common = {"checkpoint.every": 10, "checkpoint.keep": 5}
         full = run_training(job(workdir, "resume1", **common)).losses
         roll_back(os.path.join(workdir, "runs", "resume1"), 10)
         resumed = run_training(job(workdir, "resume1", **common, **{"checkpoint.resume": True})).losses
     else:
-        out = spawn(run_resume, world, (workdir, {"parallel.dp_shard": 2}))[0]
+        out = spawn(run_resume, world, (workdir, {"parallel.dp_shard": 2, "parallel.zero": zero}))[0]
         full, resumed = out["full"], out["resumed"]
     assert sorted(resumed) == list(range(11, STEPS + 1))
     for step in resumed:

@@ -1,0 +1,168 @@
+"""Measured pipeline bubble against theory, on a balanced pipeline (CPU, gloo).
+
+Every stage holds the same number of identical residual MLP blocks (the first stage also
+computes its input gradient, as the others do, so all stages cost the same), so the only
+idle time is the schedule's own fill and drain. Each configuration runs a few warm-up steps
+and then several measured steps; the figure is the median over those steps of the step's
+bubble (``plait.parallel.pipeline_timeline.step_bubble``: mean over ranks of idle / window,
+window = first compute start to last compute end over all ranks). One torch thread per rank.
+
+    .venv/bin/python bench/bubble.py [--p 2] [--micro 4 8] [--steps 6] [--out runs/bench_bubble]
+
+Theory (``theory_bubble``): (p-1)/(m+p-1) for gpipe and 1f1b, (p-1)/(v*m+p-1) for
+interleaved_1f1b; the issue's literal "divided by v" form, (p-1)/(v*(m+p-1)), is printed too.
+A Gantt PNG of the median step of every configuration is written to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.launch import spawn
+from plait.parallel.pipeline import SCHEDULES
+from plait.parallel.pipeline_timeline import (
+    PipelineTimeline, plot_gantt, rank_bubbles, step_bubble, step_window, theory_bubble, theory_bubble_issue,
+)
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(hidden, 4 * hidden)
+        self.down = nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class Chunk(nn.Module):
+    """``n`` identical blocks. On the first stage the input is made a leaf that requires grad,
+    so its backward computes the input gradient too and costs what every other stage's does."""
+
+    def __init__(self, n: int, hidden: int, first: bool):
+        super().__init__()
+        self.blocks = nn.Sequential(*[Block(hidden) for _ in range(n)])
+        self.first = first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            x = x.detach().requires_grad_()
+        return self.blocks(x)
+
+
+def square_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).pow(2).mean()
+
+
+def run_rank(configs: list[tuple[str, int, int]], hidden: int, rows: int, blocks: int,
+             warmup: int, steps: int) -> list[dict]:
+    """Inside a spawned rank: every configuration in turn; returns per-config measurements."""
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining import schedules as pp_schedules
+
+    torch.set_num_threads(1)
+    rank, p = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu")
+    results = []
+    for schedule, m, v in configs:
+        n_stages = p * v
+        ids = [rank + i * p for i in range(v)]
+        torch.manual_seed(0)
+        modules = [Chunk(blocks // n_stages, hidden, first=(i == 0)) for i in ids]
+        stages = [PipelineStage(mod, i, n_stages, device) for mod, i in zip(modules, ids)]
+        cls = getattr(pp_schedules, SCHEDULES[schedule])
+        sched = cls(stages if v > 1 else stages[0], n_microbatches=m, loss_fn=square_loss, scale_grads=False)
+        timeline = PipelineTimeline().attach(stages, sched)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(m * rows, hidden, generator=gen)
+        y = torch.zeros(m * rows, hidden)
+        has_first, has_last = 0 in ids, n_stages - 1 in ids
+        measured, local = [], []
+        for step in range(warmup + steps):
+            for mod in modules:
+                mod.zero_grad(set_to_none=True)
+            dist.barrier()
+            timeline.step_begin()
+            sched.step(*((x,) if has_first else ()), target=y if has_last else None,
+                       losses=[] if has_last else None)
+            mine = timeline.step_end()
+            ranks = timeline.gather()
+            if step >= warmup:
+                measured.append((step_bubble(ranks), ranks))
+                local.append(mine["bubble"])
+        timeline.detach()
+        dist.barrier()
+        if rank != 0:
+            results.append(None)
+            continue
+        order = sorted(range(len(measured)), key=lambda i: measured[i][0])
+        median_ranks = measured[order[len(order) // 2]][1]
+        durations = {k: [e - s for t in median_ranks for kk, _, _, s, e in t["intervals"] if kk == k] for k in "FB"}
+        first, last = step_window(median_ranks)
+        results.append({
+            "schedule": schedule, "p": p, "m": m, "v": v,
+            "bubble": statistics.median(b for b, _ in measured),
+            "bubbles": [b for b, _ in measured],
+            "rank_bubbles": rank_bubbles(median_ranks),
+            "local_rank0": statistics.median(local),
+            "f_ms": 1e3 * statistics.median(durations["F"]), "b_ms": 1e3 * statistics.median(durations["B"]),
+            "window_ms": 1e3 * (last - first),
+            "timelines": median_ranks,
+        })
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--p", type=int, nargs="+", default=[2], help="pipeline degrees (ranks) to run")
+    parser.add_argument("--micro", type=int, nargs="+", default=[4, 8], help="micro-batches per step")
+    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "interleaved_1f1b"])
+    parser.add_argument("--v", type=int, default=2, help="stages per rank for interleaved_1f1b")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=256, help="rows (tokens) per micro-batch")
+    parser.add_argument("--blocks", type=int, default=8, help="blocks in the whole model")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6, help="measured steps per configuration")
+    parser.add_argument("--out", default=os.path.join("runs", "bench_bubble"), help="folder for the Gantt PNGs")
+    args = parser.parse_args()
+    print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), flush=True)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, 1 torch thread per rank, gloo; "
+          f"model {args.blocks} blocks of hidden {args.hidden} (ffn {4 * args.hidden}), "
+          f"{args.rows} rows per micro-batch; median of {args.steps} steps after {args.warmup} warm-up", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    header = (f"{'schedule':<17} {'p':>2} {'m':>2} {'v':>2} {'F ms':>6} {'B ms':>6} {'theory':>7} "
+              f"{'measured':>8} {'ratio':>6} {'issue':>7} {'ratio':>6}  per-rank idle")
+    started = time.perf_counter()
+    for p in args.p:
+        configs = []
+        for schedule in args.schedules:
+            v = args.v if schedule in ("interleaved_1f1b", "looped_bfs") else 1
+            if args.blocks % (p * v):
+                raise SystemExit(f"--blocks {args.blocks} is not a multiple of p*v = {p * v}")
+            configs += [(schedule, m, v) for m in args.micro]
+        results = spawn(run_rank, p, (configs, args.hidden, args.rows, args.blocks, args.warmup, args.steps))[0]
+        print(header)
+        for r in results:
+            theory = theory_bubble(r["schedule"], r["p"], r["m"], r["v"])
+            issue = theory_bubble_issue(r["schedule"], r["p"], r["m"], r["v"])
+            per_rank = " ".join(f"{b:.3f}" for b in r["rank_bubbles"])
+            print(f"{r['schedule']:<17} {r['p']:>2} {r['m']:>2} {r['v']:>2} {r['f_ms']:>6.1f} {r['b_ms']:>6.1f} "
+                  f"{theory:>7.3f} {r['bubble']:>8.3f} {r['bubble'] / theory:>6.3f} {issue:>7.3f} "
+                  f"{r['bubble'] / issue:>6.3f}  {per_rank}", flush=True)
+            name = f"gantt_p{r['p']}_{r['schedule']}_m{r['m']}" + (f"_v{r['v']}" if r["v"] > 1 else "") + ".png"
+            plot_gantt(r["timelines"], os.path.join(args.out, name),
+                       f"{r['schedule']}, p={r['p']}, m={r['m']}" + (f", v={r['v']}" if r["v"] > 1 else ""))
+    print(f"Gantt charts in {args.out}/ ; total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
