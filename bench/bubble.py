@@ -3,7 +3,8 @@
 Every stage holds the same number of identical residual MLP blocks (the first stage also
 computes its input gradient, as the others do, so all stages cost the same), so the only
 idle time is the schedule's own fill and drain. Each configuration runs a few warm-up steps
-and then several measured steps; the figure is the median over those steps of the step's
+and then several measured steps, all configurations in alternating rounds so machine noise
+hits each alike; the figure is the median over those steps of the step's
 bubble (``plait.parallel.pipeline_timeline.step_bubble``: mean over ranks of idle / window,
 window = first compute start to last compute end over all ranks). One torch thread per rank.
 
@@ -65,14 +66,16 @@ def square_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def run_rank(configs: list[tuple[str, int, int]], hidden: int, rows: int, blocks: int,
              warmup: int, steps: int) -> list[dict]:
-    """Inside a spawned rank: every configuration in turn; returns per-config measurements."""
+    """Inside a spawned rank: build every configuration, then run them in alternating rounds
+    (one step of each per round) so that machine noise hits all of them alike. Returns, on
+    rank 0, one measurement dict per configuration (None elsewhere)."""
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining import schedules as pp_schedules
 
     torch.set_num_threads(1)
     rank, p = dist.get_rank(), dist.get_world_size()
     device = torch.device("cpu")
-    results = []
+    runs = []
     for schedule, m, v in configs:
         n_stages = p * v
         ids = [rank + i * p for i in range(v)]
@@ -81,39 +84,42 @@ def run_rank(configs: list[tuple[str, int, int]], hidden: int, rows: int, blocks
         stages = [PipelineStage(mod, i, n_stages, device) for mod, i in zip(modules, ids)]
         cls = getattr(pp_schedules, SCHEDULES[schedule])
         sched = cls(stages if v > 1 else stages[0], n_microbatches=m, loss_fn=square_loss, scale_grads=False)
-        timeline = PipelineTimeline().attach(stages, sched)
         gen = torch.Generator().manual_seed(1)
-        x = torch.randn(m * rows, hidden, generator=gen)
-        y = torch.zeros(m * rows, hidden)
-        has_first, has_last = 0 in ids, n_stages - 1 in ids
-        measured, local = [], []
-        for step in range(warmup + steps):
-            for mod in modules:
+        runs.append({
+            "modules": modules, "schedule": sched, "timeline": PipelineTimeline().attach(stages, sched),
+            "x": torch.randn(m * rows, hidden, generator=gen), "y": torch.zeros(m * rows, hidden),
+            "first": 0 in ids, "last": n_stages - 1 in ids, "measured": [], "local": [],
+        })
+    for step in range(warmup + steps):
+        for run in runs:
+            for mod in run["modules"]:
                 mod.zero_grad(set_to_none=True)
+            timeline = run["timeline"]
             dist.barrier()
             timeline.step_begin()
-            sched.step(*((x,) if has_first else ()), target=y if has_last else None,
-                       losses=[] if has_last else None)
+            run["schedule"].step(*((run["x"],) if run["first"] else ()), target=run["y"] if run["last"] else None,
+                                 losses=[] if run["last"] else None)
             mine = timeline.step_end()
             ranks = timeline.gather()
             if step >= warmup:
-                measured.append((step_bubble(ranks), ranks))
-                local.append(mine["bubble"])
-        timeline.detach()
-        dist.barrier()
-        if rank != 0:
-            results.append(None)
-            continue
+                run["measured"].append((step_bubble(ranks), ranks))
+                run["local"].append(mine["bubble"])
+    dist.barrier()
+    if rank != 0:
+        return [None] * len(runs)
+    results = []
+    for (schedule, m, v), run in zip(configs, runs):
+        measured = run["measured"]
         order = sorted(range(len(measured)), key=lambda i: measured[i][0])
         median_ranks = measured[order[len(order) // 2]][1]
         durations = {k: [e - s for t in median_ranks for kk, _, _, s, e in t["intervals"] if kk == k] for k in "FB"}
         first, last = step_window(median_ranks)
+        bubbles = [b for b, _ in measured]
         results.append({
             "schedule": schedule, "p": p, "m": m, "v": v,
-            "bubble": statistics.median(b for b, _ in measured),
-            "bubbles": [b for b, _ in measured],
+            "bubble": statistics.median(bubbles), "min": min(bubbles), "max": max(bubbles),
             "rank_bubbles": rank_bubbles(median_ranks),
-            "local_rank0": statistics.median(local),
+            "local_rank0": statistics.median(run["local"]),
             "f_ms": 1e3 * statistics.median(durations["F"]), "b_ms": 1e3 * statistics.median(durations["B"]),
             "window_ms": 1e3 * (last - first),
             "timelines": median_ranks,
@@ -138,9 +144,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, 1 torch thread per rank, gloo; "
           f"model {args.blocks} blocks of hidden {args.hidden} (ffn {4 * args.hidden}), "
           f"{args.rows} rows per micro-batch; median of {args.steps} steps after {args.warmup} warm-up", flush=True)
+    print("load average (1, 5, 15 min) at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
     os.makedirs(args.out, exist_ok=True)
     header = (f"{'schedule':<17} {'p':>2} {'m':>2} {'v':>2} {'F ms':>6} {'B ms':>6} {'theory':>7} "
-              f"{'measured':>8} {'ratio':>6} {'issue':>7} {'ratio':>6}  per-rank idle")
+              f"{'measured':>8} {'ratio':>6} {'min..max':>12} {'issue':>7} {'ratio':>6}  per-rank idle")
     started = time.perf_counter()
     for p in args.p:
         configs = []
@@ -156,11 +163,12 @@ def main() -> None:
             issue = theory_bubble_issue(r["schedule"], r["p"], r["m"], r["v"])
             per_rank = " ".join(f"{b:.3f}" for b in r["rank_bubbles"])
             print(f"{r['schedule']:<17} {r['p']:>2} {r['m']:>2} {r['v']:>2} {r['f_ms']:>6.1f} {r['b_ms']:>6.1f} "
-                  f"{theory:>7.3f} {r['bubble']:>8.3f} {r['bubble'] / theory:>6.3f} {issue:>7.3f} "
+                  f"{theory:>7.3f} {r['bubble']:>8.3f} {r['bubble'] / theory:>6.3f} {r['min']:>5.3f}..{r['max']:<5.3f} {issue:>7.3f} "
                   f"{r['bubble'] / issue:>6.3f}  {per_rank}", flush=True)
             name = f"gantt_p{r['p']}_{r['schedule']}_m{r['m']}" + (f"_v{r['v']}" if r["v"] > 1 else "") + ".png"
             plot_gantt(r["timelines"], os.path.join(args.out, name),
                        f"{r['schedule']}, p={r['p']}, m={r['m']}" + (f", v={r['v']}" if r["v"] > 1 else ""))
+    print("load average (1, 5, 15 min) at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"Gantt charts in {args.out}/ ; total {time.perf_counter() - started:.0f} s")
 
 
