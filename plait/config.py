@@ -90,6 +90,7 @@ class TrainConfig:
         "none", "recompute activations in backward: every block, every ac_every-th block, or all but matmuls"
     )
     ac_every: int = _f(2, "selective checkpointing: recompute every N-th block", min=1)
+    compile: bool = _f(False, "torch.compile each transformer block (after TP and checkpointing, before FSDP)")
     eval_every: int = _f(50, "validate every N steps (and at the end); 0 only at the end", min=0)
     eval_batches: int = _f(8, "validation micro-batches in all (rounded up to a multiple of the dp degree)", min=1)
     sample_tokens: int = _f(64, "tokens generated as a sample at the end; 0 disables", min=0)

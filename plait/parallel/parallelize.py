@@ -1,5 +1,6 @@
 """The layout recipe for the Llama family: pipeline split, then per stage TP → activation
-checkpointing → data parallel (FSDP2/HSDP or DDP). One function, read top to bottom."""
+checkpointing → compile → data parallel (FSDP2/HSDP or DDP). One function, read top to
+bottom."""
 
 from __future__ import annotations
 
@@ -30,5 +31,8 @@ def parallelize_llama(
         if dims.tp_enabled:
             apply_tensor_parallel(part, dims.mesh["tp"], loss_parallel=True)
         apply_activation_checkpointing(part, cfg.train.activation_checkpointing, cfg.train.ac_every)
+        if cfg.train.compile:
+            for block in part.layers.values():
+                block.compile()  # in place: parameter names (and checkpoints) stay the same
         apply_data_parallel(part, dims, list(part.layers.values()), cfg.parallel.zero)
     return parts, ids

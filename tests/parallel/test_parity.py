@@ -30,6 +30,8 @@ CASES = {
         "zero1": {"parallel.dp_shard": 2, "parallel.zero": 1, "train.steps": SHORT},
         "zero2": {"parallel.dp_shard": 2, "parallel.zero": 2, "train.steps": SHORT},
         "tp2": {"parallel.tp": 2, "train.steps": SHORT},
+        "fsdp2_ac_op": {"parallel.dp_shard": 2, "train.activation_checkpointing": "op", "train.steps": SHORT},
+        "tp2_ac_full": {"parallel.tp": 2, "train.activation_checkpointing": "full", "train.steps": SHORT},
         "pp2_gpipe": pp("gpipe", 2),
         "pp2_1f1b": pp("1f1b", 2),
         "pp2_interleaved_1f1b": pp("interleaved_1f1b", 2, 2),

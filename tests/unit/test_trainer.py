@@ -39,3 +39,18 @@ def test_clipping_changes_the_update(workdir):
     free = losses(workdir, "noclip", **{"train.grad_clip": 0.0})
     assert clipped.losses[1] == free.losses[1] and clipped.grad_norms[1] > 0.01
     assert clipped.losses[3] != pytest.approx(free.losses[3], rel=1e-6)
+
+
+def test_activation_checkpointing_modes_match_none(workdir):
+    """Recomputation changes memory, never the numbers."""
+    none = losses(workdir, "ac_none")
+    for mode in ("full", "selective", "op"):
+        got = losses(workdir, f"ac_{mode}", **{"train.activation_checkpointing": mode})
+        assert got.losses == none.losses and got.grad_norms == none.grad_norms, mode
+
+
+def test_compiled_blocks_match_eager(workdir):
+    eager = losses(workdir, "eager", **{"train.steps": 2})
+    compiled = losses(workdir, "compiled", **{"train.steps": 2, "train.compile": True})
+    for step in eager.losses:
+        assert compiled.losses[step] == pytest.approx(eager.losses[step], rel=1e-5)
