@@ -2,16 +2,23 @@
 
 Every stage holds the same number of identical residual MLP blocks (the first stage also
 computes its input gradient, as the others do, so all stages cost the same), so the only
-idle time is the schedule's own fill and drain. Each configuration runs a few warm-up steps
-and then several measured steps, all configurations in alternating rounds so machine noise
-hits each alike; the figure is the median over those steps of the step's
-bubble (``plait.parallel.pipeline_timeline.step_bubble``: mean over ranks of idle / window,
-window = first compute start to last compute end over all ranks). One torch thread per rank.
+idle time the schedule itself causes is its fill and drain. Each configuration runs a few
+warm-up steps and then several measured steps, all configurations in alternating rounds so
+machine noise hits each alike. One torch thread per rank.
 
-    .venv/bin/python bench/bubble.py [--p 2] [--micro 4 8] [--steps 6] [--out runs/bench_bubble]
+    .venv/bin/python bench/bubble.py [--p 2] [--micro 4 8] [--rows 768] [--steps 8] [--out runs/bench_bubble]
 
-Theory (``theory_bubble``): (p-1)/(m+p-1) for gpipe and 1f1b, (p-1)/(v*m+p-1) for
-interleaved_1f1b; the issue's literal "divided by v" form, (p-1)/(v*(m+p-1)), is printed too.
+Columns (medians over the measured steps):
+  theory    ``theory_bubble``: (p-1)/(m+p-1) for gpipe and 1f1b, (p-1)/(v*m+p-1) for
+            interleaved_1f1b; "issue" is the issue's literal form (p-1)/(m+p-1)/v.
+  measured  ``step_bubble``: mean over ranks of idle / window, window = first compute start to
+            last compute end over all ranks (wall clock, perf_counter).
+  replay    the same step re-timed with its measured compute durations and free communication
+            (``replay``): what uneven compute speed alone gives; measured - replay is what
+            communication, Python and OS scheduling added.
+  balanced  the same re-timing with every F (B) set to the mean F (B): the schedule's own bubble
+            for a perfectly balanced model; it equals theory when the timeline records the
+            schedule faithfully.
 A Gantt PNG of the median step of every configuration is written to --out.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shlex
 import statistics
 import sys
@@ -31,7 +39,8 @@ from torch import nn
 from plait.launch import spawn
 from plait.parallel.pipeline import SCHEDULES
 from plait.parallel.pipeline_timeline import (
-    PipelineTimeline, plot_gantt, rank_bubbles, step_bubble, step_window, theory_bubble, theory_bubble_issue,
+    PipelineTimeline, plot_gantt, rank_bubbles, replay, step_bubble, step_window, theory_bubble,
+    theory_bubble_issue,
 )
 
 
@@ -118,6 +127,8 @@ def run_rank(configs: list[tuple[str, int, int]], hidden: int, rows: int, blocks
         results.append({
             "schedule": schedule, "p": p, "m": m, "v": v,
             "bubble": statistics.median(bubbles), "min": min(bubbles), "max": max(bubbles),
+            "replay": statistics.median(step_bubble(replay(r)) for _, r in measured),
+            "balanced": statistics.median(step_bubble(replay(r, balanced=True)) for _, r in measured),
             "rank_bubbles": rank_bubbles(median_ranks),
             "local_rank0": statistics.median(run["local"]),
             "f_ms": 1e3 * statistics.median(durations["F"]), "b_ms": 1e3 * statistics.median(durations["B"]),
@@ -127,6 +138,23 @@ def run_rank(configs: list[tuple[str, int, int]], hidden: int, rows: int, blocks
     return results
 
 
+def _machine_busy_s() -> float:
+    """CPU seconds all processes of this machine have been busy (Linux /proc/stat)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the ranks)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--p", type=int, nargs="+", default=[2], help="pipeline degrees (ranks) to run")
@@ -134,10 +162,10 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "interleaved_1f1b"])
     parser.add_argument("--v", type=int, default=2, help="stages per rank for interleaved_1f1b")
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--rows", type=int, default=256, help="rows (tokens) per micro-batch")
+    parser.add_argument("--rows", type=int, default=768, help="rows (tokens) per micro-batch")
     parser.add_argument("--blocks", type=int, default=8, help="blocks in the whole model")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=6, help="measured steps per configuration")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
     parser.add_argument("--out", default=os.path.join("runs", "bench_bubble"), help="folder for the Gantt PNGs")
     args = parser.parse_args()
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), flush=True)
@@ -146,8 +174,9 @@ def main() -> None:
           f"{args.rows} rows per micro-batch; median of {args.steps} steps after {args.warmup} warm-up", flush=True)
     print("load average (1, 5, 15 min) at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    header = (f"{'schedule':<17} {'p':>2} {'m':>2} {'v':>2} {'F ms':>6} {'B ms':>6} {'theory':>7} "
-              f"{'measured':>8} {'ratio':>6} {'min..max':>12} {'issue':>7} {'ratio':>6}  per-rank idle")
+    header = (f"{'schedule':<17} {'p':>2} {'m':>2} {'v':>2} {'F ms':>5} {'B ms':>5} {'theory':>6} "
+              f"{'measured':>8} {'ratio':>5} {'min..max':>12} {'replay':>6} {'balanced':>8} "
+              f"{'issue':>6} {'ratio':>5}  per-rank idle")
     started = time.perf_counter()
     for p in args.p:
         configs = []
@@ -156,15 +185,20 @@ def main() -> None:
             if args.blocks % (p * v):
                 raise SystemExit(f"--blocks {args.blocks} is not a multiple of p*v = {p * v}")
             configs += [(schedule, m, v) for m in args.micro]
+        busy0, ours0, wall0 = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
         results = spawn(run_rank, p, (configs, args.hidden, args.rows, args.blocks, args.warmup, args.steps))[0]
+        others = (_machine_busy_s() - busy0 - (_own_cpu_s() - ours0)) / (time.perf_counter() - wall0)
+        print(f"p = {p}: other processes on the machine used about {max(0.0, others):.2f} of "
+              f"{os.cpu_count()} cores during the run")
         print(header)
         for r in results:
             theory = theory_bubble(r["schedule"], r["p"], r["m"], r["v"])
             issue = theory_bubble_issue(r["schedule"], r["p"], r["m"], r["v"])
             per_rank = " ".join(f"{b:.3f}" for b in r["rank_bubbles"])
-            print(f"{r['schedule']:<17} {r['p']:>2} {r['m']:>2} {r['v']:>2} {r['f_ms']:>6.1f} {r['b_ms']:>6.1f} "
-                  f"{theory:>7.3f} {r['bubble']:>8.3f} {r['bubble'] / theory:>6.3f} {r['min']:>5.3f}..{r['max']:<5.3f} {issue:>7.3f} "
-                  f"{r['bubble'] / issue:>6.3f}  {per_rank}", flush=True)
+            print(f"{r['schedule']:<17} {r['p']:>2} {r['m']:>2} {r['v']:>2} {r['f_ms']:>5.1f} {r['b_ms']:>5.1f} "
+                  f"{theory:>6.3f} {r['bubble']:>8.3f} {r['bubble'] / theory:>5.2f} {r['min']:>5.3f}..{r['max']:<5.3f} "
+                  f"{r['replay']:>6.3f} {r['balanced']:>8.3f} {issue:>6.3f} {r['bubble'] / issue:>5.2f}  {per_rank}",
+                  flush=True)
             name = f"gantt_p{r['p']}_{r['schedule']}_m{r['m']}" + (f"_v{r['v']}" if r["v"] > 1 else "") + ".png"
             plot_gantt(r["timelines"], os.path.join(args.out, name),
                        f"{r['schedule']}, p={r['p']}, m={r['m']}" + (f", v={r['v']}" if r["v"] > 1 else ""))

@@ -12,7 +12,7 @@ import sys
 from plait.errors import PlaitError
 from plait.launch import RankFailed
 
-USAGE = """plait train [CONFIG.toml] [--print-config] [--resume] [--section.field VALUE ...]
+USAGE = """plait train [CONFIG.toml] [--print-config] [--resume] [--profile-pipeline] [--section.field VALUE ...]
        plait generate CHECKPOINT [--prompt TEXT] [--max-new-tokens N] [--temperature T]
                       [--top-k K] [--top-p P] [--seed S]
        plait convert SRC DST          (Hugging Face folder <-> plait checkpoint)"""
@@ -56,9 +56,12 @@ def cmd_train(argv: list[str]) -> int:
     parser.add_argument("config", nargs="?", help="TOML config file; defaults give the demo job")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of run.dir")
+    parser.add_argument("--profile-pipeline", action="store_true", help="write run.dir/pipeline_gantt.png (pp > 1)")
     args = parser.parse_args(rest)
     if args.resume:
         overrides.append(("checkpoint.resume", "true"))
+    if args.profile_pipeline:
+        overrides.append(("metrics.profile_pipeline", "true"))
     cfg = build_config(args.config, overrides)
     if args.print_config:
         print(to_toml(cfg), end="")

@@ -127,6 +127,7 @@ class MetricsConfig:
     tensorboard: bool = _f(True, "write TensorBoard events when tensorboard is installed")
     plot: bool = _f(True, "write loss_curve.png at the end when matplotlib is installed")
     progress: bool = _f(True, "rich progress bar on rank 0 (plain lines when not a terminal)")
+    profile_pipeline: bool = _f(False, "write pipeline_gantt.png of the last step (needs parallel.pp > 1)")
 
 
 @dataclass
@@ -334,6 +335,8 @@ def validate_model_parallel(cfg: JobConfig, dp: int) -> None:
             f"must be 1 (got {v}); use one of {', '.join(PP_MULTI_STAGE)} for several"
         )
     if p.pp == 1:
+        if cfg.metrics.profile_pipeline:
+            raise ConfigError("--profile-pipeline (metrics.profile_pipeline) needs parallel.pp > 1")
         return
     stages = p.pp * v
     if stages > m.n_layers:

@@ -268,6 +268,66 @@ def step_bubble(timelines: list[dict]) -> float:
     return sum(bubbles) / len(bubbles) if bubbles else 0.0
 
 
+def replay(timelines: list[dict], balanced: bool = False) -> list[dict]:
+    """The recorded step re-timed with zero communication and scheduling overhead.
+
+    Every rank runs its recorded compute calls in the recorded order; each starts as soon as
+    its rank is free and its inputs exist: F(s, mb) after F(s-1, mb); B(s, mb) after
+    B(s+1, mb) (after F(s, mb) on the last stage); W(s, mb) after B(s, mb). Durations are the
+    measured ones, or with ``balanced`` the mean duration of each kind over all ranks and
+    stages (a perfectly balanced pipeline with the same F/B/W costs).
+
+    ``step_bubble(replay(t))`` is the bubble the schedule would have with these compute times
+    and free communication; ``step_bubble(t) - step_bubble(replay(t))`` is what communication
+    and overhead added; ``step_bubble(replay(t, balanced=True))`` is the schedule's own bubble
+    for a balanced model (equal to ``theory_bubble`` for gpipe/1f1b/interleaved_1f1b, and the
+    figure to compare with for the zero-bubble schedules).
+    """
+    ranks = sorted(timelines, key=lambda t: t["rank"])
+    mean = {}
+    for kind in {iv[0] for t in ranks for iv in t["intervals"]}:
+        lengths = [e - s for t in ranks for k, _, _, s, e in t["intervals"] if k == kind]
+        mean[kind] = sum(lengths) / len(lengths)
+    last_stage = max((iv[1] for t in ranks for iv in t["intervals"]), default=0)
+    present = {iv[:3] for t in ranks for iv in t["intervals"]}
+    done: dict[tuple[str, int, int], float] = {}
+    free = [0.0] * len(ranks)
+    cursor = [0] * len(ranks)
+    out = [[] for _ in ranks]
+    remaining = sum(len(t["intervals"]) for t in ranks)
+    while remaining:
+        progressed = False
+        for r, t in enumerate(ranks):
+            while cursor[r] < len(t["intervals"]):
+                kind, stage, mb, start, end = t["intervals"][cursor[r]]
+                if kind == "F":
+                    deps = [("F", stage - 1, mb)] if stage > 0 else []
+                elif kind == "B":
+                    deps = [("F", stage, mb)] + ([("B", stage + 1, mb)] if stage < last_stage else [])
+                else:
+                    deps = [("B", stage, mb)]
+                deps = [d for d in deps if d in present]
+                if any(d not in done for d in deps):
+                    break
+                begin = max([free[r], *(done[d] for d in deps)])
+                finish = begin + (mean[kind] if balanced else end - start)
+                done[(kind, stage, mb)] = finish
+                out[r].append((kind, stage, mb, begin, finish))
+                free[r] = finish
+                cursor[r] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise ValueError("replay: the recorded order has a dependency cycle (incomplete timelines?)")
+    replayed = []
+    for t, intervals in zip(ranks, out):
+        busy = sum(e - s for *_, s, e in intervals)
+        end = max((e for *_, e in intervals), default=0.0)
+        replayed.append({"rank": t["rank"], "intervals": intervals, "begin": 0.0, "end": end,
+                         "busy_s": busy, "step_s": end, "bubble": 1.0 - busy / end if end > 0 else 0.0})
+    return replayed
+
+
 COLOURS = {"F": "#4C72B0", "B": "#DD8452", "W": "#55A868", "idle": "#E6E6E6"}
 
 

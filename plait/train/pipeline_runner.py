@@ -12,7 +12,9 @@ from torch import nn
 
 from plait.config import JobConfig
 from plait.parallel.dims import ParallelDims
+from plait.parallel import comm
 from plait.parallel.pipeline import build_schedule, stage_owner
+from plait.parallel.pipeline_timeline import PipelineTimeline, step_bubble
 from plait.train.loss import plain
 
 
@@ -28,6 +30,10 @@ class PipelineRunner:
         self.schedule, self.stages = build_schedule(
             parts, ids, cfg, n_microbatches, self._scaled_loss, self.group, device
         )
+        # Always on: two clock reads per stage compute call, against milliseconds of compute.
+        self.timeline = PipelineTimeline().attach(self.stages, self.schedule)
+        self.last_timelines: list[dict] = []
+        self.last_bubble = 0.0
 
     def _scaled_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_sum(logits, labels) * self.scale
@@ -45,9 +51,14 @@ class PipelineRunner:
         has_first, has_last = 0 in self.ids, self.n_stages - 1 in self.ids
         args = (batch["input_ids"],) if has_first else ()
         kwargs = {"position_ids": batch["position_ids"]}
+        self.timeline.step_begin()
         with context:
             self.schedule.step(*args, target=batch["labels"] if has_last else None,
                                losses=losses if has_last else None, **kwargs)
+        self.timeline.step_end()
+        with comm.paused():  # measurement traffic, not training traffic
+            self.last_timelines = self.timeline.gather(self.group)
+        self.last_bubble = step_bubble(self.last_timelines)
         if not has_last:
             return torch.zeros((), dtype=torch.float64)
         return sum(plain(l).detach().double().cpu() for l in losses) / scale

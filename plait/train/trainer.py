@@ -27,6 +27,7 @@ from plait.parallel import comm
 from plait.parallel.data_parallel import set_gradient_sync
 from plait.parallel.dims import ParallelDims
 from plait.parallel.parallelize import parallelize_llama
+from plait.parallel.pipeline_timeline import plot_gantt
 from plait.parallel.zero import build_zero1_optimizer, state_bytes
 from plait.train.loss import plain, token_loss_sum
 from plait.train.pipeline_runner import PipelineRunner
@@ -284,6 +285,8 @@ class Trainer:
                 "comm_bytes": traffic["comm_bytes"],
                 "comm_s": traffic["comm_s"],
             }
+            if self.pipeline is not None:
+                record["bubble"] = self.pipeline.last_bubble
             if self.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
                 val = self.evaluate()
                 result.val_losses[step] = val
@@ -295,6 +298,12 @@ class Trainer:
                 )
             if step % cfg.metrics.log_every == 0 or "val_loss" in record or step == t.steps:
                 metrics.log(record)
+        if self.rank == 0 and cfg.metrics.profile_pipeline and self.pipeline is not None:
+            p = cfg.parallel
+            path = os.path.join(cfg.run.dir, "pipeline_gantt.png")
+            plot_gantt(self.pipeline.last_timelines, path,
+                       f"{p.pp_schedule}: pp={p.pp}, v={p.pp_virtual_stages}, step {t.steps}")
+            print(f"plait: pipeline Gantt chart written to {path}", flush=True)
         result.model_state_bytes = self.model_state_bytes
         if self.rank == 0 and self.model_state_bytes:
             mib = {k: v / 2**20 for k, v in self.model_state_bytes.items()}

@@ -84,6 +84,7 @@ CASES = {
                       "--parallel.pp_split", "1,2"], ["parallel.pp_split", "summing to model.n_layers = 2"]),
     "tied_with_tp": (["train", "--parallel.nproc", "2", "--parallel.tp", "2", "--model.tie_embeddings", "true"],
                      ["model.tie_embeddings"]),
+    "profile_pipeline_without_pp": (["train", "--profile-pipeline"], ["needs parallel.pp > 1"]),
     "bad_activation_checkpointing": (["train", "--train.activation_checkpointing", "some"],
                                      ["train.activation_checkpointing", "'selective'"]),
     "generate_missing_checkpoint": (["generate", "/nope/ckpt"], ["/nope/ckpt", "does not exist"]),

@@ -90,3 +90,15 @@ def test_resume_continues_metrics(trained):
     assert code == 0
     rows = [json.loads(line) for line in open(os.path.join(trained["run"], "metrics.jsonl"))]
     assert [r["step"] for r in rows if r["step"] > 0] == list(range(1, 9))
+
+
+def test_profile_pipeline_writes_gantt_and_bubble(trained, tmp_path):
+    run_dir = str(tmp_path / "pp")
+    args = [a if a != trained["run"] else run_dir for a in trained["args"]]
+    code, out = cli("train", *args, "--parallel.nproc", "2", "--parallel.pp", "2", "--model.n_layers", "2",
+                    "--train.steps", "2", "--profile-pipeline")
+    assert code == 0
+    assert os.path.getsize(os.path.join(run_dir, "pipeline_gantt.png")) > 5000
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    steps = [r for r in rows if r["step"] > 0]
+    assert all(0 < r["bubble"] < 1 and r["comm_bytes"]["pp"] > 0 for r in steps)
