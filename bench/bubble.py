@@ -6,7 +6,7 @@ idle time the schedule itself causes is its fill and drain. Each configuration r
 warm-up steps and then several measured steps, all configurations in alternating rounds so
 machine noise hits each alike. One torch thread per rank.
 
-    .venv/bin/python bench/bubble.py [--p 2] [--micro 4 8] [--rows 768] [--steps 8] [--out runs/bench_bubble]
+    .venv/bin/python bench/bubble.py [--p 2] [--micro 4 8] [--rows 256] [--ffn 4096] [--steps 8] [--out runs/bench_bubble]
 
 Columns (medians over the measured steps):
   theory    ``theory_bubble``: (p-1)/(m+p-1) for gpipe and 1f1b, (p-1)/(v*m+p-1) for
@@ -45,10 +45,10 @@ from plait.parallel.pipeline_timeline import (
 
 
 class Block(nn.Module):
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, ffn: int):
         super().__init__()
-        self.up = nn.Linear(hidden, 4 * hidden)
-        self.down = nn.Linear(4 * hidden, hidden)
+        self.up = nn.Linear(hidden, ffn)
+        self.down = nn.Linear(ffn, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.down(torch.nn.functional.gelu(self.up(x)))
@@ -58,9 +58,9 @@ class Chunk(nn.Module):
     """``n`` identical blocks. On the first stage the input is made a leaf that requires grad,
     so its backward computes the input gradient too and costs what every other stage's does."""
 
-    def __init__(self, n: int, hidden: int, first: bool):
+    def __init__(self, n: int, hidden: int, ffn: int, first: bool):
         super().__init__()
-        self.blocks = nn.Sequential(*[Block(hidden) for _ in range(n)])
+        self.blocks = nn.Sequential(*[Block(hidden, ffn) for _ in range(n)])
         self.first = first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ def square_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out - target).pow(2).mean()
 
 
-def run_rank(configs: list[tuple[str, int, int]], hidden: int, rows: int, blocks: int,
+def run_rank(configs: list[tuple[str, int, int]], hidden: int, ffn: int, rows: int, blocks: int,
              warmup: int, steps: int) -> list[dict]:
     """Inside a spawned rank: build every configuration, then run them in alternating rounds
     (one step of each per round) so that machine noise hits all of them alike. Returns, on
@@ -89,7 +89,7 @@ def run_rank(configs: list[tuple[str, int, int]], hidden: int, rows: int, blocks
         n_stages = p * v
         ids = [rank + i * p for i in range(v)]
         torch.manual_seed(0)
-        modules = [Chunk(blocks // n_stages, hidden, first=(i == 0)) for i in ids]
+        modules = [Chunk(blocks // n_stages, hidden, ffn, first=(i == 0)) for i in ids]
         stages = [PipelineStage(mod, i, n_stages, device) for mod, i in zip(modules, ids)]
         cls = getattr(pp_schedules, SCHEDULES[schedule])
         sched = cls(stages if v > 1 else stages[0], n_microbatches=m, loss_fn=square_loss, scale_grads=False)
@@ -162,7 +162,8 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "interleaved_1f1b"])
     parser.add_argument("--v", type=int, default=2, help="stages per rank for interleaved_1f1b")
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--rows", type=int, default=768, help="rows (tokens) per micro-batch")
+    parser.add_argument("--ffn", type=int, default=4096, help="inner width of each block")
+    parser.add_argument("--rows", type=int, default=256, help="rows (tokens) per micro-batch")
     parser.add_argument("--blocks", type=int, default=8, help="blocks in the whole model")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
@@ -170,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), flush=True)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, 1 torch thread per rank, gloo; "
-          f"model {args.blocks} blocks of hidden {args.hidden} (ffn {4 * args.hidden}), "
+          f"model {args.blocks} blocks of hidden {args.hidden} (ffn {args.ffn}), "
           f"{args.rows} rows per micro-batch; median of {args.steps} steps after {args.warmup} warm-up", flush=True)
     print("load average (1, 5, 15 min) at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
     os.makedirs(args.out, exist_ok=True)
@@ -186,7 +187,7 @@ def main() -> None:
                 raise SystemExit(f"--blocks {args.blocks} is not a multiple of p*v = {p * v}")
             configs += [(schedule, m, v) for m in args.micro]
         busy0, ours0, wall0 = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
-        results = spawn(run_rank, p, (configs, args.hidden, args.rows, args.blocks, args.warmup, args.steps))[0]
+        results = spawn(run_rank, p, (configs, args.hidden, args.ffn, args.rows, args.blocks, args.warmup, args.steps))[0]
         others = (_machine_busy_s() - busy0 - (_own_cpu_s() - ours0)) / (time.perf_counter() - wall0)
         print(f"p = {p}: other processes on the machine used about {max(0.0, others):.2f} of "
               f"{os.cpu_count()} cores during the run")

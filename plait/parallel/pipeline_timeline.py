@@ -27,13 +27,16 @@ idles (p-1) micro-batch slots of the window, which gives the textbook (p-1)/(m+p
 ``step_end()`` alone (no communication) gives a rank-local estimate: ``step_s`` is the wall
 time from ``step_begin()`` to ``step_end()`` and ``bubble = 1 - busy_s / step_s``; it also
 counts the schedule's set-up and final send waits, so it reads slightly higher.
+``replay(timelines)`` re-times a recorded step with free communication, which splits the
+measured bubble into the schedule's own (``balanced=True``: equals ``theory_bubble``), uneven
+compute speed, and communication/overhead.
 
 Clocks: ``gather(align="clock")`` (default) compares ``perf_counter`` values across ranks.
 On Linux that is CLOCK_MONOTONIC, shared by all processes of one machine, so ranks on one
 node line up exactly. Ranks on different nodes do not share a clock: use
 ``gather(align="begin")``, which puts each rank's times relative to its own ``step_begin()``,
 and call ``dist.barrier(group)`` just before ``step_begin()`` so those origins coincide to
-within the barrier's skew (tens of microseconds on a fast network).
+within the barrier's exit skew (about one network latency). Attach one timeline per stage.
 """
 
 from __future__ import annotations
@@ -361,13 +364,16 @@ def plot_gantt(timelines: list[dict], path: str, title: str = "pipeline step") -
             shade = stages.index(stage) / max(1, len(stages))
             colour = _darken(mcolors, COLOURS.get(kind, "#999999"), 0.45 * shade)
             ax.barh(y, w, left=left, height=0.8, color=colour, edgecolor="white", linewidth=0.5)
-            if w >= 0.022 * width:
-                ax.text(left + w / 2, y, str(mb), ha="center", va="center", fontsize=7, color="white")
+            label = str(mb)
+            if w >= 0.011 * width * (len(label) + 0.5):  # wide enough for the number
+                ax.text(left + w / 2, y, label, ha="center", va="center", fontsize=7, color="white")
         ax.text(width * 1.005, y, f"{100 * bubbles[row]:.1f}% idle", va="center", fontsize=8)
     ax.set_yticks(range(n))
     ax.set_yticklabels([f"rank {t['rank']}" for t in reversed(timelines)])
     ax.set_xlim(0, width * 1.1)
-    ax.set_xlabel(f"time since first compute ({unit})")
+    looped = any(len({iv[1] for iv in t["intervals"]}) > 1 for t in timelines)
+    ax.set_xlabel(f"time since first compute ({unit}); numbers: micro-batch"
+                  + ("; darker: the rank's later stage" if looped else ""))
     mean = sum(bubbles) / n if n else 0.0
     ax.set_title(f"{title}  (bubble {100 * mean:.1f}%)")
     legend = [Patch(color=COLOURS[k], label=label) for k, label in

@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from plait.launch import spawn
 from plait.parallel.pipeline_timeline import (
-    PipelineTimeline, align_timelines, plot_gantt, rank_bubbles, step_bubble, theory_bubble, theory_bubble_issue,
+    PipelineTimeline, align_timelines, plot_gantt, rank_bubbles, replay, step_bubble, theory_bubble,
+    theory_bubble_issue,
 )
 from tests.parallel.harness import job, write_corpus
 
@@ -60,6 +61,17 @@ def test_bubble_arithmetic():
     assert aligned[0]["intervals"][0][3] == 0.0 and aligned[1]["intervals"][-1][4] == 7.0
     by_begin = align_timelines([r0, _timeline(1, r1["intervals"], begin=10.5)], align="begin")
     assert by_begin[1]["intervals"][0][3] == pytest.approx(0.5)
+
+
+def test_replay_removes_waits_and_balances():
+    # The GPipe step above with 0.5 of communication delay before each dependent op.
+    r0 = _timeline(0, [("F", 0, 0, 0, 1), ("F", 0, 1, 1, 2), ("B", 0, 0, 5.5, 7.5), ("B", 0, 1, 8, 10)])
+    r1 = _timeline(1, [("F", 1, 0, 1.5, 2.5), ("F", 1, 1, 2.5, 3.5), ("B", 1, 0, 3.5, 5.0), ("B", 1, 1, 5, 7.5)])
+    free = replay([r0, r1])
+    assert [iv[3:] for iv in free[0]["intervals"]] == [(0, 1), (1, 2), (4.5, 6.5), (7, 9)]
+    assert step_bubble(free) < step_bubble([r0, r1])
+    balanced = replay([r0, r1], balanced=True)  # F = 1, B = 2 everywhere
+    assert step_bubble(balanced) == pytest.approx(theory_bubble("gpipe", 2, 2, 1))
 
 
 class _FakeStage:
@@ -215,6 +227,8 @@ def test_1f1b_timeline(recorded):
             assert math.isfinite(step["loss"])
     for step in recorded[0]["1f1b"]:
         _check_common(step["ranks"], 2, "FB")
+        # The recorded order, re-timed as a balanced pipeline, has exactly the textbook bubble.
+        assert step_bubble(replay(step["ranks"], balanced=True)) == pytest.approx(theory_bubble("1f1b", 2, M, 1))
         assert step["ranks"] == recorded[1]["1f1b"][recorded[0]["1f1b"].index(step)]["ranks"]
     assert recorded[0]["1f1b"][-1]["dst0"] == recorded[0]["1f1b"][-1]["ranks"]
     assert recorded[1]["1f1b"][-1]["dst0"] is None
@@ -223,6 +237,8 @@ def test_1f1b_timeline(recorded):
 def test_interleaved_timeline(recorded):
     for step in recorded[0]["interleaved_1f1b"]:
         _check_common(step["ranks"], 4, "FB")
+        assert step_bubble(replay(step["ranks"], balanced=True)) == pytest.approx(
+            theory_bubble("interleaved_1f1b", 2, M, 2))
         for t in step["ranks"]:  # loop placement: rank r holds stages r and r + 2
             assert {s for _, s, *_ in t["intervals"]} == {t["rank"], t["rank"] + 2}
             assert not any(k == "W" for k, *_ in t["intervals"])
@@ -231,5 +247,7 @@ def test_interleaved_timeline(recorded):
 def test_zero_bubble_records_weight_grads(recorded):
     for step in recorded[0]["zbv"]:
         _check_common(step["ranks"], 4, "FBW")
+        # theory_bubble's interleaved value is an upper bound for the zero-bubble schedules
+        assert step_bubble(replay(step["ranks"], balanced=True)) <= theory_bubble("zbv", 2, M, 2)
         for t in step["ranks"]:  # V placement: rank r holds stages r and 3 - r
             assert {s for _, s, *_ in t["intervals"]} == {t["rank"], 3 - t["rank"]}
