@@ -48,9 +48,15 @@ CASES = {
         "dp2_tp2": {"parallel.tp": 2, "train.steps": SHORT},
         "dp2_pp2": pp("1f1b", 2),
         "tp2_pp2": pp("1f1b", 2, **{"parallel.tp": 2}),
+        "pp4_gpipe": pp("gpipe", 4),
         "pp4_1f1b": pp("1f1b", 4),
         "pp4_interleaved_1f1b": pp("interleaved_1f1b", 4, 2),
+        "pp4_looped_bfs": pp("looped_bfs", 4, 2),
+        "pp4_interleaved_zero_bubble": pp("interleaved_zero_bubble", 4, 2),
         "pp4_zbv": pp("zbv", 4, 2),
+        # DualPipeV needs 2·pp = 8 micro-batches: micro-batches of 1 sequence. Validation
+        # batches are built from micro-batches, so only training losses and norms compare.
+        "pp4_dualpipev": pp("dualpipev", 4, 2, **{"train.micro_batch": 1}),
     },
     8: {
         "dp2_tp2_pp2": pp("1f1b", 2, **{"parallel.tp": 2}),
@@ -90,7 +96,8 @@ def test_layout_parity(workdir, references, world):
         reference = references[values.get("train.steps", STEPS)]
         got = results[0][name]
         assert_close(f"{name} loss", got["losses"], reference.losses)
-        assert_close(f"{name} val_loss", got["val"], reference.val_losses)
+        if values.get("train.micro_batch", 2) == 2:
+            assert_close(f"{name} val_loss", got["val"], reference.val_losses)
         assert_close(f"{name} grad_norm", got["norms"], reference.grad_norms)
         for other in results[1:]:  # every rank reports the same global loss
             assert other[name]["losses"] == got["losses"], name
