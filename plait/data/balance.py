@@ -20,6 +20,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from plait.config import ModelConfig
+from plait.models.llama import block_matmul_params
+
 Piece = tuple[int, int, int]  # (doc_index, start token, length in tokens)
 
 
@@ -36,8 +39,8 @@ def coefficients(
     they only scale linear_coef a little). Backward is ~2x forward for both, so the ratio, the
     only thing balancing depends on, is the same for training.
     """
-    kv_dim = dim // n_heads * n_kv_heads
-    linear = 2.0 * (dim * (2 * dim + 2 * kv_dim) + 3 * dim * ffn_dim) * n_layers
+    shape = ModelConfig(dim=dim, n_layers=n_layers, ffn_dim=ffn_dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
+    linear = 2.0 * block_matmul_params(shape) * n_layers
     attn = 2.0 * dim * n_layers
     return attn, linear
 

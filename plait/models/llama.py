@@ -242,6 +242,13 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
     return model
 
 
+def block_matmul_params(cfg: ModelConfig) -> int:
+    """Weights one transformer block multiplies each token by: q/o (dim x dim), k/v
+    (dim x kv_dim) and SwiGLU's three dim x ffn_dim matrices. FLOPs per token = 2x this."""
+    kv_dim = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
+    return cfg.dim * (2 * cfg.dim + 2 * kv_dim) + 3 * cfg.dim * cfg.ffn_dim
+
+
 def count_params(model: nn.Module, include_embedding: bool = True) -> int:
     """Number of parameters (elements); tied weights counted once."""
     total = sum(p.numel() for p in model.parameters())

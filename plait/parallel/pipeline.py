@@ -19,6 +19,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as pp_schedules
 
 from plait.config import PP_MULTI_STAGE, PP_V_SHAPED, JobConfig, pp_stage_layers
+from plait.models.llama import block_matmul_params
 
 SCHEDULES = {
     "gpipe": "ScheduleGPipe",
@@ -38,8 +39,7 @@ def layer_costs(cfg: JobConfig) -> tuple[list[float], float, float]:
     the output layer dim·vocab; the embedding is a lookup and costs ~nothing.
     """
     m = cfg.model
-    kv_dim = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
-    block = m.dim * (2 * m.dim + 2 * kv_dim) + 3 * m.dim * m.ffn_dim + 2 * cfg.train.seq_len * m.dim
+    block = block_matmul_params(m) + 2 * cfg.train.seq_len * m.dim
     return [float(block)] * m.n_layers, 0.0, float(m.dim * m.vocab_size)
 
 

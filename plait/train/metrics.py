@@ -18,15 +18,14 @@ from typing import Any
 import torch
 
 from plait.config import JobConfig, ModelConfig
+from plait.models.llama import block_matmul_params
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward, no recompute): 6 per weight multiply-add
     of every matrix including the output layer, plus attention's 6·2·layers·seq·dim (half of
     it for causal masking is not subtracted: this is the usual PaLM-style count)."""
-    kv_dim = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
-    per_layer = cfg.dim * (2 * cfg.dim + 2 * kv_dim) + 3 * cfg.dim * cfg.ffn_dim
-    matmul_params = cfg.n_layers * per_layer + cfg.dim * cfg.vocab_size
+    matmul_params = cfg.n_layers * block_matmul_params(cfg) + cfg.dim * cfg.vocab_size
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * seq_len * cfg.dim
 
 

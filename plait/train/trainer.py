@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
 from plait.config import JobConfig, to_toml
+from plait.errors import CheckpointError
 from plait.data import prepare_data, DataBundle
 from plait.data.loader import StepLoader, StepSampler, val_batches
 from plait.infer.generate import generate
@@ -156,8 +157,6 @@ class Trainer:
     def _resume(self) -> None:
         folder = ckpt.latest_checkpoint(self.cfg.run.dir)
         if folder is None:
-            from plait.errors import CheckpointError
-
             raise CheckpointError(f"--resume: no checkpoint in '{ckpt.checkpoint_root(self.cfg.run.dir)}'")
         state = ckpt.load_checkpoint(folder, self.parts, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -238,10 +237,10 @@ class Trainer:
         state = ckpt.full_model_state(self.parts, pp_group)
         if self.rank != 0:
             return None
-        plain = build_model(self.cfg.model, "cpu", seed=t.seed)
-        plain.load_state_dict(state)
+        single = build_model(self.cfg.model, "cpu", seed=t.seed)
+        single.load_state_dict(state)
         tok = self.data.tokenizer
-        ids = generate(plain, tok.encode(t.sample_prompt) or [tok.eos_id], t.sample_tokens, seed=t.seed, eos_id=tok.eos_id)
+        ids = generate(single, tok.encode(t.sample_prompt) or [tok.eos_id], t.sample_tokens, seed=t.seed, eos_id=tok.eos_id)
         return t.sample_prompt + tok.decode(ids)
 
     def run(self) -> TrainResult:
