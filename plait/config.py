@@ -110,6 +110,15 @@ class ParallelConfig:
     ] = _f("1f1b", "pipeline schedule")
     pp_virtual_stages: int = _f(1, "pipeline stages per rank (interleaving); zbv and dualpipev use 2", min=1)
     pp_split: str = _f("", "layers per stage, e.g. '3,3,2'; empty balances by parameter count")
+    cp: int = _f(1, "context-parallel degree: every sequence is split over cp ranks", min=1)
+    cp_mode: Literal["ring", "ulysses", "hybrid"] = _f(
+        "ring", "ring: K/V blocks passed around the cp ranks; ulysses: all-to-all from sequence to heads; "
+        "hybrid: Ulysses inside groups of cp_ulysses ranks, ring across them"
+    )
+    cp_ulysses: int = _f(2, "hybrid: the Ulysses (inner) degree; the ring degree is cp / cp_ulysses", min=1)
+    cp_shard: Literal["zigzag", "contiguous"] = _f(
+        "zigzag", "sequence split: zigzag (rank r holds chunks r and 2cp-1-r, equal causal work) or contiguous"
+    )
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto: nccl on cuda, gloo on cpu")
 
 
@@ -318,12 +327,15 @@ def validate_model_parallel(cfg: JobConfig, dp: int) -> None:
             f"parallel.tp = {p.tp} must divide model.ffn_dim = {m.ffn_dim} and train.seq_len = {t.seq_len} "
             "(sequence parallel splits the sequence)"
         )
-    replicated = p.dp_shard == 1 or p.zero < 2
-    if p.tp > 1 and dp > 1 and replicated:
+    shard = dp // p.dp_replicate if p.dp_shard == -1 else p.dp_shard
+    # Context-parallel ranks hold the same weights, so they join the data-parallel reduction.
+    replicated = shard * p.cp == 1 or p.zero < 2
+    if p.tp > 1 and dp * p.cp > 1 and replicated:
         raise ConfigError(
             f"parallel.tp = {p.tp} with replicated data parallelism (parallel.zero = {p.zero}, dp_shard = "
             f"{p.dp_shard}) is not supported; use parallel.zero = 2 or 3 with dp_shard > 1"
         )
+    validate_context_parallel(cfg)
     if (p.tp > 1 or p.pp > 1) and m.tie_embeddings:
         raise ConfigError("model.tie_embeddings = true is not supported with parallel.tp > 1 or parallel.pp > 1")
     v = p.pp_virtual_stages
@@ -360,6 +372,44 @@ def validate_model_parallel(cfg: JobConfig, dp: int) -> None:
     )
 
 
+def cp_degrees(cfg: JobConfig) -> tuple[int, int]:
+    """(ring degree, Ulysses degree) of the context-parallel layout; their product is cp."""
+    p = cfg.parallel
+    if p.cp_mode == "ulysses":
+        return 1, p.cp
+    if p.cp_mode == "hybrid":
+        return p.cp // p.cp_ulysses, p.cp_ulysses
+    return p.cp, 1
+
+
+def validate_context_parallel(cfg: JobConfig) -> None:
+    """The sequence splits into the cp layout's chunks, and Ulysses can split the heads."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if p.cp == 1:
+        return
+    if p.cp_mode == "hybrid" and (p.cp % p.cp_ulysses or not 1 < p.cp_ulysses < p.cp):
+        raise ConfigError(
+            f"parallel.cp_mode = 'hybrid' needs parallel.cp_ulysses strictly between 1 and parallel.cp = {p.cp} "
+            f"and dividing it (got {p.cp_ulysses}); use cp_mode = 'ring' or 'ulysses' for a single kind"
+        )
+    chunks = 2 * p.cp if p.cp_shard == "zigzag" else p.cp
+    if t.seq_len % (chunks * p.tp):
+        raise ConfigError(
+            f"train.seq_len = {t.seq_len} must be a multiple of {chunks * p.tp}: parallel.cp_shard = "
+            f"'{p.cp_shard}' cuts it into {chunks} chunks for parallel.cp = {p.cp}"
+            + (f", and sequence parallel splits each rank's part over parallel.tp = {p.tp}" if p.tp > 1 else "")
+        )
+    _, ulysses = cp_degrees(cfg)
+    if ulysses == 1:
+        return
+    heads, kv_heads = m.n_heads // p.tp, (m.n_kv_heads or m.n_heads) // p.tp
+    if heads % ulysses or (kv_heads % ulysses and ulysses % kv_heads):
+        raise ConfigError(
+            f"Ulysses degree {ulysses} (parallel.cp_mode = '{p.cp_mode}') must divide the attention heads per "
+            f"tensor-parallel rank ({heads}), and divide or be a multiple of the KV heads per rank ({kv_heads})"
+        )
+
+
 def torchrun_world_size() -> int | None:
     """WORLD_SIZE when torchrun (or another launcher) set up the rank environment, else None."""
     if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
@@ -373,28 +423,28 @@ def job_world_size(cfg: JobConfig) -> int:
 
 
 def resolve_dp(cfg: JobConfig, world: int) -> int:
-    """The data-parallel degree for ``world`` ranks (world / (tp x pp)); raises ConfigError if
-    the layout does not fill the world exactly."""
+    """The data-parallel degree for ``world`` ranks (world / (tp x pp x cp)); raises ConfigError
+    if the layout does not fill the world exactly."""
     p = cfg.parallel
     if p.dp_shard == 0:
         raise ConfigError("parallel.dp_shard = 0 is out of range; use -1 (fill) or >= 1")
-    model_parallel = p.tp * p.pp
+    model_parallel = p.tp * p.pp * p.cp
     if world % model_parallel:
         raise ConfigError(
-            f"world size {world} is not divisible by parallel.tp x parallel.pp = {p.tp} x {p.pp}"
+            f"world size {world} is not divisible by parallel.tp x pp x cp = {p.tp} x {p.pp} x {p.cp}"
         )
     dp_world = world // model_parallel
     if p.dp_shard == -1:
         if dp_world % p.dp_replicate:
             raise ConfigError(
-                f"world size {world} / (tp x pp = {model_parallel}) = {dp_world} is not divisible by "
+                f"world size {world} / (tp x pp x cp = {model_parallel}) = {dp_world} is not divisible by "
                 f"parallel.dp_replicate = {p.dp_replicate}"
             )
         return dp_world
     if p.dp_replicate * p.dp_shard * model_parallel != world:
         raise ConfigError(
-            f"layout parallel.dp_replicate x dp_shard x tp x pp = {p.dp_replicate} x {p.dp_shard} x "
-            f"{p.tp} x {p.pp} = {p.dp_replicate * p.dp_shard * model_parallel} does not match the world size {world}"
+            f"layout parallel.dp_replicate x dp_shard x tp x pp x cp = {p.dp_replicate} x {p.dp_shard} x "
+            f"{p.tp} x {p.pp} x {p.cp} = {p.dp_replicate * p.dp_shard * model_parallel} does not match the world size {world}"
         )
     return dp_world
 

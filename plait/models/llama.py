@@ -61,6 +61,19 @@ def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention of q (batch, heads, seq, head_dim) over k/v (batch, kv_heads, seq,
+    head_dim), kv_heads dividing heads (GQA), within ``mask`` from ``document_mask`` if given.
+
+    The default ``Attention.core``: context parallelism swaps in a sequence-sharded one.
+    """
+    repeats = q.shape[1] // k.shape[1]
+    if repeats > 1:
+        k = k.repeat_interleave(repeats, dim=1)
+        v = v.repeat_interleave(repeats, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -101,6 +114,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.core = causal_attention  # (q, k, v, mask) -> output; replaced by context parallelism
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
         batch, seq, _ = x.shape
@@ -109,25 +123,27 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        is_causal = mask is None
-        if cache is not None:
-            start = cache.length
-            cache.keys[layer][:, :, start : start + seq] = k
-            cache.values[layer][:, :, start : start + seq] = v
-            k = cache.keys[layer][:, :, : start + seq]
-            v = cache.values[layer][:, :, : start + seq]
-            if start > 0:  # query i sits at absolute position start+i and sees keys <= it
-                is_causal = False
-                if seq > 1:
-                    key_pos = torch.arange(start + seq, device=x.device)
-                    query_pos = torch.arange(start, start + seq, device=x.device)
-                    mask = key_pos[None, :] <= query_pos[:, None]
-        repeats = q.shape[1] // k.shape[1]
-        if repeats > 1:
-            k = k.repeat_interleave(repeats, dim=1)
-            v = v.repeat_interleave(repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        out = self.core(q, k, v, mask) if cache is None else self._cached_attention(q, k, v, cache, layer)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    @staticmethod
+    def _cached_attention(q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
+        """Generation: append k/v to the cache, attend over everything cached so far."""
+        start, seq = cache.length, q.shape[2]
+        cache.keys[layer][:, :, start : start + seq] = k
+        cache.values[layer][:, :, start : start + seq] = v
+        k = cache.keys[layer][:, :, : start + seq]
+        v = cache.values[layer][:, :, : start + seq]
+        if start == 0:
+            return causal_attention(q, k, v, None)
+        # Query i sits at absolute position start+i and sees keys up to it: all of them when
+        # it is the only query.
+        mask = torch.ones(seq, start + seq, dtype=torch.bool, device=q.device)
+        if seq > 1:
+            key_pos = torch.arange(start + seq, device=q.device)
+            query_pos = torch.arange(start, start + seq, device=q.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+        return causal_attention(q, k, v, mask)
 
 
 class FeedForward(nn.Module):
@@ -171,6 +187,9 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # position_ids -> the mask every block's attention gets; context parallelism replaces it
+        # with one that knows the other ranks' parts of the sequence.
+        self.attention_mask = document_mask
 
     def _apply(self, fn, recurse=True):
         # Keep the RoPE frequencies fp32 whatever dtype the weights are cast to: bf16 frequencies
@@ -216,7 +235,7 @@ class Llama(nn.Module):
         start = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + seq, device=input_ids.device).expand(batch, seq)
-        mask = document_mask(position_ids) if doc_mask and cache is None else None
+        mask = self.attention_mask(position_ids) if doc_mask and cache is None else None
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
         freqs = position_ids[..., None].float() * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -5,6 +5,8 @@ What each shards and sends per step, for Ψ parameters:
 - FSDP2: parameters, gradients and optimizer state sharded over ``dp_shard``; all-gather of
   parameters in forward and again in backward, reduce-scatter of gradients: 3(n-1)/n·Ψ.
 - HSDP: FSDP2 inside ``dp_shard``, gradients all-reduced across ``dp_replicate``.
+Context-parallel ranks join in (``dims.fsdp_mesh`` and ``dims.grad_mesh`` include cp): they
+hold the same weights and each computes gradients from its part of the sequences.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, blocks: list[nn.Mo
     """Wrap ``model`` in place for the layout in ``dims`` and the ZeRO stage ``zero`` (see
     plait/parallel/zero.py); ``blocks`` are sharded one by one so only one block's full
     parameters are live at a time under ZeRO-3. Returns the model."""
-    if dims.mesh is None or dims.dp == 1:
+    if dims.mesh is None or dims.grad_degree == 1:
         return model
     if dims.fsdp_enabled and zero >= 2:
-        mesh = dims.mesh["dp_replicate", "dp_shard"] if dims.hsdp_enabled else dims.mesh["dp_shard"]
+        mesh = dims.fsdp_mesh
         # Parameters stay fp32 (bf16 compute comes from autocast), so the reduction is exact fp32.
         policy = MixedPrecisionPolicy()
         for index, block in enumerate(blocks):
@@ -34,7 +36,7 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, blocks: list[nn.Mo
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     else:
         # DDP over every data-parallel rank (ZeRO-1 adds its sharded optimizer separately).
-        replicate(model, device_mesh=dims.dp_mesh)
+        replicate(model, device_mesh=dims.grad_mesh)
     return model
 
 

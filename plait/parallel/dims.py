@@ -1,23 +1,29 @@
 """ParallelDims: the layout's degrees, validated, turned into one DeviceMesh with named dims.
 
-The mesh is ``pp × dp_replicate × dp_shard × cp × tp`` (outermost first): tensor parallel,
-the chattiest dimension, gets neighbouring ranks (the same node on a GPU cluster); pipeline
-parallel, which only sends activations between stages, gets the farthest. ``cp`` is reserved
-for context parallelism and has size 1 until it is enabled. Every parallel component asks
-this object (``dims.tp_enabled``, ``dims.mesh["tp"]``, ``dims.dp_mesh``) instead of keeping
-process groups of its own.
+The mesh is ``pp × dp_replicate × dp_shard × cp_ring × cp_ulysses × tp`` (outermost first):
+tensor parallel, the chattiest dimension, gets neighbouring ranks (the same node on a GPU
+cluster); pipeline parallel, which only sends activations between stages, gets the farthest.
+Context parallelism (cp = cp_ring × cp_ulysses) sits next to tp because it too moves
+activations every layer; Ulysses' all-to-all is the heavier of its two, so it is inner. Every
+parallel component asks this object (``dims.tp_enabled``, ``dims.mesh["tp"]``,
+``dims.dp_mesh``) instead of keeping process groups of its own.
+
+Context-parallel ranks hold the same weights and see different tokens of the same sequences,
+so for gradients they are data-parallel ranks: gradients are reduced over ``dp × cp``
+(``grad_mesh``) and FSDP shards over ``dp_shard × cp`` (``fsdp_mesh``), as in torchtitan.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from plait.config import JobConfig, resolve_dp
+from plait.config import JobConfig, cp_degrees, resolve_dp
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp_ring", "cp_ulysses", "tp")
 
 
 @dataclass
@@ -27,9 +33,13 @@ class ParallelDims:
     world_size: int
     tp: int = 1
     pp: int = 1
-    cp: int = 1
+    cp_ring: int = 1
+    cp_ulysses: int = 1
     mesh: DeviceMesh | None = field(default=None, repr=False)
     dp_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp_replicate x dp_shard, flattened
+    grad_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp x cp, flattened: gradient sums
+    fsdp_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp_shard x cp (with dp_replicate: HSDP)
+    cp_mesh: DeviceMesh | None = field(default=None, repr=False)  # cp_ring x cp_ulysses, flattened
 
     @classmethod
     def from_config(cls, cfg: JobConfig, world_size: int) -> "ParallelDims":
@@ -37,7 +47,27 @@ class ParallelDims:
         dp = resolve_dp(cfg, world_size)
         p = cfg.parallel
         shard = dp // p.dp_replicate if p.dp_shard == -1 else p.dp_shard
-        return cls(dp_replicate=p.dp_replicate, dp_shard=shard, world_size=world_size, tp=p.tp, pp=p.pp)
+        ring, ulysses = cp_degrees(cfg)
+        return cls(dp_replicate=p.dp_replicate, dp_shard=shard, world_size=world_size, tp=p.tp, pp=p.pp,
+                   cp_ring=ring, cp_ulysses=ulysses)
+
+    @property
+    def cp(self) -> int:
+        return self.cp_ring * self.cp_ulysses
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def shard_degree(self) -> int:
+        """Ranks FSDP shards over: dp_shard x cp."""
+        return self.dp_shard * self.cp
+
+    @property
+    def grad_degree(self) -> int:
+        """Ranks whose gradients are summed: dp x cp."""
+        return self.dp * self.cp
 
     @property
     def dp(self) -> int:
@@ -46,15 +76,15 @@ class ParallelDims:
 
     @property
     def fsdp_enabled(self) -> bool:
-        return self.dp_shard > 1
+        return self.shard_degree > 1
 
     @property
     def ddp_enabled(self) -> bool:
-        return self.dp_replicate > 1 and self.dp_shard == 1
+        return self.dp_replicate > 1 and self.shard_degree == 1
 
     @property
     def hsdp_enabled(self) -> bool:
-        return self.dp_replicate > 1 and self.dp_shard > 1
+        return self.dp_replicate > 1 and self.shard_degree > 1
 
     @property
     def tp_enabled(self) -> bool:
@@ -70,13 +100,16 @@ class ParallelDims:
             return "single"
         parts = []
         if self.hsdp_enabled:
-            parts.append(f"hsdp({self.dp_replicate}x{self.dp_shard})")
+            parts.append(f"hsdp({self.dp_replicate}x{self.shard_degree})")
         elif self.fsdp_enabled:
-            parts.append(f"fsdp({self.dp_shard})")
+            parts.append(f"fsdp({self.shard_degree})")
         elif self.ddp_enabled:
             parts.append(f"ddp({self.dp_replicate})")
         if self.tp_enabled:
             parts.append(f"tp({self.tp})")
+        if self.cp_enabled:
+            kind = "ring" if self.cp_ulysses == 1 else "ulysses" if self.cp_ring == 1 else f"{self.cp_ring}x{self.cp_ulysses}"
+            parts.append(f"cp({self.cp},{kind})")
         if self.pp_enabled:
             parts.append(f"pp({self.pp})")
         return "x".join(parts)
@@ -86,12 +119,33 @@ class ParallelDims:
         process group."""
         if self.world_size == 1 and not dist.is_initialized():
             return None
-        shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp_ring, self.cp_ulysses, self.tp)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-        # Keep the flattened mesh: slicing it back out of the root mesh is deprecated.
+        # Keep the flattened meshes: slicing them back out of the root mesh is deprecated.
         self.dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
         self.mesh = mesh
+        if not self.cp_enabled:
+            self.grad_mesh = self.dp_mesh
+            self.fsdp_mesh = mesh["dp_replicate", "dp_shard"] if self.hsdp_enabled else mesh["dp_shard"]
+            return mesh
+        self.cp_mesh = mesh["cp_ring", "cp_ulysses"]._flatten("cp")
+        self.grad_mesh = mesh["dp_replicate", "dp_shard", "cp_ring", "cp_ulysses"]._flatten("dp_cp")
+        shard = mesh["dp_shard", "cp_ring", "cp_ulysses"]._flatten("dp_shard_cp")
+        if self.hsdp_enabled:
+            with warnings.catch_warnings():
+                # torch has no other way yet to pair a flattened dim with a plain one.
+                warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+                shard = mesh["dp_replicate", "dp_shard_cp"]
+        self.fsdp_mesh = shard
         return mesh
+
+    def shard_group(self) -> dist.ProcessGroup:
+        """The group FSDP / ZeRO-1 shard over (dp_shard x cp), without dp_replicate."""
+        return self.fsdp_mesh.get_group(self.fsdp_mesh.ndim - 1)
+
+    def cp_rank(self) -> int:
+        """This rank's index among the context-parallel ranks (0 without cp)."""
+        return 0 if self.cp_mesh is None else self.cp_mesh.get_local_rank()
 
     def dp_rank(self) -> int:
         """This rank's index among the data-parallel ranks (0 without a mesh)."""

@@ -25,6 +25,7 @@ from plait.data.loader import StepLoader, StepSampler, val_batches
 from plait.infer.generate import generate
 from plait.models.llama import build_model, count_params
 from plait.parallel import comm
+from plait.parallel.context_parallel import sequence_layout
 from plait.parallel.data_parallel import set_gradient_sync
 from plait.parallel.dims import ParallelDims
 from plait.parallel.parallelize import parallelize_llama
@@ -102,6 +103,10 @@ class Trainer:
             comm.install()
             comm.register_group(self.dims.dp_mesh.get_group(), "dp")
             comm.register_mesh(self.dims.mesh)
+            if self.dims.cp_enabled:
+                comm.register_group(self.dims.cp_mesh.get_group(), "cp")
+                comm.register_group(self.dims.grad_mesh.get_group(), "dp_cp")
+                comm.register_group(self.dims.shard_group(), "dp_shard_cp")
         self.data = load_data(cfg)
         self.cfg = cfg = with_vocab(cfg, self.data.tokenizer.vocab_size)
         model = build_model(cfg.model, self.device, seed=cfg.train.seed)
@@ -110,7 +115,7 @@ class Trainer:
         self.model = self.parts[0]
         del model
         if self.dims.fsdp_enabled and cfg.parallel.zero == 1:
-            self.optimizer = build_zero1_optimizer(self.parts, cfg.train, self.dims.mesh["dp_shard"].get_group())
+            self.optimizer = build_zero1_optimizer(self.parts, cfg.train, self.dims.shard_group())
         else:
             self.optimizer = build_optimizer(self.parts, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -122,7 +127,10 @@ class Trainer:
         dp_rank, dp = self.dims.dp_rank(), self.dims.dp
         sampler = StepSampler(len(self.data.train), cfg.train.global_batch, dp_rank, dp, cfg.train.seed)
         self.loader = StepLoader(self.data.train, sampler, cfg.train.micro_batch)
-        self.val = validation_batches(cfg, self.data, dp_rank, dp)
+        # Context-parallel ranks of one data-parallel rank read the same batches and keep
+        # their own tokens of each sequence.
+        self.cp_layout, self.cp_rank = sequence_layout(cfg), self.dims.cp_rank()
+        self.val = [self._local(mb) for mb in validation_batches(cfg, self.data, dp_rank, dp)]
         self.start_step = 0
         self.model_state_bytes: dict[str, int] = {}
         if cfg.checkpoint.resume:
@@ -131,14 +139,20 @@ class Trainer:
             torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else nullcontext()
         )
 
+    def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's tokens of a micro-batch: all of them without context parallelism."""
+        if not self.dims.cp_enabled:
+            return batch
+        return {key: self.cp_layout.shard(value, self.cp_rank) for key, value in batch.items()}
+
     def _reduce(self, value: torch.Tensor, op=dist.ReduceOp.SUM, over_pp: bool = False) -> torch.Tensor:
-        """Reduce a scalar over the data-parallel ranks, and over the pipeline ranks with
-        ``over_pp`` (losses live on the last stage only); identity on one process."""
+        """Reduce a scalar over the data- and context-parallel ranks, and over the pipeline
+        ranks with ``over_pp`` (losses live on the last stage only); identity on one process."""
         if self.dims.mesh is None:
             return value
         value = value.to(self.device)
         with comm.paused():  # bookkeeping, not training traffic
-            dist.all_reduce(value, op=op, group=self.dims.dp_mesh.get_group())
+            dist.all_reduce(value, op=op, group=self.dims.grad_mesh.get_group())
             if over_pp and self.dims.pp_enabled:
                 dist.all_reduce(value, op=op, group=self.dims.mesh["pp"].get_group())
         return value.cpu()
@@ -177,11 +191,13 @@ class Trainer:
         """One optimizer step. Returns (global mean loss, global grad norm before clipping)."""
         for part in self.parts:
             part.train()
+        micro_batches = [self._local(mb) for mb in micro_batches]
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
         global_tokens = float(self._reduce(torch.tensor(float(local_tokens))))
-        # Data-parallel wrappers average gradients over dp ranks; scaling by dp undoes that so
-        # gradients are of sum(loss)/global_tokens, the single-process reference's objective.
-        scale = self.dims.dp / max(global_tokens, 1.0)
+        # Data-parallel wrappers average gradients over the dp x cp ranks; scaling by their
+        # number undoes that so gradients are of sum(loss)/global_tokens, the single-process
+        # reference's objective.
+        scale = self.dims.grad_degree / max(global_tokens, 1.0)
         if self.pipeline is not None:
             with self.autocast:
                 total = self.pipeline.train(micro_batches, scale, self._loss_context())

@@ -1,0 +1,129 @@
+"""Context parallelism on the ``cp_ring`` x ``cp_ulysses`` mesh dims (``parallel.cp*``).
+
+Each sequence is cut into equal chunks and every cp rank keeps a few of them: with
+``cp_shard = "zigzag"`` 2·cp chunks, rank r holding chunks r and 2·cp−1−r, so every rank has
+the same causal-attention work (an early chunk sees few keys, its partner many); with
+``"contiguous"`` cp chunks, one each. Everything but attention is per token and runs on the
+local tokens unchanged (RoPE takes the local position ids). Attention is replaced by
+``ContextParallelAttention``:
+
+- ring: K/V blocks go around the cp ranks (plait/parallel/ring_attention.py);
+- ulysses: all-to-all to head-sharded full sequences, attention, all-to-all back
+  (plait/parallel/ulysses.py);
+- hybrid: Ulysses inside groups of ``cp_ulysses`` neighbouring ranks, then a ring across the
+  groups over the union of each group's chunks.
+
+Document masks: the model's mask builder is replaced by ``DocumentKeys``, which all-gathers
+the position ids (one small collective per forward) and gives every token of the sequence a
+document key (global index − position id, equal exactly within a document). Attention masks
+each chunk pair from the keys, so documents of any length work.
+
+Models stay plain: ``apply_context_parallel`` sets ``Llama.attention_mask`` and every
+``Attention.core``; the trainer shards each batch with ``SequenceLayout.shard``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.config import JobConfig
+from plait.parallel.dims import ParallelDims
+from plait.parallel.ring_attention import ChunkPlan, ring_attention
+from plait.parallel.ulysses import heads_to_sequence, sequence_to_heads
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """How a sequence is cut into chunks and which chunks each of the ``cp`` ranks holds."""
+
+    cp: int
+    zigzag: bool = True
+
+    @property
+    def n_chunks(self) -> int:
+        return 2 * self.cp if self.zigzag else self.cp
+
+    def rank_chunks(self, rank: int) -> tuple[int, ...]:
+        return (rank, 2 * self.cp - 1 - rank) if self.zigzag else (rank,)
+
+    def token_index(self, rank: int, seq_len: int, device=None) -> torch.Tensor:
+        """Global positions of rank ``rank``'s tokens, in its local order."""
+        length = seq_len // self.n_chunks
+        return torch.cat([torch.arange(c * length, (c + 1) * length, device=device) for c in self.rank_chunks(rank)])
+
+    def shard(self, tensor: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s part of a (batch, seq, ...) tensor."""
+        return tensor.index_select(1, self.token_index(rank, tensor.shape[1], tensor.device))
+
+
+class DocumentKeys:
+    """The mask builder under cp: local position ids -> (batch, seq) document keys of the whole
+    sequence in sequence order, or None when no sequence holds more than one document."""
+
+    def __init__(self, layout: SequenceLayout, group: dist.ProcessGroup):
+        self.layout, self.group = layout, group
+
+    def __call__(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        local = position_ids.contiguous()
+        batch, tokens = local.shape
+        gathered = torch.empty(self.layout.cp * batch, tokens, dtype=local.dtype, device=local.device)
+        dist.all_gather_into_tensor(gathered, local, group=self.group)  # gloo wants ranks along dim 0
+        gathered = gathered.view(self.layout.cp, batch, tokens)
+        seq = tokens * self.layout.cp
+        positions = torch.empty(batch, seq, dtype=local.dtype, device=local.device)
+        for rank in range(self.layout.cp):
+            positions[:, self.layout.token_index(rank, seq, local.device)] = gathered[rank]
+        if not bool((positions[:, 1:] == 0).any()):
+            return None
+        return torch.arange(seq, device=local.device) - positions
+
+
+class ContextParallelAttention:
+    """``Attention.core`` under cp: (q, k, v, document keys) of the local tokens -> output."""
+
+    def __init__(self, layout: SequenceLayout, cp_rank: int, ring: int, ulysses: int,
+                 ring_group: dist.ProcessGroup | None, ulysses_group: dist.ProcessGroup | None):
+        self.ring_group, self.ulysses_group = ring_group, ulysses_group
+        # The cp mesh is ring-major: cp rank = ring index * ulysses + ulysses index. After the
+        # all-to-all a rank holds its Ulysses group's chunks, in the group's rank order.
+        def group_chunks(ring_index: int) -> tuple[int, ...]:
+            members = range(ring_index * ulysses, (ring_index + 1) * ulysses)
+            return tuple(c for member in members for c in layout.rank_chunks(member))
+
+        self.query_chunks = group_chunks(cp_rank // ulysses)
+        self.block_chunks = tuple(group_chunks(j) for j in range(ring))
+
+    @torch.compiler.disable  # collectives and a custom autograd Function: left out of compiled graphs
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+        if self.ulysses_group is not None:
+            q, k, v = (sequence_to_heads(x, self.ulysses_group) for x in (q, k, v))
+        out = ring_attention(q, k, v, ChunkPlan(self.query_chunks, self.block_chunks, keys), self.ring_group)
+        if self.ulysses_group is not None:
+            out = heads_to_sequence(out, self.ulysses_group)
+        return out
+
+
+def sequence_layout(cfg: JobConfig) -> SequenceLayout:
+    return SequenceLayout(cfg.parallel.cp, zigzag=cfg.parallel.cp_shard == "zigzag")
+
+
+def apply_context_parallel(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> None:
+    """Make ``model`` (a Llama or a pipeline stage of one, before activation checkpointing
+    wraps its blocks) attend across the cp ranks; it then takes this rank's tokens only."""
+    layout = sequence_layout(cfg)
+    cp_group = dims.cp_mesh.get_group()
+    ring_group = ulysses_group = None
+    if dims.cp_ulysses == 1:
+        ring_group = cp_group
+    elif dims.cp_ring == 1:
+        ulysses_group = cp_group
+    else:
+        ring_group, ulysses_group = dims.mesh["cp_ring"].get_group(), dims.mesh["cp_ulysses"].get_group()
+    core = ContextParallelAttention(layout, dims.cp_rank(), dims.cp_ring, dims.cp_ulysses, ring_group, ulysses_group)
+    model.attention_mask = DocumentKeys(layout, cp_group)
+    for block in model.layers.values():
+        block.attention.core = core
