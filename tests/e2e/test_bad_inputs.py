@@ -92,6 +92,9 @@ CASES = {
                               "--train.global_batch", "4", "--train.micro_batch", "2"], ["parallel.zero = 1"]),
     "bad_activation_checkpointing": (["train", "--train.activation_checkpointing", "some"],
                                      ["train.activation_checkpointing", "'selective'"]),
+    "balanced_without_doc_mask": (["train", "--data.batching", "balanced", "--data.doc_mask", "false"],
+                                  ["data.batching = 'balanced'", "needs data.doc_mask = true"]),
+    "unknown_batching": (["train", "--data.batching", "sorted"], ["data.batching", "'packed', 'balanced'"]),
     "generate_missing_checkpoint": (["generate", "/nope/ckpt"], ["/nope/ckpt", "does not exist"]),
     "convert_missing_source": (["convert", "/nope/src", "/tmp/plait-never-written"], ["/nope/src"]),
 }
