@@ -131,7 +131,8 @@ def main() -> None:
     print("command:", "python " + " ".join(shlex.quote(a) for a in sys.argv))
 
     with tempfile.TemporaryDirectory() as folder:
-        from tests.parallel.harness import write_corpus
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from tests.parallel.harness import write_corpus  # the parity harness's long-tailed corpus
 
         # ~1,500 documents of 20-400 words: several 32k-token windows after BPE.
         write_corpus(folder, n_docs=max(600, args.seq_len * (args.steps + 1) // 80), seed=0)

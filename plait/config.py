@@ -65,6 +65,11 @@ class DataConfig:
     cache_dir: str = _f(".plait_cache", "where tokenizers and tokenized data are cached")
     val_fraction: float = _f(0.05, "share of documents held out for validation", min=0, max=0.5)
     doc_mask: bool = _f(True, "attention never crosses a document boundary in packed windows")
+    batching: Literal["packed", "balanced"] = _f(
+        "packed",
+        "packed: fixed windows in corpus order; balanced: documents assigned to ranks and "
+        "micro-batches to equalize attention+matmul work (needs doc_mask)",
+    )
 
 
 @dataclass
@@ -281,6 +286,11 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"train.seq_len = {t.seq_len} is above the model's limit model.max_seq_len = "
             f"{m.max_seq_len}"
+        )
+    if cfg.data.batching == "balanced" and not cfg.data.doc_mask:
+        raise ConfigError(
+            "data.batching = 'balanced' needs data.doc_mask = true: it packs several documents "
+            "into one sequence, which must not attend to each other"
         )
     world = world_size if world_size is not None else job_world_size(cfg)
     dp = resolve_dp(cfg, world)

@@ -2,7 +2,7 @@
 
 ``prepare_data`` does everything up to the windows and caches each stage under
 ``data.cache_dir``, so a restart neither retrains the tokenizer nor tokenizes again. It prints
-nothing; the caller reports.
+nothing; the caller reports. ``train_loader`` picks the batching that ``data.batching`` names.
 """
 
 from __future__ import annotations
@@ -15,21 +15,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from plait.config import DataConfig
-from plait.data.loader import StepLoader, StepSampler, val_batches
+from plait.config import DataConfig, JobConfig
+from plait.data.balance import model_coefficients
+from plait.data.balanced_loader import BalancedLoader
+from plait.data.loader import StepLoader, StepSampler, StepStats, val_batches
 from plait.data.packing import PackedWindows, TokenStore, tokenize_to_cache
 from plait.data.sources import load_documents, source_fingerprint
 from plait.data.tokenizer import Tokenizer, build_tokenizer
 from plait.errors import DataError
 
 __all__ = [
+    "BalancedLoader",
     "DataBundle",
     "PackedWindows",
     "StepLoader",
     "StepSampler",
+    "StepStats",
     "Tokenizer",
     "prepare_data",
     "split_documents",
+    "train_loader",
     "val_batches",
 ]
 
@@ -126,3 +131,12 @@ def prepare_data(data_cfg: DataConfig, seq_len: int, seed: int) -> DataBundle:
         n_train_tokens=train_store.n_tokens,
         n_val_tokens=val_store.n_tokens,
     )
+
+
+def train_loader(cfg: JobConfig, train: PackedWindows, dp_rank: int, dp: int) -> StepLoader | BalancedLoader:
+    """Data-parallel rank ``dp_rank``'s (of ``dp``) training loader for ``data.batching``."""
+    t = cfg.train
+    if cfg.data.batching == "balanced":
+        return BalancedLoader.for_job(cfg, train.store, n_ranks=dp, ranks=[dp_rank])
+    sampler = StepSampler(len(train), t.global_batch, dp_rank, dp, t.seed)
+    return StepLoader(train, sampler, t.micro_batch, model_coefficients(cfg.model))

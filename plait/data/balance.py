@@ -29,7 +29,14 @@ Piece = tuple[int, int, int]  # (doc_index, start token, length in tokens)
 def coefficients(
     dim: int, n_layers: int, ffn_dim: int, n_heads: int, n_kv_heads: int
 ) -> tuple[float, float]:
-    """(attn_coef, linear_coef) of a Llama model, in forward FLOPs.
+    """(attn_coef, linear_coef) of a Llama shape given field by field; see ``model_coefficients``."""
+    return model_coefficients(
+        ModelConfig(dim=dim, n_layers=n_layers, ffn_dim=ffn_dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
+    )
+
+
+def model_coefficients(model: ModelConfig) -> tuple[float, float]:
+    """(attn_coef, linear_coef) of a Llama model, in forward FLOPs (n_kv_heads 0 means n_heads).
 
     linear_coef: FLOPs per token, ``2 * (dim * (2 dim + 2 kv_dim) + 3 dim ffn_dim)`` per layer
     (q/o projections dim x dim, k/v projections dim x kv_dim, SwiGLU's three dim x ffn matmuls;
@@ -39,9 +46,8 @@ def coefficients(
     they only scale linear_coef a little). Backward is ~2x forward for both, so the ratio, the
     only thing balancing depends on, is the same for training.
     """
-    shape = ModelConfig(dim=dim, n_layers=n_layers, ffn_dim=ffn_dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
-    linear = 2.0 * block_matmul_params(shape) * n_layers
-    attn = 2.0 * dim * n_layers
+    linear = 2.0 * block_matmul_params(model) * model.n_layers
+    attn = 2.0 * model.dim * model.n_layers
     return attn, linear
 
 
@@ -49,6 +55,13 @@ def work(lengths: Sequence[int], attn_coef: float, linear_coef: float) -> float:
     """Cost (FLOPs, in the coefficients' unit) of a packed sequence of documents of these
     token lengths under document-masked attention: attn_coef * sum(s**2) + linear_coef * sum(s)."""
     return float(sum(attn_coef * s * s + linear_coef * s for s in lengths))
+
+
+def imbalance(rank_work: Sequence[float]) -> float:
+    """max / mean of the ranks' work: how much longer the slowest rank runs than the average
+    (1.0 = perfect; an idle step counts as balanced)."""
+    mean = sum(rank_work) / len(rank_work)
+    return max(rank_work) / mean if mean > 0 else 1.0
 
 
 @dataclass
@@ -84,12 +97,11 @@ def split(doc_lengths: Sequence[int], capacity: int) -> list[Piece]:
 def _finish(ranks: list[list[list[Piece]]], capacity: int, a: float, b: float,
             leftover: list[Piece]) -> Assignment:
     rank_work = [sum(work([p[2] for p in mb], a, b) for mb in r) for r in ranks]
-    mean = sum(rank_work) / len(rank_work)
     placed = sum(p[2] for r in ranks for mb in r for p in mb)
     n_bins = sum(len(r) for r in ranks)
     return Assignment(
         ranks=ranks, rank_work=rank_work,
-        imbalance=max(rank_work) / mean if mean > 0 else 1.0,
+        imbalance=imbalance(rank_work),
         padding_waste=1.0 - placed / (n_bins * capacity),
         leftover=leftover, capacity=capacity,
     )
@@ -347,4 +359,4 @@ class BalancedStream:
 
 
 __all__ = ["Assignment", "BalancedStream", "balance", "balance_pieces", "coefficients",
-           "naive", "split", "work"]
+           "imbalance", "model_coefficients", "naive", "split", "work"]

@@ -10,14 +10,30 @@ the single-process micro-batches, and a run resumed on a different dp degree see
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from plait.data.balance import imbalance, work
+from plait.data.packing import PackedWindows
 from plait.errors import DataError
 
 Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class StepStats:
+    """How well one optimizer step's data is spread, the same on every rank (no communication).
+
+    imbalance: max / mean over the data-parallel ranks of their attention + matmul work
+    (``balance.work``, document-masked attention), 1.0 = every rank equally busy. padding: the
+    fraction of the step's token slots (global_batch x seq_len) that hold padding.
+    """
+
+    imbalance: float
+    padding: float
 
 
 class StepSampler:
@@ -59,9 +75,14 @@ class StepSampler:
 
     def indices(self, step: int) -> list[int]:
         """This rank's window indices for optimizer step ``step`` (G / dp_size of them)."""
+        return self.rank_indices(step, self.dp_rank)
+
+    def rank_indices(self, step: int, dp_rank: int) -> list[int]:
+        """Data-parallel rank ``dp_rank``'s window indices for step ``step``: any rank can
+        tell what every other rank reads."""
         epoch, slot = divmod(step, self.steps_per_epoch)
         per_rank = self.global_batch // self.dp_size
-        start = slot * self.global_batch + self.dp_rank * per_rank
+        start = slot * self.global_batch + dp_rank * per_rank
         return self._permutation(epoch)[start : start + per_rank].tolist()
 
     def epoch(self, step: int) -> float:
@@ -81,9 +102,15 @@ def collate(windows: Sequence[Batch]) -> Batch:
 
 
 class StepLoader:
-    """Hands this rank its micro-batches, one optimizer step at a time."""
+    """Hands this rank its micro-batches, one optimizer step at a time.
 
-    def __init__(self, windows: Sequence[Batch], sampler: StepSampler, micro_batch: int) -> None:
+    ``coefs`` are the model's (attn_coef, linear_coef) from ``balance.model_coefficients``; they
+    only serve ``step_stats``.
+    """
+
+    def __init__(
+        self, windows: PackedWindows, sampler: StepSampler, micro_batch: int, coefs: tuple[float, float]
+    ) -> None:
         per_rank = sampler.global_batch // sampler.dp_size
         if per_rank % micro_batch:
             raise DataError(
@@ -93,6 +120,7 @@ class StepLoader:
         self.windows = windows
         self.sampler = sampler
         self.micro_batch = micro_batch
+        self.coefs = coefs
 
     def next_step(self) -> list[Batch]:
         """The next step's micro-batches for this rank, each tensor (micro_batch, seq_len)."""
@@ -100,6 +128,19 @@ class StepLoader:
         self.sampler.next_step += 1
         mb = self.micro_batch
         return [collate([self.windows[i] for i in ids[k : k + mb]]) for k in range(0, len(ids), mb)]
+
+    def step_stats(self) -> StepStats:
+        """Stats of the step ``next_step`` returned last. Every rank's windows follow from the
+        deterministic sampler, so each rank computes every rank's work by itself. Windows are
+        always full: no padding."""
+        step = self.sampler.next_step - 1
+        if step < 0:
+            raise ValueError("step_stats() describes the last next_step(); no step was taken yet")
+        rank_work = [
+            sum(work(self.windows.document_lengths(i), *self.coefs) for i in self.sampler.rank_indices(step, r))
+            for r in range(self.sampler.dp_size)
+        ]
+        return StepStats(imbalance=imbalance(rank_work), padding=0.0)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

@@ -133,3 +133,13 @@ class PackedWindows:
             "labels": torch.from_numpy(labels),
             "position_ids": torch.from_numpy(position_ids.astype(np.int64)),
         }
+
+    def document_lengths(self, i: int) -> list[int]:
+        """Token lengths of the document pieces in window ``i``'s inputs: the runs between the
+        places where its ``position_ids`` restart at 0, found from the offsets alone (no tokens
+        are read), so any rank can cost any window."""
+        start, end = i * self.seq_len, (i + 1) * self.seq_len
+        inner = self._doc_starts[
+            np.searchsorted(self._doc_starts, start, side="right") : np.searchsorted(self._doc_starts, end)
+        ]
+        return np.diff([start, *inner.tolist(), end]).tolist()

@@ -60,6 +60,10 @@ class SequenceLayout:
         return tensor.index_select(1, self.token_index(rank, tensor.shape[1], tensor.device))
 
 
+# torch 2.13 renamed all_gather_into_tensor (the old name warns); older versions lack the new one.
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
 class DocumentKeys:
     """The mask builder under cp: local position ids -> (batch, seq) document keys of the whole
     sequence in sequence order, or None when no sequence holds more than one document."""
@@ -71,7 +75,7 @@ class DocumentKeys:
         local = position_ids.contiguous()
         batch, tokens = local.shape
         gathered = torch.empty(self.layout.cp * batch, tokens, dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(gathered, local, group=self.group)  # gloo wants ranks along dim 0
+        _all_gather(gathered, local, group=self.group)  # gloo wants ranks along dim 0
         gathered = gathered.view(self.layout.cp, batch, tokens)
         seq = tokens * self.layout.cp
         positions = torch.empty(batch, seq, dtype=local.dtype, device=local.device)

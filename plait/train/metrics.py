@@ -2,7 +2,8 @@
 
 metrics.jsonl holds one JSON object per logged step with ``step``, ``loss``, ``lr``,
 ``grad_norm``, ``tokens`` (cumulative), ``tokens_per_s``, ``mfu`` (fraction of the configured
-peak), ``mem_gib`` and ``step_s``; steps that ran validation add ``val_loss`` and ``val_ppl``.
+peak), ``mem_gib``, ``step_s``, and the data's ``imbalance`` and ``padding`` (``StepStats`` in
+plait/data/loader.py); steps that ran validation add ``val_loss`` and ``val_ppl``.
 """
 
 from __future__ import annotations

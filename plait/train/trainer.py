@@ -20,8 +20,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from plait.config import JobConfig, to_toml
 from plait.errors import CheckpointError
-from plait.data import prepare_data, DataBundle
-from plait.data.loader import StepLoader, StepSampler, val_batches
+from plait.data import prepare_data, train_loader, DataBundle
+from plait.data.loader import val_batches
 from plait.infer.generate import generate
 from plait.models.llama import build_model, count_params
 from plait.parallel import comm
@@ -125,8 +125,7 @@ class Trainer:
             if self.dims.pp_enabled else None
         )
         dp_rank, dp = self.dims.dp_rank(), self.dims.dp
-        sampler = StepSampler(len(self.data.train), cfg.train.global_batch, dp_rank, dp, cfg.train.seed)
-        self.loader = StepLoader(self.data.train, sampler, cfg.train.micro_batch)
+        self.loader = train_loader(cfg, self.data.train, dp_rank, dp)
         # Context-parallel ranks of one data-parallel rank read the same batches and keep
         # their own tokens of each sequence.
         self.cp_layout, self.cp_rank = sequence_layout(cfg), self.dims.cp_rank()
@@ -287,6 +286,7 @@ class Trainer:
             traffic = comm.step_summary()
             result.comm_bytes[step] = traffic["comm_bytes"]
             result.losses[step], result.grad_norms[step] = loss, norm
+            data_stats = self.loader.step_stats()
             record = {
                 "step": step,
                 "loss": loss,
@@ -299,6 +299,8 @@ class Trainer:
                 "step_s": elapsed,
                 "comm_bytes": traffic["comm_bytes"],
                 "comm_s": traffic["comm_s"],
+                "imbalance": data_stats.imbalance,
+                "padding": data_stats.padding,
             }
             if self.pipeline is not None:
                 record["bubble"] = self.pipeline.last_bubble

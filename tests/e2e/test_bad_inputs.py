@@ -105,6 +105,9 @@ CASES = {
     "hybrid_bad_ulysses_degree": (["train", "--parallel.nproc", "4", "--parallel.cp", "4", "--parallel.cp_mode",
                                    "hybrid", "--parallel.cp_ulysses", "4"], ["parallel.cp_ulysses", "strictly between 1"]),
     "bad_cp_mode": (["train", "--parallel.cp_mode", "star"], ["parallel.cp_mode", "'ulysses'"]),
+    "balanced_without_doc_mask": (["train", "--data.batching", "balanced", "--data.doc_mask", "false"],
+                                  ["data.batching = 'balanced'", "needs data.doc_mask = true"]),
+    "unknown_batching": (["train", "--data.batching", "sorted"], ["data.batching", "'packed', 'balanced'"]),
     "generate_missing_checkpoint": (["generate", "/nope/ckpt"], ["/nope/ckpt", "does not exist"]),
     "convert_missing_source": (["convert", "/nope/src", "/tmp/plait-never-written"], ["/nope/src"]),
 }

@@ -6,15 +6,16 @@ import contextlib
 import io
 import json
 import os
+import random
 
 import pytest
 import torch
 
 from plait.cli import main
 from tests.e2e.test_bad_inputs import TINY
-from tests.parallel.harness import write_corpus
+from tests.parallel.harness import WORDS, roll_back, write_corpus
 
-KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gib"}
+KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gib", "imbalance", "padding"}
 
 
 def cli(*args: str) -> tuple[int, str]:
@@ -45,6 +46,7 @@ def test_metrics_file_plots_and_sample(trained):
     for row in steps:
         assert KEYS <= set(row), row
         assert row["tokens"] == row["step"] * 4 * 16 and row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+        assert row["imbalance"] >= 1.0 and row["padding"] == 0.0  # packed windows are full
     assert {r["step"] for r in rows if "val_loss" in r} == {0, 3, 6}
     assert os.path.getsize(os.path.join(trained["run"], "loss_curve.png")) > 1000
     assert os.listdir(os.path.join(trained["run"], "tensorboard"))
@@ -102,3 +104,29 @@ def test_profile_pipeline_writes_gantt_and_bubble(trained, tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     steps = [r for r in rows if r["step"] > 0]
     assert all(0 < r["bubble"] < 1 and r["comm_bytes"]["pp"] > 0 for r in steps)
+
+
+def test_balanced_batching_on_a_long_tailed_corpus(tmp_path):
+    rng = random.Random(0)
+    corpus = tmp_path / "long_tail.jsonl"
+    with open(corpus, "w") as fh:  # 2 to 300 words, median ~20: many short documents, a few long
+        for _ in range(80):
+            n = int(min(300, max(2, rng.lognormvariate(3.0, 1.0))))
+            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(n)) + "."}) + "\n")
+    run_dir = str(tmp_path / "run")
+    args = [*TINY, "--data.source", str(corpus), "--data.cache_dir", str(tmp_path / "cache"), "--run.dir", run_dir,
+            "--train.steps", "4", "--data.batching", "balanced", "--checkpoint.every", "2"]
+
+    def logged() -> list[dict]:
+        rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        return [r for r in rows if r["step"] > 0]
+
+    assert cli("train", *args)[0] == 0
+    steps = logged()
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for row in steps:
+        assert 1.0 <= row["imbalance"] < 2.0 and 0.0 <= row["padding"] < 1.0, row
+        assert row["loss"] == row["loss"]  # not NaN: padding and piece ends score nothing
+    roll_back(run_dir, 2)  # the loader's position goes through the checkpoint too
+    assert cli("train", *args, "--resume")[0] == 0
+    assert [(r["loss"], r["padding"]) for r in logged()] == [(r["loss"], r["padding"]) for r in steps]

@@ -7,8 +7,10 @@ import random
 
 import pytest
 
+from plait.config import ModelConfig
 from plait.data.balance import (
-    Assignment, BalancedStream, balance, balance_pieces, coefficients, naive, split, work,
+    Assignment, BalancedStream, balance, balance_pieces, coefficients, imbalance, model_coefficients, naive,
+    split, work,
 )
 
 COEFS = coefficients(dim=64, n_layers=2, ffn_dim=256, n_heads=4, n_kv_heads=2)
@@ -49,6 +51,10 @@ def test_work_and_coefficients():
     # dim 8, kv_dim 8 / 2 * 1 = 4: matmuls 2 * (8 * (16 + 8) + 3 * 8 * 16) = 1152 per layer;
     # attention 2 * dim = 16 per squared token per layer.
     assert coefficients(dim=8, n_layers=2, ffn_dim=16, n_heads=2, n_kv_heads=1) == (32.0, 2304.0)
+    # A config's n_kv_heads = 0 means one KV head per query head.
+    shape = {"dim": 8, "n_layers": 2, "ffn_dim": 16, "n_heads": 2}
+    assert model_coefficients(ModelConfig(**shape, n_kv_heads=0)) == coefficients(**shape, n_kv_heads=2)
+    assert imbalance([1.0, 3.0]) == 1.5 and imbalance([0.0, 0.0]) == 1.0
 
 
 def test_naive_windows_in_order():

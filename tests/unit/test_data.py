@@ -17,12 +17,14 @@ import plait.data.tokenizer as tok_mod
 from plait.config import DataConfig
 from plait.data import DataBundle, prepare_data, split_documents
 from plait.data.demo import play_files
+from plait.data.balance import coefficients, work
 from plait.data.loader import StepLoader, StepSampler, val_batches
 from plait.data.packing import PackedWindows, TokenStore, cache_files, tokenize_to_cache
 from plait.data.sources import load_documents, source_fingerprint
 from plait.data.tokenizer import Tokenizer, build_tokenizer
 from plait.errors import DataError
 
+COEFS = coefficients(dim=64, n_layers=2, ffn_dim=128, n_heads=4, n_kv_heads=2)
 WORDS = "the king queen crown sword night day love death rose thorn speak hear".split()
 
 
@@ -305,12 +307,12 @@ def test_sampler_is_deterministic_and_covers_each_epoch(tmp_path: Path) -> None:
 def test_dp_ranks_concatenate_to_the_single_process_batches(tmp_path: Path) -> None:
     windows = _windows(tmp_path)
     g, mb = 8, 2
-    single = StepLoader(windows, StepSampler(len(windows), g, 0, 1, seed=3), mb)
+    single = StepLoader(windows, StepSampler(len(windows), g, 0, 1, seed=3), mb, COEFS)
     for dp in (2, 4):
         ranks = [
-            StepLoader(windows, StepSampler(len(windows), g, r, dp, seed=3), mb) for r in range(dp)
+            StepLoader(windows, StepSampler(len(windows), g, r, dp, seed=3), mb, COEFS) for r in range(dp)
         ]
-        reference = StepLoader(windows, StepSampler(len(windows), g, 0, 1, seed=3), mb)
+        reference = StepLoader(windows, StepSampler(len(windows), g, 0, 1, seed=3), mb, COEFS)
         for _ in range(12):  # crosses an epoch boundary
             want = reference.next_step()
             got = [b for loader in ranks for b in loader.next_step()]
@@ -324,22 +326,45 @@ def test_dp_ranks_concatenate_to_the_single_process_batches(tmp_path: Path) -> N
 
 def test_loader_resumes_from_state_dict(tmp_path: Path) -> None:
     windows = _windows(tmp_path)
-    run = StepLoader(windows, StepSampler(len(windows), 4, 1, 2, seed=0), 2)
+    run = StepLoader(windows, StepSampler(len(windows), 4, 1, 2, seed=0), 2, COEFS)
     for _ in range(3):
         run.next_step()
     state = run.state_dict()
-    resumed = StepLoader(windows, StepSampler(len(windows), 4, 1, 2, seed=0), 2)
+    resumed = StepLoader(windows, StepSampler(len(windows), 4, 1, 2, seed=0), 2, COEFS)
     resumed.load_state_dict(state)
     assert state == {"next_step": 3}
     pairs = zip(run.next_step(), resumed.next_step())
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in pairs)
 
 
+def _piece_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the runs between the places where position_ids restart at 0."""
+    starts = (position_ids == 0).nonzero().flatten().tolist()
+    return np.diff(starts + [len(position_ids)]).tolist()
+
+
+def test_packed_step_stats_cost_every_rank_from_the_sampler(tmp_path: Path) -> None:
+    windows = _windows(tmp_path)
+    for i in range(len(windows)):
+        assert windows.document_lengths(i) == _piece_lengths(windows[i]["position_ids"])
+    ranks = [StepLoader(windows, StepSampler(len(windows), 8, r, 2, seed=1), 2, COEFS) for r in range(2)]
+    for _ in range(3):
+        rank_work = [
+            sum(work(_piece_lengths(row), *COEFS) for mb in run.next_step() for row in mb["position_ids"])
+            for run in ranks
+        ]
+        want = max(rank_work) / (sum(rank_work) / 2)
+        for run in ranks:  # each rank computes both ranks' work without seeing the other's batch
+            stats = run.step_stats()
+            assert stats.imbalance == pytest.approx(want, rel=1e-12) and stats.padding == 0.0
+    assert want > 1.0
+
+
 def test_loader_errors() -> None:
     with pytest.raises(DataError, match="has 5 windows .* fewer than train.global_batch = 8"):
         StepSampler(5, 8, 0, 1, seed=0)
     with pytest.raises(DataError, match="not a multiple of train.micro_batch = 3"):
-        StepLoader([], StepSampler(10, 8, 0, 2, seed=0), 3)
+        StepLoader([], StepSampler(10, 8, 0, 2, seed=0), 3, COEFS)
 
 
 def test_val_batches_are_fixed_and_sharded(tmp_path: Path) -> None:
