@@ -52,6 +52,19 @@ class ModelConfig:
     qkv_bias: bool = _f(False, "bias on q/k/v projections (Qwen2)")
     tie_embeddings: bool = _f(False, "output layer shares the embedding matrix")
     init_std: float = _f(0.02, "std of the normal weight init", gt=0)
+    moe_experts: int = _f(0, "routed experts per block (mixture of experts); 0 = a dense SwiGLU MLP", min=0)
+    moe_top_k: int = _f(2, "experts each token is routed to", min=1)
+    moe_ffn_dim: int = _f(0, "hidden size of each routed expert; 0 = ffn_dim", min=0)
+    moe_shared_ffn_dim: int = _f(0, "hidden size of an always-on shared expert; 0 = none", min=0)
+    moe_shared_gate: bool = _f(False, "scale the shared expert by a learned sigmoid gate (Qwen2-MoE)")
+    moe_router: Literal["softmax", "sigmoid"] = _f(
+        "softmax", "router scores: softmax over experts (Mixtral, Qwen2-MoE) or per-expert sigmoid (DeepSeek-V3)"
+    )
+    moe_norm_topk: bool = _f(True, "renormalize the top-k scores to sum to 1 (Mixtral: true; always for sigmoid)")
+    moe_dispatch: Literal["dropless", "capacity"] = _f(
+        "dropless", "dropless: every token reaches its experts; capacity: at most capacity_factor x fair share"
+    )
+    moe_capacity_factor: float = _f(1.25, "capacity dispatch: tokens per expert = factor x tokens x top_k / experts", gt=0)
 
 
 @dataclass
@@ -128,6 +141,16 @@ class ParallelConfig:
 
 
 @dataclass
+class MoEConfig:
+    balance_scope: Literal["micro_batch", "global_batch"] = _f(
+        "global_batch", "load-balancing loss counts tokens per expert over one micro-batch on one rank, or over "
+        "all data-parallel ranks and the step's micro-batches so far"
+    )
+    aux_loss_coef: float = _f(0.01, "weight of the load-balancing loss n_experts x sum(f_i p_i)", min=0)
+    z_loss_coef: float = _f(0.0, "weight of the router z-loss mean(logsumexp(logits)^2); 0 disables", min=0)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = _f(0, "save every N steps; 0 saves only at the end", min=0)
     keep: int = _f(2, "checkpoints kept on disk (oldest removed)", min=1)
@@ -151,6 +174,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.config import ModelConfig
+from plait.models.moe import MoE
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -165,7 +166,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.feed_forward = MoE(cfg) if cfg.moe_experts else FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
@@ -211,7 +212,8 @@ class Llama(nn.Module):
             elif name.endswith("bias"):
                 param.zero_()
             else:
-                scale = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
+                residual_out = name.endswith(("wo.weight", "w2.weight", "experts.w2"))
+                scale = std / math.sqrt(2 * self.cfg.n_layers) if residual_out else std
                 values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=gen)
                 param.copy_(values)
         self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
@@ -263,9 +265,15 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
 
 def block_matmul_params(cfg: ModelConfig) -> int:
     """Weights one transformer block multiplies each token by: q/o (dim x dim), k/v
-    (dim x kv_dim) and SwiGLU's three dim x ffn_dim matrices. FLOPs per token = 2x this."""
+    (dim x kv_dim) and SwiGLU's three dim x ffn_dim matrices; with experts, the router, the
+    top-k experts' SwiGLUs and the shared expert instead. FLOPs per token = 2x this."""
     kv_dim = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
-    return cfg.dim * (2 * cfg.dim + 2 * kv_dim) + 3 * cfg.dim * cfg.ffn_dim
+    attention = cfg.dim * (2 * cfg.dim + 2 * kv_dim)
+    if not cfg.moe_experts:
+        return attention + 3 * cfg.dim * cfg.ffn_dim
+    experts = cfg.moe_top_k * 3 * cfg.dim * (cfg.moe_ffn_dim or cfg.ffn_dim)
+    shared = 3 * cfg.dim * cfg.moe_shared_ffn_dim + (cfg.dim if cfg.moe_shared_gate else 0)
+    return attention + cfg.dim * cfg.moe_experts + experts + shared
 
 
 def count_params(model: nn.Module, include_embedding: bool = True) -> int:
