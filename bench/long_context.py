@@ -10,7 +10,8 @@ forward of one layer's attention).
 Part 2 times one layer's ring attention forward + backward (``--attn-seq`` tokens, same
 model) under zigzag and contiguous sharding, alternating ``--rounds`` rounds, and prints each
 rank's attention compute time: the max/mean ratio is the load imbalance the sharding causes
-(theory: 1.0 for zigzag, (2cp - 1)/cp for contiguous). Communication waits are excluded by
+(theory: 1.0 for zigzag; for contiguous (2cp - 1)/cp in causal FLOPs, 2cp/(cp + 1) in the
+kernel's chunk blocks, since a diagonal block is computed whole and masked). Communication waits are excluded by
 timing only the local block computations (the ring's hop loop is synchronous, so the slowest
 rank sets the pace).
 
@@ -153,7 +154,9 @@ def main() -> None:
         share = statistics.mean(t[shard]["saved"] for t in timings) / single
         print(f"   {shard:<11} {' '.join(f'{s:6.2f}' for s in secs):<32} {max(secs) / statistics.mean(secs):8.2f} "
               f"{share:24.3f}")
-    print(f"   theory: zigzag 1.00, contiguous {(2 * args.cp - 1) / args.cp:.2f}; saved share 1/cp = {1 / args.cp:.3f}")
+    cp = args.cp
+    print(f"   theory: zigzag 1.00; contiguous {(2 * cp - 1) / cp:.2f} in causal FLOPs, {2 * cp / (cp + 1):.2f} in "
+          f"chunk blocks (the kernel computes a diagonal block whole, masked); saved share 1/cp = {1 / cp:.3f}")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ class ParallelConfig:
     ] = _f("1f1b", "pipeline schedule")
     pp_virtual_stages: int = _f(1, "pipeline stages per rank (interleaving); zbv and dualpipev use 2", min=1)
     pp_split: str = _f("", "layers per stage, e.g. '3,3,2'; empty balances by parameter count")
+    ep: int = _f(1, "expert-parallel degree: each MoE layer's experts are split over ep of the dp_shard ranks", min=1)
     cp: int = _f(1, "context-parallel degree: every sequence is split over cp ranks", min=1)
     cp_mode: Literal["ring", "ulysses", "hybrid"] = _f(
         "ring", "ring: K/V blocks passed around the cp ranks; ulysses: all-to-all from sequence to heads; "
@@ -370,6 +371,7 @@ def validate_model_parallel(cfg: JobConfig, dp: int) -> None:
             f"{p.dp_shard}) is not supported; use parallel.zero = 2 or 3 with dp_shard > 1"
         )
     validate_context_parallel(cfg)
+    validate_experts(cfg, shard)
     if (p.tp > 1 or p.pp > 1) and m.tie_embeddings:
         raise ConfigError("model.tie_embeddings = true is not supported with parallel.tp > 1 or parallel.pp > 1")
     v = p.pp_virtual_stages
@@ -404,6 +406,36 @@ def validate_model_parallel(cfg: JobConfig, dp: int) -> None:
         f"parallel.pp_schedule = '{schedule}' needs {problem} micro-batches per step; "
         f"train.global_batch / (train.micro_batch x dp) = {t.global_batch} / ({t.micro_batch} x {dp}) = {micro}"
     )
+
+
+def validate_experts(cfg: JobConfig, dp_shard: int) -> None:
+    """Mixture-of-experts fields fit together and with the layout."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if not m.moe_experts:
+        if p.ep > 1:
+            raise ConfigError(f"parallel.ep = {p.ep} needs a mixture-of-experts model (model.moe_experts > 0)")
+        return
+    if m.moe_top_k > m.moe_experts:
+        raise ConfigError(
+            f"model.moe_top_k = {m.moe_top_k} is larger than model.moe_experts = {m.moe_experts}"
+        )
+    if p.cp > 1:
+        raise ConfigError("mixture-of-experts models (model.moe_experts > 0) do not support parallel.cp > 1 yet")
+    if cfg.moe.balance_scope == "global_batch" and t.activation_checkpointing != "none":
+        raise ConfigError(
+            "moe.balance_scope = 'global_batch' with train.activation_checkpointing = "
+            f"'{t.activation_checkpointing}' would count recomputed tokens twice; use 'none' or "
+            "moe.balance_scope = 'micro_batch'"
+        )
+    if p.ep == 1:
+        return
+    if m.moe_experts % p.ep:
+        raise ConfigError(f"model.moe_experts = {m.moe_experts} is not divisible by parallel.ep = {p.ep}")
+    if dp_shard % p.ep or p.zero < 2:
+        raise ConfigError(
+            f"parallel.ep = {p.ep} must divide the sharded data-parallel degree (dp_shard = {dp_shard}) with "
+            f"parallel.zero = 2 or 3 (got {p.zero}): expert ranks are FSDP ranks"
+        )
 
 
 def cp_degrees(cfg: JobConfig) -> tuple[int, int]:

@@ -38,16 +38,22 @@ from torch import nn
 from plait.config import ModelConfig
 
 
-def run_experts(x: torch.Tensor, counts: torch.Tensor, experts: "Experts") -> torch.Tensor:
+def run_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                w3: torch.Tensor) -> torch.Tensor:
     """SwiGLU of each expert on its rows: ``x`` (rows, dim) sorted by expert, ``counts[e]``
-    rows for expert e (a loop: torch has no grouped matmul on CPU)."""
+    rows for expert e of the stacked weights (a loop: torch has no grouped matmul on CPU)."""
     outputs = []
     for e, rows in enumerate(torch.split(x, counts.tolist())):
         if rows.shape[0] == 0:
             continue
-        hidden = F.silu(rows @ experts.w1[e].t()) * (rows @ experts.w3[e].t())
-        outputs.append(hidden @ experts.w2[e].t())
-    return torch.cat(outputs) if outputs else x.new_zeros(0, experts.w2.shape[1])
+        hidden = F.silu(rows @ w1[e].t()) * (rows @ w3[e].t())
+        outputs.append(hidden @ w2[e].t())
+    return torch.cat(outputs) if outputs else x.new_zeros(0, w2.shape[1])
+
+
+def local_experts(x: torch.Tensor, counts: torch.Tensor, experts: "Experts") -> torch.Tensor:
+    """The default ``MoE.expert_compute``: every expert lives in this process."""
+    return run_experts(x, counts, experts.w1, experts.w2, experts.w3)
 
 
 class Experts(nn.Module):
@@ -99,11 +105,12 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.moe_experts, cfg.dim, cfg.moe_ffn_dim or cfg.ffn_dim)
         self.shared = (SharedExpert(cfg.dim, cfg.moe_shared_ffn_dim, cfg.moe_shared_gate)
                        if cfg.moe_shared_ffn_dim else None)
-        self.expert_compute: Callable = run_experts
+        self.expert_compute: Callable = local_experts
         self.balance_counts: Callable[[torch.Tensor], torch.Tensor] = lambda counts: counts
         self.aux_weight = 0.0
         self.z_weight = 0.0
         self.stats: dict[str, torch.Tensor] = {}  # of the last forward, detached
+        self.totals: dict[str, torch.Tensor] = {}  # summed over training forwards since reset_totals()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits fp32, per-expert probabilities, top-k weights, top-k expert ids) of
@@ -144,8 +151,16 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(x)
         out = self._attach_aux_losses(out, logits, probs, counts, tokens)
-        self.stats.update(tokens_per_expert=counts.detach(), dropped=(counts.sum() - kept_counts.sum()).detach())
+        self.stats.update(tokens_per_expert=counts.detach(), dropped=(counts.sum() - kept_counts.sum()).detach(),
+                          assignments=counts.sum().detach())
+        if torch.is_grad_enabled():
+            for key, value in self.stats.items():
+                self.totals[key] = self.totals.get(key, 0) + value.detach().double()
+            self.totals["forwards"] = self.totals.get("forwards", 0) + torch.ones((), dtype=torch.float64)
         return out.reshape(shape)
+
+    def reset_totals(self) -> None:
+        self.totals = {}
 
     def _attach_aux_losses(self, out, logits, probs, counts, tokens) -> torch.Tensor:
         """Load-balancing loss n_experts · Σ f_i·p_i (f_i: share of assignments routed to

@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed._composable.replicate import replicate
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from plait.models.moe import MoE
 from plait.parallel.dims import ParallelDims
 
 
@@ -32,12 +33,26 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, blocks: list[nn.Mo
             # ZeRO-2 keeps every block gathered until backward; ZeRO-3 regathers all but the
             # last block, which backward needs at once.
             reshard = zero == 3 and index < len(blocks) - 1
+            for moe in (m for m in block.modules() if isinstance(m, MoE)):
+                _shard_experts(moe, dims, policy, reshard)
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     else:
         # DDP over every data-parallel rank (ZeRO-1 adds its sharded optimizer separately).
         replicate(model, device_mesh=dims.grad_mesh)
     return model
+
+
+def _shard_experts(moe: MoE, dims: ParallelDims, policy: MixedPrecisionPolicy, reshard: bool) -> None:
+    """An MoE layer is its own FSDP unit (under TP its parameters are plain tensors, the rest
+    of the block DTensors). With expert parallelism its experts are one more, sharded over
+    edp only: their gradients already sum the tokens of all ep ranks, so they are divided by
+    the whole data-parallel degree rather than by edp."""
+    if dims.ep > 1:
+        experts = fully_shard(moe.experts, mesh=dims.expert_fsdp_mesh, mp_policy=policy,
+                              reshard_after_forward=reshard)
+        experts.set_gradient_divide_factor(float(dims.grad_degree))
+    fully_shard(moe, mesh=dims.fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

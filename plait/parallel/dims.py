@@ -35,11 +35,15 @@ class ParallelDims:
     pp: int = 1
     cp_ring: int = 1
     cp_ulysses: int = 1
+    ep: int = 1
     mesh: DeviceMesh | None = field(default=None, repr=False)
     dp_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp_replicate x dp_shard, flattened
     grad_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp x cp, flattened: gradient sums
     fsdp_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp_shard x cp (with dp_replicate: HSDP)
     cp_mesh: DeviceMesh | None = field(default=None, repr=False)  # cp_ring x cp_ulysses, flattened
+    ep_mesh: DeviceMesh | None = field(default=None, repr=False)  # experts split over it
+    expert_fsdp_mesh: DeviceMesh | None = field(default=None, repr=False)  # (dp_replicate x) edp
+    named_groups: list = field(default_factory=list, repr=False)  # (group, name) of flattened meshes but dp
 
     @classmethod
     def from_config(cls, cfg: JobConfig, world_size: int) -> "ParallelDims":
@@ -49,7 +53,7 @@ class ParallelDims:
         shard = dp // p.dp_replicate if p.dp_shard == -1 else p.dp_shard
         ring, ulysses = cp_degrees(cfg)
         return cls(dp_replicate=p.dp_replicate, dp_shard=shard, world_size=world_size, tp=p.tp, pp=p.pp,
-                   cp_ring=ring, cp_ulysses=ulysses)
+                   cp_ring=ring, cp_ulysses=ulysses, ep=p.ep)
 
     @property
     def cp(self) -> int:
@@ -110,6 +114,8 @@ class ParallelDims:
         if self.cp_enabled:
             kind = "ring" if self.cp_ulysses == 1 else "ulysses" if self.cp_ring == 1 else f"{self.cp_ring}x{self.cp_ulysses}"
             parts.append(f"cp({self.cp},{kind})")
+        if self.ep > 1:
+            parts.append(f"ep({self.ep})")
         if self.pp_enabled:
             parts.append(f"pp({self.pp})")
         return "x".join(parts)
@@ -119,6 +125,8 @@ class ParallelDims:
         process group."""
         if self.world_size == 1 and not dist.is_initialized():
             return None
+        if self.ep > 1:
+            return self._build_expert_mesh(device_type)
         shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp_ring, self.cp_ulysses, self.tp)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         # Keep the flattened meshes: slicing them back out of the root mesh is deprecated.
@@ -137,6 +145,28 @@ class ParallelDims:
                 warnings.filterwarnings("ignore", message="Slicing a flattened dim")
                 shard = mesh["dp_replicate", "dp_shard_cp"]
         self.fsdp_mesh = shard
+        self.named_groups = [(self.cp_mesh.get_group(), "cp"), (self.grad_mesh.get_group(), "dp_cp"),
+                              (self.shard_group(), "dp_shard_cp")]
+        return mesh
+
+    def _build_expert_mesh(self, device_type: str) -> DeviceMesh:
+        """With expert parallelism dp_shard is split into edp x ep (ep inner): experts are
+        sharded over ep and FSDP-sharded over edp; everything else is FSDP-sharded over both,
+        flattened back into ``dp_shard``. (Validation keeps cp at 1 here.)"""
+        names = ("pp", "dp_replicate", "edp", "ep", "cp_ring", "cp_ulysses", "tp")
+        shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, 1, 1, self.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+        self.mesh = mesh
+        self.dp_mesh = self.grad_mesh = mesh["dp_replicate", "edp", "ep"]._flatten("dp")
+        shard = mesh["edp", "ep"]._flatten("dp_shard")
+        if self.hsdp_enabled:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+                shard = mesh["dp_replicate", "dp_shard"]
+        self.fsdp_mesh = shard
+        self.ep_mesh = mesh["ep"]
+        self.expert_fsdp_mesh = mesh["dp_replicate", "edp"] if self.dp_replicate > 1 else mesh["edp"]
+        self.named_groups = [(self.shard_group(), "dp_shard")]
         return mesh
 
     def shard_group(self) -> dist.ProcessGroup:

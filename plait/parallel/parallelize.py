@@ -1,6 +1,6 @@
-"""The layout recipe for the Llama family: pipeline split, then per stage TP → context
-parallel → activation checkpointing → compile → data parallel (FSDP2/HSDP or DDP). One
-function, read top to bottom."""
+"""The layout recipe for the Llama family: pipeline split, then per stage TP → expert
+parallel → context parallel → activation checkpointing → compile → data parallel
+(FSDP2/HSDP or DDP). One function, read top to bottom."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from plait.parallel.checkpointing import apply_activation_checkpointing
 from plait.parallel.context_parallel import apply_context_parallel
 from plait.parallel.data_parallel import apply_data_parallel
 from plait.parallel.dims import ParallelDims
+from plait.parallel.expert_parallel import apply_expert_parallel
 from plait.parallel.pipeline import build_pipeline
 from plait.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -31,6 +32,8 @@ def parallelize_llama(
     for part in parts:
         if dims.tp_enabled:
             apply_tensor_parallel(part, dims.mesh["tp"], loss_parallel=True)
+        if dims.ep > 1:
+            apply_expert_parallel(part, dims.ep_mesh)
         if dims.cp_enabled:
             apply_context_parallel(part, dims, cfg)
         apply_activation_checkpointing(part, cfg.train.activation_checkpointing, cfg.train.ac_every)

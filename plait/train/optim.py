@@ -25,18 +25,25 @@ def build_optimizer(parts: list[nn.Module], cfg: TrainConfig) -> torch.optim.Ada
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) -> float:
     """Clip gradients to a global L2 norm of ``max_norm`` (0 = no clipping) and return the norm
-    before clipping. Sharded (DTensor) gradients count once; with pipeline parallelism the
-    squares are summed over the stages of ``pp_group`` so every stage clips alike."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
+    before clipping. Sharded (DTensor) gradients count once, whatever mesh they live on (TP
+    and FSDP, expert-parallel, or plain replicated tensors may mix); with pipeline parallelism
+    the squares are summed over the stages of ``pp_group`` so every stage clips alike."""
+    by_mesh: dict[object, list[torch.Tensor]] = {}  # foreach kernels take one mesh at a time
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    squared = torch.zeros((), dtype=torch.float32)
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        squared = squared.to(norm.device) + norm.float().pow(2)
     if pp_group is not None:
-        squared = norm.pow(2)
         torch.distributed.all_reduce(squared, group=pp_group)
-        norm = squared.sqrt()
+    norm = squared.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm, foreach=True)
     return float(norm)
 
 

@@ -34,6 +34,7 @@ from plait.parallel.zero import build_zero1_optimizer, state_bytes
 from plait.train.loss import plain, token_loss_sum
 from plait.train.pipeline_runner import PipelineRunner
 from plait.train import checkpoint as ckpt
+from plait.train.moe_control import MoEControl
 from plait.train.metrics import MetricsLogger, flops_per_token, peak_memory_gib
 from plait.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 
@@ -103,10 +104,8 @@ class Trainer:
             comm.install()
             comm.register_group(self.dims.dp_mesh.get_group(), "dp")
             comm.register_mesh(self.dims.mesh)
-            if self.dims.cp_enabled:
-                comm.register_group(self.dims.cp_mesh.get_group(), "cp")
-                comm.register_group(self.dims.grad_mesh.get_group(), "dp_cp")
-                comm.register_group(self.dims.shard_group(), "dp_shard_cp")
+            for group, name in self.dims.named_groups:
+                comm.register_group(group, name)
         self.data = load_data(cfg)
         self.cfg = cfg = with_vocab(cfg, self.data.tokenizer.vocab_size)
         model = build_model(cfg.model, self.device, seed=cfg.train.seed)
@@ -120,6 +119,9 @@ class Trainer:
             self.optimizer = build_optimizer(self.parts, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         n_micro = cfg.train.global_batch // (cfg.train.micro_batch * self.dims.dp)
+        dp_group = self.dims.grad_mesh.get_group() if self.dims.mesh is not None else None
+        pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp_enabled else None
+        self.moe = MoEControl(self.parts, cfg, n_micro, dp_group, pp_group, self.device) if cfg.model.moe_experts else None
         self.pipeline = (
             PipelineRunner(self.parts, stage_ids, cfg, self.dims, self.device, token_loss_sum, n_micro)
             if self.dims.pp_enabled else None
@@ -191,6 +193,8 @@ class Trainer:
         for part in self.parts:
             part.train()
         micro_batches = [self._local(mb) for mb in micro_batches]
+        if self.moe is not None:
+            self.moe.begin_step()
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
         global_tokens = float(self._reduce(torch.tensor(float(local_tokens))))
         # Data-parallel wrappers average gradients over the dp x cp ranks; scaling by their
@@ -304,6 +308,8 @@ class Trainer:
             }
             if self.pipeline is not None:
                 record["bubble"] = self.pipeline.last_bubble
+            if self.moe is not None:
+                record.update(self.moe.step_metrics(step))
             if self.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
                 val = self.evaluate()
                 result.val_losses[step] = val
@@ -321,6 +327,10 @@ class Trainer:
             plot_gantt(self.pipeline.last_timelines, path,
                        f"{p.pp_schedule}: pp={p.pp}, v={p.pp_virtual_stages}, step {t.steps}")
             print(f"plait: pipeline Gantt chart written to {path}", flush=True)
+        if self.rank == 0 and self.moe is not None and cfg.metrics.plot:
+            path = os.path.join(cfg.run.dir, "expert_load.png")
+            if self.moe.plot_load(path, f"expert load, {cfg.model.moe_experts} experts, top-{cfg.model.moe_top_k}"):
+                print(f"plait: expert-load heat map written to {path}", flush=True)
         result.model_state_bytes = self.model_state_bytes
         if self.rank == 0 and self.model_state_bytes:
             mib = {k: v / 2**20 for k, v in self.model_state_bytes.items()}
