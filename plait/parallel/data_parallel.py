@@ -46,12 +46,9 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, blocks: list[nn.Mo
 def _shard_experts(moe: MoE, dims: ParallelDims, policy: MixedPrecisionPolicy, reshard: bool) -> None:
     """An MoE layer is its own FSDP unit (under TP its parameters are plain tensors, the rest
     of the block DTensors). With expert parallelism its experts are one more, sharded over
-    edp only: their gradients already sum the tokens of all ep ranks, so they are divided by
-    the whole data-parallel degree rather than by edp."""
+    edp (and replicated over dp_replicate) only: the ranks that hold the same experts."""
     if dims.ep > 1:
-        experts = fully_shard(moe.experts, mesh=dims.expert_fsdp_mesh, mp_policy=policy,
-                              reshard_after_forward=reshard)
-        experts.set_gradient_divide_factor(float(dims.grad_degree))
+        fully_shard(moe.experts, mesh=dims.expert_fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(moe, mesh=dims.fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)
 
 

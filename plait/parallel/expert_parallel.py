@@ -11,8 +11,9 @@ Per MoE layer and micro-batch, after the router has sorted its (token, expert) r
 Backward mirrors 2 and 4 (an all-to-all with the splits swapped). Expert weights become
 DTensors sharded on dim 0 over the ep mesh, so checkpoints hold every expert once and load
 on any layout; FSDP shards them further over ``edp`` (the dp_shard ranks that hold the same
-experts). Their gradients are summed over the tokens of all ep ranks that routed to them, so
-their FSDP reduction divides by the whole data-parallel degree, like every other gradient.
+experts). Their gradients sum the tokens of all ep ranks that routed to them, so they are
+scaled by 1/ep before FSDP averages them over edp: the data-parallel mean, like every other
+gradient.
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
 class ExpertParallel:
     """``MoE.expert_compute`` under ep: rows go to the rank that holds their expert and back."""
 
@@ -72,7 +86,10 @@ class ExpertParallel:
         rank_in_expert_order = torch.empty_like(by_expert)
         rank_in_expert_order[by_expert] = torch.arange(by_expert.numel(), device=x.device)
         order = torch.argsort(rank_in_expert_order[block_of_row], stable=True)
-        w1, w2, w3 = (_local(p) for p in (experts.w1, experts.w2, experts.w3))
+        # An expert's gradient sums the tokens of all ep ranks, and FSDP then averages it over
+        # the edp (and dp_replicate) ranks only: 1/ep more makes it the data-parallel mean
+        # that every other gradient is.
+        w1, w2, w3 = (_ScaleGrad.apply(_local(p), 1.0 / self.size) for p in (experts.w1, experts.w2, experts.w3))
         computed = run_experts(received[order], recv_counts.sum(0), w1, w2, w3)
         restored = torch.empty_like(computed).index_copy_(0, order, computed)
         return _AllToAll.apply(restored, in_splits, out_splits, self.group)

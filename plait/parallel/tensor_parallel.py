@@ -69,7 +69,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: 
             # reduction, and takes back its part of the sequence.
             plan["feed_forward"] = PrepareModuleInputOutput(
                 input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
-                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=False,
+                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True,
             )
         else:
             plan.update({
