@@ -53,7 +53,7 @@ def run_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: tor
 
 def local_experts(x: torch.Tensor, counts: torch.Tensor, experts: "Experts") -> torch.Tensor:
     """The default ``MoE.expert_compute``: every expert lives in this process."""
-    return run_experts(x, counts, experts.w1, experts.w2, experts.w3)
+    return experts(x, counts)
 
 
 class Experts(nn.Module):
@@ -62,6 +62,11 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows ``x`` sorted by expert, ``counts[e]`` of them for expert e (through the module
+        call, so wrappers such as FSDP gather the weights first)."""
+        return run_experts(x, counts, self.w1, self.w2, self.w3)
 
 
 class SharedExpert(nn.Module):

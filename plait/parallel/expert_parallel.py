@@ -18,6 +18,8 @@ gradient.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -86,13 +88,18 @@ class ExpertParallel:
         rank_in_expert_order = torch.empty_like(by_expert)
         rank_in_expert_order[by_expert] = torch.arange(by_expert.numel(), device=x.device)
         order = torch.argsort(rank_in_expert_order[block_of_row], stable=True)
-        # An expert's gradient sums the tokens of all ep ranks, and FSDP then averages it over
-        # the edp (and dp_replicate) ranks only: 1/ep more makes it the data-parallel mean
-        # that every other gradient is.
-        w1, w2, w3 = (_ScaleGrad.apply(_local(p), 1.0 / self.size) for p in (experts.w1, experts.w2, experts.w3))
-        computed = run_experts(received[order], recv_counts.sum(0), w1, w2, w3)
+        computed = experts(received[order], recv_counts.sum(0))
         restored = torch.empty_like(computed).index_copy_(0, order, computed)
         return _AllToAll.apply(restored, in_splits, out_splits, self.group)
+
+
+def _sharded_experts_forward(experts: nn.Module, ep: int, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``Experts.forward`` on this rank's experts (local shards of the DTensor weights).
+    An expert's gradient sums the tokens of all ep ranks, and FSDP then averages it over the
+    edp (and dp_replicate) ranks only: 1/ep more makes it the data-parallel mean that every
+    other gradient is."""
+    w1, w2, w3 = (_ScaleGrad.apply(_local(p), 1.0 / ep) for p in (experts.w1, experts.w2, experts.w3))
+    return run_experts(x, counts, w1, w2, w3)
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Module]:
@@ -109,6 +116,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Modu
             local = param.detach().chunk(size, dim=0)[rank].clone()
             sharded = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
             setattr(experts, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        experts.forward = functools.partial(_sharded_experts_forward, experts, size)
         module.expert_compute = dispatch
         wrapped.append(experts)
     return wrapped
