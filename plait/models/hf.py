@@ -1,8 +1,10 @@
 """Hugging Face interop: read and write ``config.json`` + safetensors folders.
 
 Supported architectures are Llama, Qwen2 and Mistral (``LlamaForCausalLM``,
-``Qwen2ForCausalLM``, ``MistralForCausalLM``). RoPE in :mod:`plait.models.llama` already uses
-the rotate-half layout of these checkpoints, so tensors are only renamed, never permuted.
+``Qwen2ForCausalLM``, ``MistralForCausalLM``) and the mixture-of-experts Mixtral and Qwen2-MoE
+(``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``; their MoE fields and expert tensors are mapped
+in :mod:`plait.models.hf_moe`). RoPE in :mod:`plait.models.llama` already uses the rotate-half
+layout of these checkpoints, so tensors are only renamed (and experts stacked), never permuted.
 Weights are read with safetensors only; pickled ``pytorch_model.bin`` files are refused.
 """
 
@@ -20,6 +22,7 @@ from safetensors.torch import save_file
 
 from plait.config import ModelConfig
 from plait.errors import CheckpointError, PlaitError
+from plait.models import hf_moe
 from plait.models.llama import Llama, rope_inv_freq
 
 # model_type -> transformers class name
@@ -27,14 +30,19 @@ ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
 }
+# Qwen's architectures: q/k/v biases always (plait writes zeros when it has none), and a
+# sliding_window that only counts when use_sliding_window is set.
+QWEN_ARCHITECTURES = ("qwen2", "qwen2_moe")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
 def _arch(name: str) -> str:
-    """The model_type ("llama", "qwen2", "mistral") for a model_type or a class name."""
+    """The model_type ("llama", "qwen2_moe", ...) for a model_type or a class name."""
     for model_type, class_name in ARCHITECTURES.items():
         if name in (model_type, class_name):
             return model_type
@@ -59,7 +67,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
     Raises PlaitError (one line) for an unknown architecture or a feature plait's model does
     not implement: sliding-window attention, a non-default head_dim, rope types other than
-    "default"/"llama3", activations other than silu, o_proj or MLP biases.
+    "default"/"llama3", activations other than silu, o_proj or MLP biases, and the MoE layouts
+    :func:`plait.models.hf_moe.moe_fields_from_hf` refuses.
     """
     arch = _hf_architecture(hf)
     dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
@@ -77,7 +86,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise PlaitError("mlp_bias = true is not supported; plait's MLP has no biases")
     max_pos = int(hf.get("max_position_embeddings", 2048))
     window = hf.get("sliding_window")
-    if arch == "qwen2" and not hf.get("use_sliding_window", False):
+    if arch in QWEN_ARCHITECTURES and not hf.get("use_sliding_window", False):
         window = None  # Qwen2 ignores sliding_window unless use_sliding_window is set
     if window is not None and int(window) < max_pos:
         raise PlaitError(
@@ -90,6 +99,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         # Llama's attention_bias also puts a bias on o_proj, which plait's model lacks.
         raise PlaitError("Llama attention_bias = true (o_proj bias) is not supported")
     n_kv = hf.get("num_key_value_heads") or n_heads
+    moe_fields = hf_moe.moe_fields_from_hf(hf, arch) if arch in hf_moe.MOE_ARCHITECTURES else {}
     cfg = ModelConfig(
         vocab_size=int(hf["vocab_size"]),
         dim=dim,
@@ -99,9 +109,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         ffn_dim=int(hf["intermediate_size"]),
         max_seq_len=max_pos,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        qkv_bias=arch == "qwen2",
+        # Qwen2-MoE configs of transformers 5 may switch the biases off; older ones lack the key.
+        qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
+        **moe_fields,
     )
     _rope_from_hf(hf, cfg)
     return cfg
@@ -132,14 +144,22 @@ def config_to_hf(
 ) -> dict[str, Any]:
     """Returns a ``config.json`` dict that transformers loads as ``architecture``.
 
-    Qwen2 always has q/k/v biases (plait writes zeros when ``cfg.qkv_bias`` is false); Llama
-    and Mistral cannot carry them, so ``qkv_bias`` with those raises PlaitError.
+    Qwen2 and Qwen2-MoE always have q/k/v biases (plait writes zeros when ``cfg.qkv_bias`` is
+    false); Llama, Mistral and Mixtral cannot carry them, so ``qkv_bias`` with those raises
+    PlaitError, and so does a dense model as Mixtral/Qwen2-MoE or an MoE model as a dense one.
     """
     arch = _arch(architecture)
-    if cfg.qkv_bias and arch != "qwen2":
+    is_moe_arch = arch in hf_moe.MOE_ARCHITECTURES
+    if bool(cfg.moe_experts) != is_moe_arch:
+        kind = "mixture-of-experts" if cfg.moe_experts else "dense"
+        fitting = _architecture_for(cfg)
+        raise PlaitError(
+            f"a {kind} model cannot be written as '{arch}'; use architecture '{fitting}'"
+        )
+    if cfg.qkv_bias and arch not in QWEN_ARCHITECTURES:
         raise PlaitError(
             f"a model with qkv_bias cannot be written as '{arch}' (its bias layout differs); "
-            "use architecture 'qwen2'"
+            f"use architecture '{'qwen2_moe' if is_moe_arch else 'qwen2'}'"
         )
     hf: dict[str, Any] = {
         "architectures": [ARCHITECTURES[arch]],
@@ -172,44 +192,69 @@ def config_to_hf(
         }
     if arch == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
-    elif arch == "qwen2":
+    elif arch in QWEN_ARCHITECTURES:
         hf.update(use_sliding_window=False, sliding_window=None)
     else:
         hf.update(sliding_window=None)
+    if is_moe_arch:
+        hf.update(hf_moe.moe_fields_to_hf(cfg, arch))
     return hf
 
 
 # ---------------------------------------------------------------------------------------------
 # tensor names
 
+_ATTENTION_NAMES = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+}
+_MLP_NAMES = {
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+}
 
-def _name_map(cfg: ModelConfig) -> dict[str, str]:
-    """HF tensor name -> plait parameter name, for every tensor the model has."""
+
+def _layer_prefixes(i: int) -> tuple[str, str]:
+    """Layer i's name prefix in Hugging Face and in plait."""
+    return f"model.layers.{i}.", f"layers.{i}."
+
+
+def _name_map(cfg: ModelConfig, arch: str) -> dict[str, str]:
+    """HF tensor name -> plait parameter name, for every tensor the model has but the routed
+    experts (:func:`_expert_map`)."""
     names = {
         "model.embed_tokens.weight": "tok_embeddings.weight",
         "model.norm.weight": "norm.weight",
     }
     if not cfg.tie_embeddings:
         names["lm_head.weight"] = "output.weight"
-    linear = {
-        "self_attn.q_proj": "attention.wq",
-        "self_attn.k_proj": "attention.wk",
-        "self_attn.v_proj": "attention.wv",
-        "self_attn.o_proj": "attention.wo",
-        "mlp.gate_proj": "feed_forward.w1",
-        "mlp.down_proj": "feed_forward.w2",
-        "mlp.up_proj": "feed_forward.w3",
-    }
     for i in range(cfg.n_layers):
-        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        hf, ours = _layer_prefixes(i)
+        linear = _ATTENTION_NAMES if cfg.moe_experts else {**_ATTENTION_NAMES, **_MLP_NAMES}
         for hf_name, our_name in linear.items():
             names[f"{hf}{hf_name}.weight"] = f"{ours}{our_name}.weight"
+        if cfg.moe_experts:
+            names.update(hf_moe.router_and_shared_names(cfg, arch, hf, ours))
         if cfg.qkv_bias:
             for proj, w in (("q", "wq"), ("k", "wk"), ("v", "wv")):
                 names[f"{hf}self_attn.{proj}_proj.bias"] = f"{ours}attention.{w}.bias"
         names[f"{hf}input_layernorm.weight"] = f"{ours}attention_norm.weight"
         names[f"{hf}post_attention_layernorm.weight"] = f"{ours}ffn_norm.weight"
     return names
+
+
+def _expert_map(cfg: ModelConfig, arch: str) -> dict[str, tuple[str, int]]:
+    """HF per-expert tensor name -> (plait's stacked expert parameter, expert index)."""
+    if not cfg.moe_experts:
+        return {}
+    return {
+        name: target
+        for i in range(cfg.n_layers)
+        for name, target in hf_moe.expert_names(cfg, arch, *_layer_prefixes(i)).items()
+    }
 
 
 def _check_names(found: set[str], expected: set[str], where: str) -> None:
@@ -226,30 +271,65 @@ def _check_names(found: set[str], expected: set[str], where: str) -> None:
         raise CheckpointError(f"{where}: unexpected tensors {first(unexpected)}")
 
 
+def _expected_hf_shapes(cfg: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> the shape ``cfg`` needs, read off a model built on the meta device."""
+    with torch.device("meta"):
+        model = Llama(cfg)
+    tensors = state_dict_to_hf(model.state_dict(), cfg, arch)
+    return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+
+
 def state_dict_from_hf(
-    tensors: dict[str, torch.Tensor], cfg: ModelConfig, where: str = "checkpoint"
+    tensors: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    where: str = "checkpoint",
+    architecture: str | None = None,
+    origin: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Returns plait's state dict for HF-named ``tensors``.
+    """Returns plait's state dict for HF-named ``tensors`` of ``architecture`` (default: the
+    one :func:`save_pretrained` would pick for ``cfg``).
 
     ``rotary_emb.inv_freq`` buffers are ignored, and so is a ``lm_head.weight`` stored beside
-    tied embeddings. Missing or unexpected tensors raise CheckpointError (``where`` names the
-    source in the message).
+    tied embeddings; per-expert tensors are stacked, from either layout :mod:`hf_moe` reads.
+    Missing, unexpected or misshaped tensors raise CheckpointError (``where`` names the source
+    in the message, or for a misshaped tensor its file in ``origin``: tensor name -> file).
     """
-    names = _name_map(cfg)
+    arch = _arch(architecture or _architecture_for(cfg))
+    sources: dict[str, str] = {}
+    if cfg.moe_experts:
+        tensors, sources = hf_moe.split_fused_experts(tensors, arch, where)
     skip = lambda k: k.endswith("rotary_emb.inv_freq") or (  # noqa: E731
         cfg.tie_embeddings and k == "lm_head.weight"
     )
     present = {k: v for k, v in tensors.items() if not skip(k)}
-    _check_names(set(present), set(names), where)
-    return {names[k]: v for k, v in present.items()}
+    expected = _expected_hf_shapes(cfg, arch)
+    _check_names(set(present), set(expected), where)
+    for name, tensor in present.items():
+        if tuple(tensor.shape) != expected[name]:
+            source = sources.get(name, name)
+            file = f"'{origin[source]}'" if origin and source in origin else where
+            raise CheckpointError(
+                f"{file}: {name} has shape {tuple(tensor.shape)}, the config needs {expected[name]}"
+            )
+    names = _name_map(cfg, arch)
+    sd = {names[k]: v for k, v in present.items() if k in names}
+    sd.update(hf_moe.stack_experts(present, _expert_map(cfg, arch)))
+    return sd
 
 
-def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Returns HF-named tensors for plait's state dict ``sd`` (tied embeddings appear once,
-    as ``model.embed_tokens.weight``)."""
-    to_hf = {ours: hf for hf, ours in _name_map(cfg).items()}
-    _check_names(set(sd), set(to_hf), "plait state dict")
-    return {to_hf[k]: v for k, v in sd.items()}
+def state_dict_to_hf(
+    sd: dict[str, torch.Tensor], cfg: ModelConfig, architecture: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Returns HF-named tensors of ``architecture`` (default as in :func:`state_dict_from_hf`)
+    for plait's state dict ``sd``: tied embeddings appear once, as
+    ``model.embed_tokens.weight``, and stacked experts as one tensor per expert."""
+    arch = _arch(architecture or _architecture_for(cfg))
+    to_hf = {ours: hf for hf, ours in _name_map(cfg, arch).items()}
+    experts = _expert_map(cfg, arch)
+    _check_names(set(sd), set(to_hf) | {ours for ours, _ in experts.values()}, "plait state dict")
+    tensors = {to_hf[k]: v for k, v in sd.items() if k in to_hf}
+    tensors.update(hf_moe.unstack_experts(sd, experts))
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,19 +418,10 @@ def from_pretrained(
     except PlaitError as exc:
         raise PlaitError(f"'{where}': {exc}") from None
     tensors, origin = _load_tensors(path, device)
-    sd = state_dict_from_hf(tensors, cfg, where=f"'{path}'")
+    sd = state_dict_from_hf(tensors, cfg, where=f"'{path}'", architecture=arch, origin=origin)
     with torch.device("meta"):
         model = Llama(cfg)
-    hf_names = {ours: name for name, ours in _name_map(cfg).items()}
-    for name, target in model.state_dict().items():
-        if sd[name].shape != target.shape:
-            hf_name = hf_names[name]
-            raise CheckpointError(
-                f"'{origin[hf_name]}': {hf_name} has shape {tuple(sd[name].shape)}, "
-                f"the config needs {tuple(target.shape)}"
-            )
-        sd[name] = sd[name].to(dtype)
-    model.load_state_dict(sd, assign=True)
+    model.load_state_dict({name: tensor.to(dtype) for name, tensor in sd.items()}, assign=True)
     model.inv_freq = rope_inv_freq(cfg).to(device)  # non-persistent buffer, fp32 like init
     model.hf_architecture = arch
     return model
@@ -361,15 +432,15 @@ def save_pretrained(model: Llama, path: str, architecture: str | None = None) ->
 
     Files are written in a temporary folder beside ``path`` first, so a failure leaves
     nothing half-written. ``architecture`` defaults to ``model.hf_architecture`` if set, else
-    "qwen2" for a model with q/k/v biases and "llama" otherwise. Returns None.
+    to :func:`_architecture_for` the model's config. Returns None.
     """
     cfg = model.cfg
     arch = _arch(architecture or _default_architecture(model))
     dtype = model.tok_embeddings.weight.dtype
     hf_config = config_to_hf(cfg, arch, dtype=dtype)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tensors = state_dict_to_hf(sd, cfg)
-    if arch == "qwen2" and not cfg.qkv_bias:  # Qwen2 always has q/k/v biases: write zeros
+    tensors = state_dict_to_hf(sd, cfg, arch)
+    if arch in QWEN_ARCHITECTURES and not cfg.qkv_bias:  # Qwen always has q/k/v biases: write zeros
         for name, weight in list(tensors.items()):
             if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
                 tensors[name.replace(".weight", ".bias")] = weight.new_zeros(weight.shape[0])
@@ -394,8 +465,17 @@ def save_pretrained(model: Llama, path: str, architecture: str | None = None) ->
 
 
 def _default_architecture(model: Llama) -> str:
-    """model.hf_architecture when set, else "qwen2" with q/k/v biases and "llama" without."""
-    return getattr(model, "hf_architecture", None) or ("qwen2" if model.cfg.qkv_bias else "llama")
+    """model.hf_architecture when set, else the architecture for the model's config."""
+    return getattr(model, "hf_architecture", None) or _architecture_for(model.cfg)
+
+
+def _architecture_for(cfg: ModelConfig) -> str:
+    """The architecture that holds ``cfg`` most directly: with experts "qwen2_moe" when there
+    are q/k/v biases or a shared expert (Mixtral has neither) and "mixtral" otherwise; dense,
+    "qwen2" with q/k/v biases and "llama" without."""
+    if cfg.moe_experts:
+        return "qwen2_moe" if cfg.qkv_bias or cfg.moe_shared_ffn_dim else "mixtral"
+    return "qwen2" if cfg.qkv_bias else "llama"
 
 
 def _move_into_place(tmp: str, target: str) -> None:

@@ -72,6 +72,16 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def assert_logits_match(model, ref) -> None:
+    """plait ``model`` and transformers ``ref`` give the same logits (within TOL) on ``ids()``."""
+    x = ids()
+    with torch.no_grad():
+        expected = ref(x).logits
+        got = model(x)
+    assert got.shape == (2, 40, 128)
+    assert max_diff(got, expected) <= TOL
+
+
 @pytest.mark.parametrize(
     "kind, extra",
     [
@@ -92,12 +102,7 @@ def test_hf_to_plait_logits_match(tmp_path, kind, extra):
     assert cfg.qkv_bias == (kind == "qwen2")
     assert cfg.tie_embeddings == ref.config.tie_word_embeddings
     assert cfg.rope_scaling == ("llama3" if "rope_scaling" in extra else "none")
-    x = ids()
-    with torch.no_grad():
-        expected = ref(x).logits
-        got = model(x)
-    assert got.shape == (2, 40, 128)
-    assert max_diff(got, expected) <= TOL
+    assert_logits_match(model, ref)
 
 
 def test_llama3_scaling_matters(tmp_path):
