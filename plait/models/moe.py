@@ -120,7 +120,8 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits fp32, per-expert probabilities, top-k weights, top-k expert ids) of
         tokens ``x`` (tokens, dim)."""
-        logits = self.gate(x).float()
+        logits = self.gate(x)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 routing is fp32
         probs = torch.softmax(logits, dim=-1) if self.router_kind == "softmax" else torch.sigmoid(logits)
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.norm_topk:
@@ -171,7 +172,7 @@ class MoE(nn.Module):
         """Load-balancing loss n_experts · Σ f_i·p_i (f_i: share of assignments routed to
         expert i, under ``balance_counts``' scope; p_i: mean router probability here) and the
         z-loss; their values go to ``stats`` and their gradients into training."""
-        scoped = self.balance_counts(counts.detach().float())
+        scoped = self.balance_counts(counts.detach().to(probs.dtype))
         f = scoped / scoped.sum().clamp(min=1)
         balance = self.n_experts * (f * probs.mean(0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()

@@ -27,26 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from plait.models.moe import MoE, run_experts
-
-
-class _AllToAll(torch.autograd.Function):
-    """Rows (dim 0) to and from the ep ranks with uneven splits; backward swaps the splits."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _exchange(x, out_splits, in_splits, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
-
-
-def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
+from plait.parallel.all_to_all import all_to_all
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
@@ -79,7 +60,7 @@ class ExpertParallel:
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         in_splits = send_counts.sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
-        received = _AllToAll.apply(x, out_splits, in_splits, self.group)
+        received = all_to_all(x, self.group, out_splits, in_splits)
         # Received rows are grouped by source rank, then by local expert; the experts want
         # them grouped by expert. ``order`` makes that regrouping and its inverse undoes it.
         blocks = torch.arange(recv_counts.numel(), device=x.device).view(self.size, per_rank)
@@ -90,7 +71,7 @@ class ExpertParallel:
         order = torch.argsort(rank_in_expert_order[block_of_row], stable=True)
         computed = experts(received[order], recv_counts.sum(0))
         restored = torch.empty_like(computed).index_copy_(0, order, computed)
-        return _AllToAll.apply(restored, in_splits, out_splits, self.group)
+        return all_to_all(restored, self.group, in_splits, out_splits)
 
 
 def _sharded_experts_forward(experts: nn.Module, ep: int, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

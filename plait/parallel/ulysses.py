@@ -11,26 +11,8 @@ rank gets the KV head its query heads use.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-
-class _AllToAll(torch.autograd.Function):
-    """Equal-split all-to-all along dim 0; its own transpose, so backward is the same call."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return _all_to_all(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _all_to_all(grad.contiguous(), ctx.group), None
-
-
-def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    return out
+from plait.parallel.all_to_all import all_to_all
 
 
 def sequence_to_heads(x: torch.Tensor, group) -> torch.Tensor:
@@ -42,7 +24,7 @@ def sequence_to_heads(x: torch.Tensor, group) -> torch.Tensor:
         x = x.repeat_interleave(u // heads, dim=1)
         heads = u
     send = x.reshape(batch, u, heads // u, tokens, dim).transpose(0, 1).contiguous()
-    recv = _AllToAll.apply(send, group)  # (u: source rank, batch, heads / u, tokens, d)
+    recv = all_to_all(send, group)  # (u: source rank, batch, heads / u, tokens, d)
     return recv.permute(1, 2, 0, 3, 4).reshape(batch, heads // u, u * tokens, dim)
 
 
@@ -53,5 +35,5 @@ def heads_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
     batch, local_heads, all_tokens, dim = x.shape
     tokens = all_tokens // u
     send = x.reshape(batch, local_heads, u, tokens, dim).permute(2, 0, 1, 3, 4).contiguous()
-    recv = _AllToAll.apply(send, group)  # (u: source rank = head block, batch, heads / u, tokens, d)
+    recv = all_to_all(send, group)  # (u: source rank = head block, batch, heads / u, tokens, d)
     return recv.transpose(0, 1).reshape(batch, u * local_heads, tokens, dim)

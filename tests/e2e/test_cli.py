@@ -130,3 +130,24 @@ def test_balanced_batching_on_a_long_tailed_corpus(tmp_path):
     roll_back(run_dir, 2)  # the loader's position goes through the checkpoint too
     assert cli("train", *args, "--resume")[0] == 0
     assert [(r["loss"], r["padding"]) for r in logged()] == [(r["loss"], r["padding"]) for r in steps]
+
+
+def test_moe_run_logs_expert_figures_and_draws_the_load_map(tmp_path):
+    corpus = write_corpus(str(tmp_path), n_docs=40)
+    run_dir = str(tmp_path / "run")
+    code, out = cli("train", *TINY, "--data.source", corpus, "--data.cache_dir", str(tmp_path / "cache"),
+                    "--run.dir", run_dir, "--train.steps", "3", "--metrics.plot", "true",
+                    "--model.moe_experts", "4", "--model.moe_top_k", "2", "--model.moe_dispatch", "capacity",
+                    "--model.moe_capacity_factor", "0.5")
+    assert code == 0
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
+    assert len(rows) == 3
+    for row in rows:
+        load = row["moe_tokens_per_expert"]
+        assert len(load) == 1 and len(load[0]) == 4
+        # 2 micro-batches of 2 x 16 tokens, 2 assignments each: all counted, some dropped.
+        assert sum(load[0]) == 2 * 2 * 16 * 2
+        assert 0 < row["moe_dropped"] < 1 and row["moe_load_imbalance"][0] >= 1.0
+        assert row["moe_balance_loss"] > 0 and row["moe_z_loss"] > 0
+    assert os.path.getsize(os.path.join(run_dir, "expert_load.png")) > 1000
+    assert "expert-load heat map" in out

@@ -33,6 +33,23 @@ CONTIGUOUS = {"parallel.cp_shard": "contiguous"}
 GQA = {"model.n_kv_heads": 2}  # 2 KV heads under Ulysses 4: each is repeated to two ranks
 
 
+MOE_STEPS = 10
+
+
+def moe(micro_batch: int = 2, **extra) -> dict:
+    """A 4-expert top-2 model. Under the global-batch balance scope (the default) each rank
+    runs one micro-batch (``micro_batch`` = its share of the 8-sequence global batch), so the
+    counts all-reduced over ranks are the whole batch's, as in the reference's one big
+    micro-batch (see ``reference_values``)."""
+    return {"model.moe_experts": 4, "model.moe_top_k": 2, "model.moe_ffn_dim": 64, "model.moe_shared_ffn_dim": 32,
+            "model.moe_shared_gate": True, "train.micro_batch": micro_batch,
+            "train.steps": MOE_STEPS, **extra}
+
+
+MICRO_SCOPE = {"moe.balance_scope": "micro_batch"}
+CAPACITY = {"model.moe_dispatch": "capacity", "model.moe_capacity_factor": 1.0}
+
+
 def pp(schedule: str, degree: int, v: int = 1, **extra) -> dict:
     return {"parallel.pp": degree, "parallel.pp_schedule": schedule, "parallel.pp_virtual_stages": v,
             "parallel.dp_shard": -1, "train.steps": SHORT, **extra}
@@ -62,6 +79,11 @@ CASES = {
         "cp2_ring_zigzag_nodocs": cp(2, **NO_DOCS),
         "cp2_ulysses": cp(2, "ulysses"),
         "cp2_ulysses_nodocs": cp(2, "ulysses", **NO_DOCS),
+        "moe_fsdp2": moe(4),
+        "moe_ep2": moe(4, **{"parallel.ep": 2}),
+        "moe_ep2_micro_scope": moe(2, **{"parallel.ep": 2}, **MICRO_SCOPE),
+        "moe_ep2_capacity": moe(2, **{"parallel.ep": 2}, **MICRO_SCOPE, **CAPACITY),
+        "moe_tp2": moe(2, **{"parallel.tp": 2}, **MICRO_SCOPE),
     },
     4: {
         "ddp4": {"parallel.dp_replicate": 4, "parallel.dp_shard": 1},
@@ -93,6 +115,14 @@ CASES = {
         "cp2_ddp2": cp(2, **{"parallel.dp_replicate": 2, "parallel.dp_shard": 1, "parallel.zero": 0}),
         "cp2_tp2": cp(2, **{"parallel.tp": 2}),
         "cp2_pp2": cp(2, **{"parallel.pp": 2, "parallel.pp_schedule": "1f1b"}),
+        "moe_ep4": moe(2, **{"parallel.ep": 4}),
+        "moe_ep4_capacity": moe(2, **{"parallel.ep": 4}, **MICRO_SCOPE, **CAPACITY),
+        "moe_ep2_dp2": moe(2, **{"parallel.ep": 2}),
+        "moe_ep2_dp2_micro_scope": moe(2, **{"parallel.ep": 2}, **MICRO_SCOPE),
+        "moe_ep2_tp2": moe(4, **{"parallel.ep": 2, "parallel.tp": 2}),
+        "moe_ep2_pp2": moe(2, **{"parallel.ep": 2, "parallel.pp": 2, "parallel.pp_schedule": "1f1b"}, **MICRO_SCOPE),
+        "moe_ep2_pp2_capacity": moe(2, **{"parallel.ep": 2, "parallel.pp": 2, "parallel.pp_schedule": "1f1b"},
+                                    **MICRO_SCOPE, **CAPACITY),
     },
     8: {
         "dp2_tp2_pp2": pp("1f1b", 2, **{"parallel.tp": 2}),
@@ -108,8 +138,14 @@ def workdir(tmp_path_factory):
 
 
 def reference_values(values: dict) -> dict:
-    """What the single-process reference of a case shares with it: steps, model and data."""
-    return {k: v for k, v in values.items() if k == "train.steps" or k.startswith(("model.", "data."))}
+    """What the single-process reference of a case shares with it: steps, model, data and
+    MoE settings; for MoE with the global-batch balance scope, one micro-batch of the whole
+    global batch, the scope's definition."""
+    out = {k: v for k, v in values.items() if k == "train.steps" or k.startswith(("model.", "data.", "moe."))}
+    if values.get("model.moe_experts"):
+        global_scope = values.get("moe.balance_scope", "global_batch") == "global_batch"
+        out["train.micro_batch"] = 8 if global_scope else values.get("train.micro_batch", 2)
+    return out
 
 
 def balanced_reference(workdir: str) -> TrainResult:
@@ -171,7 +207,7 @@ def test_layout_parity(workdir, references, world):
         reference = references(values)
         got = results[0][name]
         assert_close(f"{name} loss", got["losses"], reference.losses)
-        if values.get("train.micro_batch", 2) == 2:
+        if values.get("train.micro_batch", 2) == reference_values(values).get("train.micro_batch", 2) == 2:
             assert_close(f"{name} val_loss", got["val"], reference.val_losses)
         assert_close(f"{name} grad_norm", got["norms"], reference.grad_norms)
         for other in results[1:]:  # every rank reports the same global loss
