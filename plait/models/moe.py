@@ -4,7 +4,8 @@ A router scores every token against every expert (softmax over experts, or a sig
 expert), keeps the top k, and the token's output is the score-weighted sum of those experts'
 SwiGLU outputs (plus an always-on shared expert, optionally gated). Experts are stored as
 stacked weights, ``w1``/``w3`` (experts, hidden, dim) and ``w2`` (experts, dim, hidden), i.e.
-one ``nn.Linear`` weight per expert, so Hugging Face checkpoints convert by stacking.
+one ``nn.Linear`` weight per expert, so Hugging Face checkpoints convert by stacking. Experts
+run as grouped matmuls (``torch._grouped_mm``) where torch supports the shapes, else a loop.
 
 Dispatch sorts the (token, expert) assignments by expert and runs each expert once on exactly
 its tokens:
@@ -41,7 +42,14 @@ from plait.config import ModelConfig
 def run_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                 w3: torch.Tensor) -> torch.Tensor:
     """SwiGLU of each expert on its rows: ``x`` (rows, dim) sorted by expert, ``counts[e]``
-    rows for expert e of the stacked weights (a loop: torch has no grouped matmul on CPU)."""
+    rows for expert e of the stacked weights. One grouped matmul per weight where torch has
+    one for these shapes and dtype (``torch._grouped_mm``: fp32/bf16/fp16, rows of 16-byte
+    multiples), a loop over experts otherwise."""
+    if _grouped_mm_fits(x, w1, w2):
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        gated = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets))
+        hidden = gated * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets)
+        return torch._grouped_mm(hidden, w2.transpose(-2, -1), offs=offsets)
     outputs = []
     for e, rows in enumerate(torch.split(x, counts.tolist())):
         if rows.shape[0] == 0:
@@ -49,6 +57,15 @@ def run_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: tor
         hidden = F.silu(rows @ w1[e].t()) * (rows @ w3[e].t())
         outputs.append(hidden @ w2[e].t())
     return torch.cat(outputs) if outputs else x.new_zeros(0, w2.shape[1])
+
+
+def _grouped_mm_fits(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if not (x.dtype == w1.dtype == w2.dtype) or x.shape[0] == 0:
+        return False
+    per_16_bytes = 16 // x.element_size()
+    return x.shape[1] % per_16_bytes == 0 and w1.shape[1] % per_16_bytes == 0
 
 
 def local_experts(x: torch.Tensor, counts: torch.Tensor, experts: "Experts") -> torch.Tensor:

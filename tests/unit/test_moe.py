@@ -121,3 +121,25 @@ def test_global_batch_counts_accumulate_over_micro_batches_in_training_only():
         assert counter(torch.tensor([5.0, 5.0])).tolist() == [5.0, 5.0]
     counter.reset()
     assert counter(torch.tensor([0.0, 1.0])).tolist() == [0.0, 1.0]
+
+
+def test_grouped_matmul_path_matches_the_loop(monkeypatch):
+    """fp32 with 16-byte rows takes torch._grouped_mm; it must equal the per-expert loop,
+    forward and backward, including an expert that receives no rows."""
+    from plait.models import moe as moe_module
+
+    torch.manual_seed(4)
+    counts = torch.tensor([5, 0, 9, 2])
+    x = torch.randn(16, 16, requires_grad=True)
+    weights = [torch.randn(4, 8, 16, requires_grad=True), torch.randn(4, 16, 8, requires_grad=True),
+               torch.randn(4, 8, 16, requires_grad=True)]
+    assert moe_module._grouped_mm_fits(x, weights[0], weights[1])
+    grad = torch.randn(16, 16)
+    grouped = moe_module.run_experts(x, counts, *weights)
+    grouped_grads = torch.autograd.grad((grouped * grad).sum(), [x, *weights])
+    monkeypatch.setattr(moe_module, "_grouped_mm_fits", lambda *args: False)
+    looped = moe_module.run_experts(x, counts, *weights)
+    looped_grads = torch.autograd.grad((looped * grad).sum(), [x, *weights])
+    torch.testing.assert_close(grouped, looped, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grouped_grads, looped_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
