@@ -81,11 +81,11 @@ def roll_back(run_dir: str, step: int) -> None:
         fh.write(f"step_{step:06d}")
 
 
-def run_resume(workdir: str, values: dict) -> dict:
+def run_resume(workdir: str, values: dict, name: str = "") -> dict:
     """Inside a spawned rank: train STEPS with a checkpoint every 10, roll the run back to
     step 10 (as if it had died there), resume, and return both loss series."""
     world = dist.get_world_size()
-    name = f"resume{world}_zero{values.get('parallel.zero', 3)}"
+    name = name or f"resume{world}_zero{values.get('parallel.zero', 3)}"
     common = {"parallel.nproc": world, "checkpoint.every": 10, "checkpoint.keep": 5, **values}
     full = run_training(job(workdir, name, **common)).losses
     if dist.get_rank() == 0:

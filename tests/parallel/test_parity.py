@@ -236,6 +236,14 @@ def test_resume_is_bit_identical(workdir, world, zero):
         assert resumed[step] == full[step], f"step {step}: resumed {resumed[step]!r} != {full[step]!r}"
 
 
+def test_expert_parallel_resume_is_bit_identical(workdir):
+    """Experts sharded over ep (DTensors) and FSDP: the checkpoint restores them exactly."""
+    out = spawn(run_resume, 2, (workdir, moe(4, **{"parallel.ep": 2, "train.steps": STEPS}), "resume_ep2"))[0]
+    assert sorted(out["resumed"]) == list(range(11, STEPS + 1))
+    for step, loss in out["resumed"].items():
+        assert loss == out["full"][step], f"step {step}: resumed {loss!r} != {out['full'][step]!r}"
+
+
 def test_resume_on_another_layout(workdir):
     """A checkpoint written by FSDP over 4 ranks resumes under tp2 x dp2 and pp2 x dp2 and the
     loss curve continues as if nothing had changed."""
