@@ -90,11 +90,11 @@ def main() -> None:
     active = 3 * args.dim * args.ffn
     print(f"\nblocks: dim {args.dim}, {args.layers} layers; dense MLP {args.ffn}; MoE {args.experts} experts x "
           f"{args.ffn // args.top_k}, top-{args.top_k} ({active:,} active MLP weights per block either way)")
-    print(f"{'layout':<10} {'dense tok/s':>12} {'MoE tok/s':>12} {'MoE / dense':>12}")
+    print(f"{'layout':<22} {'dense tok/s':>12} {'MoE tok/s':>12} {'MoE / dense':>12}")
     for layout in ("1 process", "2 ranks"):
         dense, moe = rates[layout, "dense"], rates[layout, "moe"]
         label = layout if layout == "1 process" else "2 ranks (MoE: ep=2)"
-        print(f"{label:<10} {dense:12.0f} {moe:12.0f} {moe / dense:12.2f}")
+        print(f"{label:<22} {dense:12.0f} {moe:12.0f} {moe / dense:12.2f}")
 
 
 if __name__ == "__main__":
