@@ -9,8 +9,9 @@ import argparse
 import os
 import sys
 
-from plait.errors import PlaitError
+from plait.errors import NonFiniteError, PlaitError
 from plait.launch import RankFailed
+from plait.resilience.supervisor import JobFailed
 
 USAGE = """plait train [CONFIG.toml] [--print-config] [--resume] [--profile-pipeline] [--section.field VALUE ...]
        plait generate CHECKPOINT [--prompt TEXT] [--max-new-tokens N] [--temperature T]
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except RankFailed as exc:
         print(f"plait: error: {exc}", file=sys.stderr)
         return exc.exitcode if exc.exitcode > 0 else 1
+    except (JobFailed, NonFiniteError) as exc:
+        print(f"plait: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("plait: interrupted", file=sys.stderr)
         return 130

@@ -152,6 +152,22 @@ class MoEConfig:
 
 
 @dataclass
+class ResilienceConfig:
+    watch: bool = _f(True, "multi-rank local runs: per-rank watchdog + monitor that names a faulty rank and restarts")
+    heartbeat_s: float = _f(0.5, "seconds between a rank's heartbeats", gt=0)
+    hang_s: float = _f(5.0, "a hang is reported after max(hang_s, 3 x median step time) without progress", gt=0)
+    slow_factor: float = _f(1.3, "a rank whose compute per step is this many times the others' median is slow", gt=1)
+    slow_steps: int = _f(3, "consecutive slow steps before a slow rank is reported", min=1)
+    evict_slow: bool = _f(False, "treat a slow rank as a fault: stop, restart from the last checkpoint")
+    max_restarts: int = _f(3, "restarts from the last good checkpoint before giving up", min=0)
+    on_nan: Literal["skip", "rollback"] = _f(
+        "rollback", "non-finite loss or gradient: skip the step, or restart from the last checkpoint"
+    )
+    inject: str = _f("", "fault injection, e.g. 'crash:rank=1:step=20', 'hang:rank=2:step=30', "
+                         "'hang_collective:rank=2:step=30', 'slow:rank=3:factor=2', 'nan:rank=0:step=15'")
+
+
+@dataclass
 class CheckpointConfig:
     every: int = _f(0, "save every N steps; 0 saves only at the end", min=0)
     keep: int = _f(2, "checkpoints kept on disk (oldest removed)", min=1)
@@ -176,6 +192,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -318,6 +335,11 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
             "into one sequence, which must not attend to each other"
         )
     world = world_size if world_size is not None else job_world_size(cfg)
+    from plait.resilience.inject import parse_injection  # here: it imports torch.distributed
+
+    injection = parse_injection(cfg.resilience.inject)
+    if injection is not None and injection.rank >= world:
+        raise ConfigError(f"resilience.inject names rank {injection.rank}; the job has ranks 0..{world - 1}")
     dp = resolve_dp(cfg, world)
     validate_model_parallel(cfg, dp)
     if t.global_batch % (t.micro_batch * dp):

@@ -20,3 +20,8 @@ class DataError(PlaitError):
 
 class CheckpointError(PlaitError):
     """A checkpoint is missing, incomplete or corrupt."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a NaN/Inf loss or gradient and ``resilience.on_nan = "rollback"``: the
+    supervisor restarts from the last checkpoint (a single process stops here)."""

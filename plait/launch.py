@@ -48,10 +48,13 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
     if cfg.parallel.backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("parallel.backend = 'nccl' needs CUDA devices; use 'gloo' or 'auto'")
     if cfg.checkpoint.resume:
-        folder = ckpt.latest_checkpoint(cfg.run.dir)
+        skipped: list[str] = []
+        folder = ckpt.latest_good_checkpoint(cfg.run.dir, skipped)
         if folder is None:
-            raise CheckpointError(f"--resume: no checkpoint in '{ckpt.checkpoint_root(cfg.run.dir)}'")
-        ckpt.verify_checkpoint(folder)
+            found = f": {skipped[0]}" if skipped else ""
+            raise CheckpointError(f"--resume: no usable checkpoint in '{ckpt.checkpoint_root(cfg.run.dir)}'{found}")
+        for problem in skipped:
+            print(f"plait: warning: {problem}; resuming from {os.path.basename(folder)}", file=sys.stderr, flush=True)
     if not prepare:
         return cfg
     bundle = prepare_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
@@ -71,10 +74,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple, results) -> None:
+def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple, results,
+            env: dict[str, str] | None = None) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}),
     )
     # N ranks share this machine's cores; without this each would start one thread per core.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -85,13 +89,27 @@ def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: 
     except PlaitError as exc:
         print(f"plait: error on rank {rank}: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except BaseException:
+    except BaseException as exc:
         traceback.print_exc()
         sys.stderr.flush()
+        _report_error(rank, exc)
         sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _report_error(rank: int, exc: BaseException) -> None:
+    """Tell the monitor (if one watches) why this rank is failing: it tells a rank's own error
+    from a lost peer's."""
+    from plait.resilience.watchdog import monitor_store
+
+    try:
+        store = monitor_store(timeout_s=2.0)
+        if store is not None:
+            store.set(f"error/{rank}", f"{type(exc).__name__}: {exc}"[:2000])
+    except Exception:
+        pass  # the supervisor is gone; the exit code still tells
 
 
 class RankFailed(RuntimeError):
@@ -169,4 +187,8 @@ def launch_training(cfg: JobConfig):
     cfg = preflight(cfg, cfg.parallel.nproc)
     if cfg.parallel.nproc == 1:
         return run_training(cfg)
+    if cfg.resilience.watch:
+        from plait.resilience.supervisor import supervise
+
+        return supervise(run_training, cfg, pick_backend(cfg))[0]
     return spawn(run_training, cfg.parallel.nproc, (cfg,), pick_backend(cfg))[0]

@@ -141,6 +141,8 @@ def _nbytes(x) -> int:
 
 
 def _begin(op: str, key, payload, splits=None) -> Record:
+    """Start a record; inside ``paused()`` it is only tracked as in flight (the hang monitor
+    must see plait's own bookkeeping collectives too), not counted as traffic."""
     info = _info.get(key)
     if info is None:
         info = _info[key] = _resolve(key)
@@ -149,7 +151,8 @@ def _begin(op: str, key, payload, splits=None) -> Record:
     if splits and op == "all_to_all" and sum(splits):  # exact: all but the chunk kept locally
         wire = payload * (1 - splits[rank] / sum(splits))
     rec = Record(next(_seq), op, dim, payload, round(wire), n, _perf())
-    _records.append(rec)
+    if not _paused:
+        _records.append(rec)
     _blocked[rec.seq] = rec
     return rec
 
@@ -182,8 +185,6 @@ def _waited(handle, wait, *args, **kwargs):
 
 def _pg_wrapper(method, op: str, index):
     def counted(self, *args, **kwargs):
-        if _paused:
-            return method(self, *args, **kwargs)
         try:  # bookkeeping must never break the collective itself
             payload = _nbytes(args[index]) if index is not None and len(args) > index else 0
             rec = _begin(op, self, payload, args[3] if op == "all_to_all" and len(args) > 3 else None)

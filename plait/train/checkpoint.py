@@ -116,6 +116,28 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return os.path.join(checkpoint_root(run_dir), name)
 
 
+def latest_good_checkpoint(run_dir: str, skipped: list[str] | None = None) -> str | None:
+    """The newest checkpoint of ``run_dir`` that passes ``verify_checkpoint``, or None.
+
+    Newer ones that fail (a truncated shard, a flipped byte, a missing manifest) are passed
+    over; their errors are appended to ``skipped`` when given. Half-written ``.tmp`` folders
+    are never candidates.
+    """
+    root = checkpoint_root(run_dir)
+    if not os.path.isdir(root):
+        return None
+    names = sorted((n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp")), reverse=True)
+    for name in names:
+        folder = os.path.join(root, name)
+        try:
+            verify_checkpoint(folder)
+            return folder
+        except CheckpointError as exc:
+            if skipped is not None:
+                skipped.append(str(exc))
+    return None
+
+
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, for_load: bool = False):
     """(model, optimizer) state dicts keyed by parameter name whatever the layout."""
     if isinstance(optimizer, ZeroRedundancyOptimizer):

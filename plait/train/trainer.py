@@ -8,6 +8,7 @@ the same number as the single-process reference.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import ExitStack, nullcontext
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
 from plait.config import JobConfig, to_toml
-from plait.errors import CheckpointError
+from plait.errors import CheckpointError, NonFiniteError
 from plait.data import prepare_data, train_loader, DataBundle
 from plait.data.loader import val_batches
 from plait.infer.generate import generate
@@ -34,6 +35,9 @@ from plait.parallel.zero import build_zero1_optimizer, state_bytes
 from plait.train.loss import plain, token_loss_sum
 from plait.train.pipeline_runner import PipelineRunner
 from plait.train import checkpoint as ckpt
+from plait.resilience.events import log_event
+from plait.resilience.inject import Injector, parse_injection
+from plait.resilience.watchdog import PROGRESS, Watchdog, attempt, monitor_store
 from plait.train.moe_control import MoEControl
 from plait.train.metrics import MetricsLogger, flops_per_token, peak_memory_gib
 from plait.train.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -106,6 +110,14 @@ class Trainer:
             comm.register_mesh(self.dims.mesh)
             for group, name in self.dims.named_groups:
                 comm.register_group(group, name)
+        # Fault handling: injected faults (tests, demos) and the watchdog the supervisor reads.
+        PROGRESS.reset()
+        self.injector = Injector(parse_injection(cfg.resilience.inject), self.rank, attempt())
+        store = monitor_store() if cfg.resilience.watch else None
+        self.watchdog = Watchdog(store, self.rank, cfg.resilience.heartbeat_s) if store is not None else None
+        if self.watchdog is not None:
+            self.watchdog.start()
+        log_event(cfg.run.dir, "start", rank=self.rank, detail=f"attempt {attempt()}")
         self.data = load_data(cfg)
         self.cfg = cfg = with_vocab(cfg, self.data.tokenizer.vocab_size)
         model = build_model(cfg.model, self.device, seed=cfg.train.seed)
@@ -170,7 +182,7 @@ class Trainer:
         return loss_parallel() if self.dims.tp_enabled else nullcontext()
 
     def _resume(self) -> None:
-        folder = ckpt.latest_checkpoint(self.cfg.run.dir)
+        folder = ckpt.latest_good_checkpoint(self.cfg.run.dir)
         if folder is None:
             raise CheckpointError(f"--resume: no checkpoint in '{ckpt.checkpoint_root(self.cfg.run.dir)}'")
         state = ckpt.load_checkpoint(folder, self.parts, self.optimizer)
@@ -180,6 +192,8 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
         self.start_step = int(state["step"])
+        if self.rank == 0:
+            log_event(self.cfg.run.dir, "resume", rank=0, step=self.start_step, detail=os.path.basename(folder))
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of token cross-entropies of one micro-batch (unpipelined model)."""
@@ -188,8 +202,12 @@ class Trainer:
             logits = self.model(batch["input_ids"], batch["position_ids"], doc_mask=self.cfg.data.doc_mask)
         return token_loss_sum(logits, batch["labels"])
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-        """One optimizer step. Returns (global mean loss, global grad norm before clipping)."""
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int = 0) -> tuple[float, float]:
+        """One optimizer step. Returns (global mean loss, global grad norm before clipping).
+
+        A non-finite gradient norm skips the update (``resilience.on_nan = "skip"``) or
+        raises NonFiniteError for the supervisor to roll back; the ranks whose own loss was
+        not finite report it first."""
         for part in self.parts:
             part.train()
         micro_batches = [self._local(mb) for mb in micro_batches]
@@ -201,6 +219,9 @@ class Trainer:
         # number undoes that so gradients are of sum(loss)/global_tokens, the single-process
         # reference's objective.
         scale = self.dims.grad_degree / max(global_tokens, 1.0)
+        if self.injector.poisons_loss(step):
+            scale = float("nan")
+        PROGRESS.phase = "forward"
         if self.pipeline is not None:
             with self.autocast:
                 total = self.pipeline.train(micro_batches, scale, self._loss_context())
@@ -209,18 +230,35 @@ class Trainer:
             for index, mb in enumerate(micro_batches):
                 set_gradient_sync(self.model, index == len(micro_batches) - 1)
                 with self._loss_context():
-                    loss_sum = self._loss_sum(mb)
+                    PROGRESS.phase = "forward"
+                    loss_sum = self._loss_sum(mb) * (1.0 if math.isfinite(scale) else scale)
+                    PROGRESS.phase = "backward"
                     (loss_sum * scale).backward()
                 total += plain(loss_sum).detach().double().cpu()
+        PROGRESS.phase = "optimizer"
+        if not bool(torch.isfinite(total)) and PROGRESS.nan_step is None:
+            PROGRESS.nan_step = step  # this rank's own loss: where the NaN/Inf appeared
         pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp_enabled else None
         norm = clip_grad_norm([p for part in self.parts for p in part.parameters()], self.cfg.train.grad_clip, pp_group)
-        self.optimizer.step()
+        if not math.isfinite(norm):
+            self._non_finite(step)
+        else:
+            self.optimizer.step()
         if not self.model_state_bytes:  # the first step is the first time all three exist
             self.model_state_bytes = state_bytes(self.parts, self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = float(self._reduce(total, over_pp=True)) / max(global_tokens, 1.0)
         return loss, norm
+
+    def _non_finite(self, step: int) -> None:
+        """Skip this step's update, or stop for a rollback to the last checkpoint."""
+        if self.cfg.resilience.on_nan == "rollback":
+            if self.watchdog is not None:
+                self.watchdog.beat()  # the monitor must see where it started before we exit
+            raise NonFiniteError(f"non-finite loss or gradient at step {step}; rolling back to the last checkpoint")
+        if self.rank == 0:
+            print(f"plait: step {step}: non-finite gradient norm, update skipped (resilience.on_nan = 'skip')", flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -285,9 +323,13 @@ class Trainer:
             comm.reset()  # drop validation/checkpoint traffic of the previous step
             begin = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
-            loss, norm = self.train_step(self.loader.next_step())
+            PROGRESS.step, PROGRESS.phase = step, "data"
+            self.injector.at_step_start(step)
+            loss, norm = self.train_step(self.loader.next_step(), step)
+            self.injector.slow_down(step, time.perf_counter() - begin - comm.step_summary(reset=False)["comm_s"])
             elapsed = time.perf_counter() - begin
             traffic = comm.step_summary()
+            PROGRESS.finish_step(elapsed, max(elapsed - traffic["comm_s"], 0.0))
             result.comm_bytes[step] = traffic["comm_bytes"]
             result.losses[step], result.grad_norms[step] = loss, norm
             data_stats = self.loader.step_stats()
@@ -311,14 +353,18 @@ class Trainer:
             if self.moe is not None:
                 record.update(self.moe.step_metrics(step))
             if self.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
+                PROGRESS.phase = "eval"
                 val = self.evaluate()
                 result.val_losses[step] = val
                 record["val_loss"], record["val_ppl"] = val, float(torch.tensor(val).exp())
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
+                PROGRESS.phase = "checkpoint"
                 result.checkpoint = ckpt.save_checkpoint(
                     cfg.run.dir, step, self.parts, self.optimizer, self._rank_state(step), cfg,
                     self.data.tokenizer, cfg.checkpoint.keep,
                 )
+                if self.rank == 0:
+                    log_event(cfg.run.dir, "checkpoint", rank=0, step=step, detail=os.path.basename(result.checkpoint))
             if step % cfg.metrics.log_every == 0 or "val_loss" in record or step == t.steps:
                 metrics.log(record)
         if self.rank == 0 and cfg.metrics.profile_pipeline and self.pipeline is not None:
@@ -339,6 +385,8 @@ class Trainer:
                   flush=True)
         result.sample = self.sample()
         result.summary = metrics.close()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.rank == 0 and result.sample is not None:
             print(f"plait: sample: {result.sample!r}", flush=True)
         return result

@@ -67,7 +67,7 @@ CASES = {
     "cuda_without_gpu": (["train", "--train.device", "cuda"], ["train.device"]),
     "override_without_value": (["train", "--train.steps"], ["--train.steps needs a value"]),
     "missing_config_file": (["train", "/nope/job.toml"], ["/nope/job.toml", "does not exist"]),
-    "resume_without_checkpoint": (["train", "--resume"], ["no checkpoint"]),
+    "resume_without_checkpoint": (["train", "--resume"], ["no usable checkpoint"]),
     "unknown_flag": (["train", "--frobnicate"], ["--frobnicate"]),
     "tp_not_dividing_heads": (["train", "--parallel.nproc", "4", "--parallel.tp", "4", "--train.global_batch", "4"],
                               ["parallel.tp = 4", "model.n_heads = 2"]),

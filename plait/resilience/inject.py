@@ -1,0 +1,89 @@
+"""Fault injection (``resilience.inject``) for tests and demos.
+
+``kind:key=value:...`` with kind one of:
+- ``crash:rank=R:step=S``: rank R kills itself with SIGKILL at the start of step S;
+- ``hang:rank=R:step=S``: rank R sleeps forever at the start of step S, outside any
+  collective (its heartbeat goes on; the others wait for it in their next collective);
+- ``hang_collective:rank=R:step=S``: rank R enters a barrier no other rank joins;
+- ``slow:rank=R:factor=F[:step=S]``: from step S (default 1) rank R's compute takes F times
+  as long;
+- ``nan:rank=R:step=S``: rank R's loss at step S is NaN.
+Injections fire only in a job's first attempt, so a restart runs clean.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from plait.errors import ConfigError
+
+INJECTIONS = ("crash", "hang", "hang_collective", "slow", "nan")
+
+
+@dataclass(frozen=True)
+class Injection:
+    kind: str
+    rank: int
+    step: int = 1
+    factor: float = 1.0
+
+
+def parse_injection(text: str) -> Injection | None:
+    """The injection described by ``text`` (None when empty); ConfigError if malformed."""
+    if not text.strip():
+        return None
+    kind, *fields = text.strip().split(":")
+    allowed = f"use kind:rank=R:step=S with kind one of {', '.join(INJECTIONS)} (slow takes factor=F)"
+    if kind not in INJECTIONS:
+        raise ConfigError(f"resilience.inject = {text!r}: unknown fault '{kind}'; {allowed}")
+    values: dict[str, str] = {}
+    for item in fields:
+        key, _, value = item.partition("=")
+        if key not in ("rank", "step", "factor") or not value:
+            raise ConfigError(f"resilience.inject = {text!r}: bad field {item!r}; {allowed}")
+        values[key] = value
+    try:
+        injection = Injection(kind, int(values["rank"]), int(values.get("step", 1)), float(values.get("factor", 1.0)))
+    except (KeyError, ValueError):
+        raise ConfigError(f"resilience.inject = {text!r}: needs integer rank= (and step=); {allowed}") from None
+    if injection.step < 1 or injection.rank < 0 or (kind == "slow" and injection.factor <= 1):
+        raise ConfigError(f"resilience.inject = {text!r}: rank >= 0, step >= 1, slow factor > 1; {allowed}")
+    return injection
+
+
+class Injector:
+    """Fires ``injection`` on this rank at the right step (first attempt only)."""
+
+    def __init__(self, injection: Injection | None, rank: int, attempt: int):
+        active = injection is not None and injection.rank == rank and attempt == 0
+        self.injection = injection if active else None
+        # A group only the culprit will ever use: creating it is collective, so every rank does.
+        wanted = injection is not None and injection.kind == "hang_collective" and dist.is_initialized()
+        self.stray_group = dist.new_group() if wanted else None
+
+    def at_step_start(self, step: int) -> None:
+        inj = self.injection
+        if inj is None or step != inj.step:
+            return
+        if inj.kind == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if inj.kind == "hang":
+            while True:
+                time.sleep(3600)
+        if inj.kind == "hang_collective":
+            dist.barrier(group=self.stray_group)
+
+    def slow_down(self, step: int, compute_s: float) -> None:
+        """Sleep so this step's compute took ``factor`` times ``compute_s``."""
+        inj = self.injection
+        if inj is not None and inj.kind == "slow" and step >= inj.step:
+            time.sleep((inj.factor - 1.0) * compute_s)
+
+    def poisons_loss(self, step: int) -> bool:
+        inj = self.injection
+        return inj is not None and inj.kind == "nan" and step == inj.step

@@ -1,0 +1,161 @@
+"""The monitor: classifies a job's state from its ranks' heartbeats and processes (C4D-style).
+
+In a data- or model-parallel job the ranks run the same collectives in the same order at the
+same pace, so the rank that breaks the pattern is the faulty one:
+
+- crash: a rank's process exited. Its peers then fail too (their collectives lose a member),
+  so the culprit is a rank killed by a signal, else one whose failure was not a lost peer,
+  else the first seen dead;
+- hang, frozen: a rank's heartbeat stopped (SIGSTOP, a stuck interpreter);
+- hang, no progress: ranks have waited in a collective for longer than the bound while
+  others never entered it: those others are the culprits. If every rank waits, in the same
+  collective, it is a communication hang; a rank waiting in a different collective than
+  everyone else is the culprit;
+- slow: a rank's compute per step (step time minus time blocked in collectives) has been
+  ``slow_factor`` times the others' median for ``slow_steps`` steps in a row;
+- nan: a rank's own loss (or gradient) was not finite; the culprits are the ranks where it
+  appeared first.
+
+The hang bound is max(``hang_s``, 3 x the median step time); a heartbeat older than
+max(2 s, 4 heartbeats) means the process is frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from plait.config import ResilienceConfig
+
+
+@dataclass
+class Fault:
+    kind: str  # crash | hang | slow | nan
+    ranks: list[int]
+    step: int | None
+    detail: str
+    fatal: bool = True  # False: reported, the job goes on (a slow rank without evict_slow)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Monitor:
+    def __init__(self, store, nproc: int, cfg: ResilienceConfig):
+        self.store, self.nproc, self.cfg = store, nproc, cfg
+        self.beats: dict[int, dict[str, Any]] = {}
+        self.reported_slow: set[int] = set()
+        self.reported_nan = False
+
+    def read(self) -> None:
+        for rank in range(self.nproc):
+            key = f"hb/{rank}"
+            if self.store.check([key]):
+                self.beats[rank] = json.loads(self.store.get(key))
+
+    def error_of(self, rank: int) -> str:
+        key = f"error/{rank}"
+        return self.store.get(key).decode() if self.store.check([key]) else ""
+
+    def step_time(self) -> float:
+        """Median step wall time over every rank's recent steps (0 before the first)."""
+        times = [t for beat in self.beats.values() for t in beat.get("step_s", [])]
+        return statistics.median(times) if times else 0.0
+
+    def hang_bound(self) -> float:
+        return max(self.cfg.hang_s, 3 * self.step_time())
+
+    def check(self, exitcodes: list[int | None]) -> Fault | None:
+        """The first fault found now, or None. ``exitcodes``: each rank process's exit code
+        (None while it runs)."""
+        self.read()
+        return (self._nan() or self._crash(exitcodes) or self._frozen() or self._stalled() or self._slow())
+
+    def _step(self, rank: int) -> int | None:
+        return self.beats.get(rank, {}).get("step")
+
+    def _nan(self) -> Fault | None:
+        steps = {r: b["nan_step"] for r, b in self.beats.items() if b.get("nan_step") is not None}
+        if not steps or self.reported_nan:
+            return None
+        self.reported_nan = True
+        first = min(steps.values())
+        ranks = sorted(r for r, s in steps.items() if s == first)
+        fatal = self.cfg.on_nan == "rollback"
+        return Fault("nan", ranks, first, f"non-finite loss or gradient first on rank(s) {ranks} at step {first}",
+                     fatal=fatal)
+
+    def _crash(self, exitcodes: list[int | None]) -> Fault | None:
+        dead = [r for r, code in enumerate(exitcodes) if code not in (None, 0)]
+        if not dead:
+            return None
+        signalled = [r for r in dead if exitcodes[r] < 0]
+        own = [r for r in dead if self.error_of(r) and "peer" not in self.error_of(r).lower()]
+        culprits = signalled or own or dead[:1]
+        how = ", ".join(f"rank {r} exit code {exitcodes[r]}" for r in culprits)
+        return Fault("crash", culprits, self._step(culprits[0]), f"process exited ({how})")
+
+    def _frozen(self) -> Fault | None:
+        limit = max(2.0, 4 * self.cfg.heartbeat_s)
+        now = time.time()
+        stale = sorted(r for r, b in self.beats.items() if now - b["time"] > limit)
+        if not stale:
+            return None
+        age = max(now - self.beats[r]["time"] for r in stale)
+        return Fault("hang", stale, self._step(stale[0]),
+                     f"no heartbeat for {age:.1f} s (process frozen, e.g. SIGSTOP)", extra={"hang": "frozen"})
+
+    def _stalled(self) -> Fault | None:
+        if len(self.beats) < self.nproc:
+            return None
+        bound = self.hang_bound()
+        waiting = {}
+        for rank, beat in self.beats.items():
+            c = beat.get("collective")
+            if c is not None and beat["mono"] - c["since"] > bound:
+                waiting[rank] = c
+        if not waiting:
+            return None
+        kinds = {r: (c["op"], c["dim"]) for r, c in waiting.items()}
+        groups: dict[tuple, list[int]] = {}
+        for rank, kind in kinds.items():
+            groups.setdefault(kind, []).append(rank)
+        if len(groups) > 1:
+            # Waiting ranks disagree: the smaller party sits in a collective the others never
+            # joined (checked first: it also explains ranks not seen waiting at all).
+            minority = sorted(min(groups.values(), key=len))
+            op, dim = kinds[minority[0]]
+            return Fault("hang", minority, self._step(minority[0]),
+                         f"rank(s) {minority} wait in {op} on '{dim}', which no other rank entered",
+                         extra={"hang": "inside a stray collective"})
+        (op, dim), ranks = next(iter(groups.items()))
+        others = sorted(r for r in range(self.nproc) if r not in waiting)
+        if others:
+            # Everyone else is stuck waiting for these ranks, which are somewhere else.
+            phases = ", ".join(f"rank {r} in {self.beats[r]['phase']} of step {self.beats[r]['step']}" for r in others)
+            return Fault("hang", others, self._step(others[0]),
+                         f"ranks {sorted(waiting)} have waited {bound:.1f}+ s in {op} on '{dim}'; never entered by {phases}",
+                         extra={"hang": "outside a collective"})
+        return Fault("hang", [], self._step(ranks[0]),
+                     f"communication hang: every rank has waited {bound:.1f}+ s in {op} on '{dim}'",
+                     extra={"hang": "communication"})
+
+    def _slow(self) -> Fault | None:
+        n = self.cfg.slow_steps
+        series = {r: b.get("compute_s", []) for r, b in self.beats.items()}
+        if len(series) < self.nproc or min(len(s) for s in series.values()) < n:
+            return None
+        for rank, own in series.items():
+            if rank in self.reported_slow:
+                continue
+            ratios = []
+            for k in range(1, n + 1):
+                others = [series[o][-k] for o in series if o != rank]
+                ratios.append(own[-k] / max(statistics.median(others), 1e-9))
+            if min(ratios) >= self.cfg.slow_factor:
+                self.reported_slow.add(rank)
+                return Fault("slow", [rank], self._step(rank),
+                             f"compute per step {min(ratios):.2f}-{max(ratios):.2f}x the others' median "
+                             f"for the last {n} steps", fatal=self.cfg.evict_slow)
+        return None

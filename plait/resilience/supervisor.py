@@ -1,0 +1,98 @@
+"""The supervisor: runs a multi-rank job on this machine under the monitor, and on a fault
+stops every rank, names the culprit in events.jsonl and restarts from the last good
+checkpoint (up to ``resilience.max_restarts`` times). With no spare node here, a restart
+reuses the same slots (C4's isolation of a faulty node needs a spare one)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import time
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from plait.config import JobConfig
+from plait.resilience.events import log_event
+from plait.resilience.monitor import Fault, Monitor
+from plait.resilience.watchdog import ATTEMPT_ENV, MONITOR_ENV
+
+POLL_S = 0.1
+
+
+class JobFailed(RuntimeError):
+    """Faults kept happening after ``max_restarts`` restarts."""
+
+
+def _with_resume(cfg: JobConfig, resume: bool) -> JobConfig:
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=resume))
+
+
+def _stop_all(procs: list) -> None:
+    """SIGKILL every rank still alive (it also ends stopped ones) and reap them."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    for proc in procs:
+        proc.join(timeout=10)
+
+
+def run_once(fn, cfg: JobConfig, attempt: int, backend: str) -> tuple[list[Any] | None, Fault | None]:
+    """One start of the job: (every rank's result, None) or (None, the fatal fault)."""
+    from plait.launch import _worker, free_port
+
+    nproc = cfg.parallel.nproc
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = {MONITOR_ENV: f"127.0.0.1:{store.port}", ATTEMPT_ENV: str(attempt)}
+    monitor = Monitor(store, nproc, cfg.resilience)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, nproc, port, backend, fn, (cfg,), results, env)) for r in range(nproc)]
+    for proc in procs:
+        proc.start()
+    outputs: dict[int, Any] = {}
+    try:
+        while len(outputs) < nproc:
+            try:
+                rank, out = results.get(timeout=POLL_S)
+                outputs[rank] = out
+                continue
+            except queue.Empty:
+                pass
+            fault = monitor.check([p.exitcode for p in procs])
+            if fault is not None:
+                log_event(cfg.run.dir, fault.kind, rank=fault.ranks[0] if fault.ranks else None,
+                          pid=procs[fault.ranks[0]].pid if fault.ranks else None, step=fault.step,
+                          detail=fault.detail, ranks=fault.ranks, fatal=fault.fatal, **fault.extra)
+                print(f"plait: {fault.kind} detected: rank(s) {fault.ranks or 'unknown'}: {fault.detail}", flush=True)
+                if fault.fatal:
+                    return None, fault
+        for proc in procs:
+            proc.join()
+        return [outputs[r] for r in range(nproc)], None
+    finally:
+        _stop_all(procs)
+
+
+def supervise(fn, cfg: JobConfig, backend: str) -> list[Any]:
+    """Run ``fn(cfg)`` on ``cfg.parallel.nproc`` local ranks until it finishes, restarting
+    after each fatal fault. Returns every rank's result."""
+    from plait.train import checkpoint as ckpt
+
+    for attempt in range(cfg.resilience.max_restarts + 1):
+        started = time.time()
+        outputs, fault = run_once(fn, cfg, attempt, backend)
+        if fault is None:
+            log_event(cfg.run.dir, "done", detail=f"attempt {attempt}, {time.time() - started:.1f} s")
+            return outputs
+        if attempt == cfg.resilience.max_restarts:
+            break
+        folder = ckpt.latest_good_checkpoint(cfg.run.dir)
+        cfg = _with_resume(cfg, folder is not None)
+        where = f"from {os.path.basename(folder)}" if folder else "from the start (no checkpoint yet)"
+        log_event(cfg.run.dir, "restart", detail=f"attempt {attempt + 1} after {fault.kind} on rank(s) {fault.ranks}, {where}")
+        print(f"plait: restarting {where}", flush=True)
+    raise JobFailed(f"{fault.kind} on rank(s) {fault.ranks} persisted after {cfg.resilience.max_restarts} restarts: {fault.detail}")
