@@ -1,4 +1,4 @@
-"""``plait train | generate | convert``: the command line.
+"""``plait train | plan | generate | convert``: the command line.
 
 Any user error ends as one line on stderr, ``plait: error: ...``, and exit code 2.
 """
@@ -15,6 +15,8 @@ from plait.launch import RankFailed
 USAGE = """plait train [CONFIG.toml] [--print-config] [--resume] [--profile-pipeline] [--section.field VALUE ...]
        plait generate CHECKPOINT [--prompt TEXT] [--max-new-tokens N] [--temperature T]
                       [--top-k K] [--top-p P] [--seed S]
+       plait plan [CONFIG.toml] --cluster.gpu NAME --cluster.gpus N --train.global_batch B --train.seq_len S
+                  [--model.* ...] [--layout "tp=8,pp=2,..."] [--top K] [--json] [--max-micro-batch] [--calibrate]
        plait convert SRC DST          (Hugging Face folder <-> plait checkpoint)"""
 
 
@@ -112,7 +114,13 @@ def cmd_convert(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "convert": cmd_convert}
+def cmd_plan(argv: list[str]) -> int:
+    from plait.plan.command import run_plan
+
+    return run_plan(argv)
+
+
+COMMANDS = {"train": cmd_train, "plan": cmd_plan, "generate": cmd_generate, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:
