@@ -65,6 +65,10 @@ def cmd_train(argv: list[str]) -> int:
     if args.profile_pipeline:
         overrides.append(("metrics.profile_pipeline", "true"))
     cfg = build_config(args.config, overrides)
+    if cfg.parallel.layout == "auto":
+        from plait.plan.auto import apply_auto_layout
+
+        cfg = apply_auto_layout(cfg)
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0

@@ -273,3 +273,18 @@ def test_cli_fixed_layout_and_table(tmp_path):
                       "[cluster]\ngpu = \"a100-80gb\"\ngpus = 16\n")
     code, out = plan_cli(str(config), "--layout", "tp=8", "--max-micro-batch")
     assert code == 0 and "layouts fit" in out
+
+
+# parallel.layout = "auto" -----------------------------------------------------------------------
+
+def test_auto_layout_picks_a_runnable_layout(capsys):
+    from plait.config import build_config, validate
+    from plait.plan.auto import apply_auto_layout
+
+    cfg = build_config(values={"parallel.layout": "auto", "parallel.nproc": 4, "model.vocab_size": 512,
+                               "train.global_batch": 16, "train.device": "cpu"})
+    chosen = apply_auto_layout(cfg)
+    validate(chosen, 4)
+    assert chosen.parallel.layout == "manual"
+    assert chosen.parallel.tp * chosen.parallel.pp * chosen.parallel.cp <= 4
+    assert "parallel.layout = auto on 4 x cpu" in capsys.readouterr().out
