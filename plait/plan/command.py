@@ -57,6 +57,10 @@ def run_plan(argv: list[str]) -> int:
     cluster = build_cluster(request.cluster)
     fixed = parse_layout(args.layout)
     result = evaluate_fixed(request.model, request.train, cluster, fixed, args.max_micro_batch)
+    if cluster.heterogeneous:
+        from plait.plan.hetero import rerank_nic_aware
+
+        rerank_nic_aware(result, request.model, request.train, cluster)
     if args.json:
         print(to_json(result, args.top))
     else:

@@ -9,10 +9,11 @@ from plait.plan.hardware import GIB
 from plait.plan.search import SearchResult
 
 
-def layout_record(est: Estimate) -> dict:
-    """One entry of the JSON contract's ``layouts`` list."""
+def layout_record(est: Estimate, placement=None) -> dict:
+    """One entry of the JSON contract's ``layouts`` list; with a NIC-aware placement (mixed-NIC
+    clusters) its step time is the placed one and ``placement`` tells stages, layers and gain."""
     lo = est.layout
-    return {
+    record = {
         "tp": lo.tp, "pp": lo.pp, "vpp": lo.vpp, "dp": lo.dp, "cp": lo.cp, "ep": lo.ep,
         "micro_batch": lo.micro_batch, "zero": lo.zero, "recompute": lo.recompute, "schedule": lo.schedule,
         "step_time_s": round(est.step_time_s, 6),
@@ -23,11 +24,15 @@ def layout_record(est: Estimate) -> dict:
         "fits": est.fits,
         "breakdown": est.breakdown(),
     }
+    if placement is not None:
+        record["step_time_s"] = round(placement.step_time_s, 6)
+        record["placement"] = placement.record()
+    return record
 
 
 def to_json(result: SearchResult, top: int) -> str:
     shown = result.ranked[:top] or sorted(result.too_big, key=lambda e: e.memory.total)[:top]
-    return json.dumps({"layouts": [layout_record(e) for e in shown], "why_others_lost": result.why_lost(len(shown)),
+    return json.dumps({"layouts": [layout_record(e, result.placements.get(e.layout)) for e in shown], "why_others_lost": result.why_lost(len(shown)),
                        "searched": len(result.ranked) + result.too_big_count, "fitting": len(result.ranked)}, indent=1)
 
 
@@ -43,8 +48,10 @@ def to_table(result: SearchResult, top: int, gpu_memory_gib: float) -> str:
     lines.append(header)
     for i, est in enumerate(shown, 1):
         lo = est.layout
+        placement = result.placements.get(lo)
+        step = placement.step_time_s if placement else est.step_time_s
         lines.append(f"{i:>2} {lo.tp:>3} {lo.pp:>3} {lo.vpp:>3} {lo.dp:>5} {lo.cp:>3} {lo.ep:>3} {lo.micro_batch:>4} "
-                     f"{lo.zero:>4} {lo.recompute:<9} {est.step_time_s:>9.4g} {est.tokens_per_s_per_gpu:>10.1f} "
+                     f"{lo.zero:>4} {lo.recompute:<9} {step:>9.4g} {est.tokens_per_s_per_gpu:>10.1f} "
                      f"{est.model_tflops_per_gpu:>8.1f} {100 * est.mfu:>5.1f}% {est.memory.total / GIB:>7.2f}")
     lines.append("")
     for i, est in enumerate(shown, 1):
@@ -53,6 +60,11 @@ def to_table(result: SearchResult, top: int, gpu_memory_gib: float) -> str:
         lines.append(f"#{i} {est.layout.schedule}: compute {est.compute_s:.4g} s, bubble {est.bubble_s:.3g} s, "
                      f"optimizer {est.optimizer_s:.3g} s, exposed communication (s): {comm}")
         lines.append(f"   memory GiB: {mem}")
+        placement = result.placements.get(est.layout)
+        if placement is not None:
+            stages = ", ".join(f"{k}@{link}" for k, link in zip(placement.stage_layers, placement.stage_links))
+            lines.append(f"   NIC-aware placement: layers per stage {stages}; {placement.step_time_s:.4g} s vs "
+                         f"{placement.oblivious_step_time_s:.4g} s NIC-oblivious ({100 * (placement.gain - 1):.1f}% faster)")
     lost = result.why_lost(len(shown))
     if lost:
         lines.append("")

@@ -9,7 +9,7 @@ Fields fixed by ``--layout`` are not searched.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from plait.errors import ConfigError
 from plait.plan.estimate import Estimate, estimate
@@ -65,6 +65,7 @@ class SearchResult:
     too_big: list[Estimate]  # valid layouts that do not fit in memory (the first 4096)
     too_big_count: int
     invalid: int  # combinations that do not divide the cluster or the model
+    placements: dict = field(default_factory=dict)  # Layout -> hetero.HeteroPlacement (mixed NICs)
 
     def why_lost(self, shown: int, limit: int = 6) -> list[str]:
         """One line for each family (tp, pp, cp) that did not make the top ``shown``: what made its

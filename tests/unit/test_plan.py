@@ -15,6 +15,7 @@ import pytest
 from plait.errors import ConfigError
 from plait.plan import comm
 from plait.plan.estimate import estimate
+from plait.plan.hetero import place, rerank_nic_aware, size_stages
 from plait.plan.flops import block_cost, gemm_efficiency, gemm_seconds, model_flops_per_step
 from plait.plan.hardware import GIB, GPUS, LINKS, Cluster, parse_node_groups
 from plait.plan.layout import Layout, parse_layout
@@ -288,3 +289,26 @@ def test_auto_layout_picks_a_runnable_layout(capsys):
     assert chosen.parallel.layout == "manual"
     assert chosen.parallel.tp * chosen.parallel.pp * chosen.parallel.cp <= 4
     assert "parallel.layout = auto on 4 x cpu" in capsys.readouterr().out
+
+
+# heterogeneous clusters -------------------------------------------------------------------------
+
+def test_stage_sizing_follows_group_speed():
+    assert size_stages([1.0, 1.0], 10) == [5, 5]
+    assert size_stages([1.0, 2.0], 12) == [8, 4]
+
+
+def test_nic_aware_placement_beats_oblivious():
+    model = PlanModel(n_layers=32, dim=4096, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000)
+    train = PlanTrain(global_batch=64, seq_len=4096, overlap_grad_reduce=False)
+    cluster = build_cluster(PlanCluster(gpu="h100-sxm", gpus=32, gpus_per_node=8, node_groups="2xib-ndr,2xethernet"))
+    assert cluster.heterogeneous and cluster.inter_link.name == "ethernet"  # oblivious rings run at the slowest NIC
+    lo = layout(tp=8, pp=2, dp=2, micro_batch=1, zero=1, recompute="full")
+    placed = place(model, train, cluster, lo)
+    assert placed.stage_links == ["ib-ndr", "ethernet"]
+    assert placed.stage_layers[0] > placed.stage_layers[1] and sum(placed.stage_layers) == 32
+    assert placed.gain > 1.01
+    assert place(model, train, cluster, replace(lo, pp=1, dp=4)) is None  # a stage would span both groups
+    result = search(model, train, cluster, {"tp": 8, "pp": 2, "recompute": "full"})
+    rerank_nic_aware(result, model, train, cluster)
+    assert result.placements and all(p.gain >= 1 for p in result.placements.values())
