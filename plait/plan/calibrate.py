@@ -3,7 +3,7 @@ bandwidth, and gloo all-reduce bandwidth and latency, all with N local ranks run
 (they share the cores, as the ranks of ``plait train`` do).
 
 The fits are the cost model's own forms: achieved FLOP/s = peak x d / (d + half_dim) on a GEMM's
-smallest dimension d (a line in 1/d), and all-reduce time = 2(n-1) x latency + 2(n-1)/n x bytes /
+smallest dimension d, and all-reduce time = 2(n-1) x latency + 2(n-1)/n x bytes /
 bandwidth (a line in bytes).
 """
 
@@ -29,6 +29,21 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def _sustained_rate(fn, work: float, window_s: float = 0.4) -> float:
+    """``work`` units per call x calls per second, running ``fn`` back to back for ``window_s``
+    while every other rank does the same: the rate each rank gets when all of them compute, as
+    they do in a training step on shared cores."""
+    import torch.distributed as dist
+
+    fn()
+    dist.barrier()
+    calls, begin = 0, time.perf_counter()
+    while time.perf_counter() - begin < window_s:
+        fn()
+        calls += 1
+    return calls * work / (time.perf_counter() - begin)
+
+
 def _measure_rank() -> dict:
     """Runs on every rank at once: matmul and copy rates of this rank, all-reduce times of the group."""
     import torch
@@ -38,19 +53,30 @@ def _measure_rank() -> dict:
     rates = {}
     for d in GEMM_DIMS:
         a, b = torch.randn(1024, d), torch.randn(d, 1024)
-        dist.barrier()
-        seconds = _timed(lambda: a @ b, 5)
-        rates[d] = 2 * 1024 * 1024 * d / seconds
+        rates[d] = _sustained_rate(lambda: a @ b, 2 * 1024 * 1024 * d)
     src = torch.randn(8 * 2**20)
     dst = torch.empty_like(src)
-    dist.barrier()
-    copy_s = _timed(lambda: dst.copy_(src), 5)
+    memory_rate = _sustained_rate(lambda: dst.copy_(src), 2 * src.numel() * 4)
     reduce_s = {}
     for nbytes in ALL_REDUCE_BYTES:
         buf = torch.zeros(nbytes // 4)
         dist.barrier()
         reduce_s[nbytes] = _timed(lambda: dist.all_reduce(buf), 5)
-    return {"rates": rates, "memory_bytes_per_s": 2 * src.numel() * 4 / copy_s, "reduce_s": reduce_s, "world": world}
+    return {"rates": rates, "memory_bytes_per_s": memory_rate, "reduce_s": reduce_s, "world": world}
+
+
+def fit_gemm_curve(rates: dict[int, float]) -> tuple[float, float]:
+    """(peak FLOP/s, half dimension) of rate(d) = peak x d / (d + half), least relative error.
+    The peak stays within 1.5x the best measured rate: the curve must not promise what the
+    machine never showed."""
+    best_rate = max(rates.values())
+    best = (float("inf"), best_rate, 1.0)
+    for half in [2 ** (i / 4) for i in range(0, 53)]:  # 1 .. 8192
+        shape = {d: d / (d + half) for d in rates}
+        peak = min(1.5 * best_rate, sum(rates[d] * shape[d] for d in rates) / sum(shape[d] ** 2 for d in rates))
+        error = sum((peak * shape[d] / rates[d] - 1) ** 2 for d in rates)
+        best = min(best, (error, peak, half))
+    return best[1], best[2]
 
 
 def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -64,10 +90,7 @@ def fit_profile(results: list[dict]) -> dict:
     """The profile (JSON-ready) from every rank's measurements."""
     world = results[0]["world"]
     mean_rate = {d: statistics.fmean(r["rates"][d] for r in results) for d in GEMM_DIMS}
-    # 1/rate = 1/peak + (half_dim/peak) / d
-    intercept, slope = _line([1 / d for d in GEMM_DIMS], [1 / mean_rate[d] for d in GEMM_DIMS])
-    peak = 1 / intercept if intercept > 0 else max(mean_rate.values())
-    half_dim = max(1.0, slope * peak)
+    peak, half_dim = fit_gemm_curve(mean_rate)
     times = [statistics.fmean(r["reduce_s"][n] for r in results) for n in ALL_REDUCE_BYTES]
     fixed, per_byte = _line([float(n) for n in ALL_REDUCE_BYTES], times)
     steps = 2 * (world - 1)

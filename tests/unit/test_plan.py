@@ -312,3 +312,18 @@ def test_nic_aware_placement_beats_oblivious():
     result = search(model, train, cluster, {"tp": 8, "pp": 2, "recompute": "full"})
     rerank_nic_aware(result, model, train, cluster)
     assert result.placements and all(p.gain >= 1 for p in result.placements.values())
+
+
+# calibration ------------------------------------------------------------------------------------
+
+def test_calibration_fits_the_cost_model_forms():
+    from plait.plan.calibrate import ALL_REDUCE_BYTES, GEMM_DIMS, fit_gemm_curve, fit_profile
+
+    rates = {d: 50e9 * d / (d + 24) for d in GEMM_DIMS}
+    peak, half = fit_gemm_curve(rates)
+    assert peak == pytest.approx(50e9, rel=0.05) and half == pytest.approx(24, rel=0.15)
+    world, bw, latency = 4, 1e9, 100e-6
+    reduce_s = {n: 2 * (world - 1) * latency + 2 * (world - 1) / world * n / bw for n in ALL_REDUCE_BYTES}
+    profile = fit_profile([{"rates": rates, "memory_bytes_per_s": 5e9, "reduce_s": reduce_s, "world": world}])
+    assert profile["link_bytes_per_s"] == pytest.approx(bw, rel=1e-6)
+    assert profile["link_latency_s"] == pytest.approx(latency, rel=1e-6)
