@@ -1,4 +1,4 @@
-"""``plait train | generate | convert``: the command line.
+"""``plait train | plan | generate | convert``: the command line.
 
 Any user error ends as one line on stderr, ``plait: error: ...``, and exit code 2.
 """
@@ -16,6 +16,8 @@ from plait.resilience.supervisor import JobFailed
 USAGE = """plait train [CONFIG.toml] [--print-config] [--resume] [--profile-pipeline] [--section.field VALUE ...]
        plait generate CHECKPOINT [--prompt TEXT] [--max-new-tokens N] [--temperature T]
                       [--top-k K] [--top-p P] [--seed S]
+       plait plan [CONFIG.toml] --cluster.gpu NAME --cluster.gpus N --train.global_batch B --train.seq_len S
+                  [--model.* ...] [--layout "tp=8,pp=2,..."] [--top K] [--json] [--max-micro-batch] [--calibrate]
        plait convert SRC DST          (Hugging Face folder <-> plait checkpoint)"""
 
 
@@ -64,6 +66,10 @@ def cmd_train(argv: list[str]) -> int:
     if args.profile_pipeline:
         overrides.append(("metrics.profile_pipeline", "true"))
     cfg = build_config(args.config, overrides)
+    if cfg.parallel.layout == "auto":
+        from plait.plan.auto import apply_auto_layout
+
+        cfg = apply_auto_layout(cfg)
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
@@ -113,7 +119,13 @@ def cmd_convert(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "convert": cmd_convert}
+def cmd_plan(argv: list[str]) -> int:
+    from plait.plan.command import run_plan
+
+    return run_plan(argv)
+
+
+COMMANDS = {"train": cmd_train, "plan": cmd_plan, "generate": cmd_generate, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

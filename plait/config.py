@@ -139,6 +139,10 @@ class ParallelConfig:
         "zigzag", "sequence split: zigzag (rank r holds chunks r and 2cp-1-r, equal causal work) or contiguous"
     )
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto: nccl on cuda, gloo on cpu")
+    layout: Literal["manual", "auto"] = _f(
+        "manual", "manual: the fields above as given; auto: plait plan picks tp, pp, cp, ep, zero, the schedule, "
+        "train.micro_batch and train.activation_checkpointing for the world size, prints why, and uses them"
+    )
 
 
 @dataclass
@@ -334,6 +338,8 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
             "data.batching = 'balanced' needs data.doc_mask = true: it packs several documents "
             "into one sequence, which must not attend to each other"
         )
+    if p.layout == "auto":
+        return  # the planner picks the layout (plait.plan.auto) and validates its choice
     world = world_size if world_size is not None else job_world_size(cfg)
     from plait.resilience.inject import parse_injection  # here: it imports torch.distributed
 

@@ -48,6 +48,9 @@ def assert_one_line(code: int, err: str, *needles: str) -> None:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
+PLAN = ["plan", "--model.n_layers", "32", "--model.dim", "4096", "--model.n_heads", "32", "--model.ffn_dim", "11008",
+        "--model.vocab_size", "32000", "--cluster.gpus", "64", "--train.global_batch", "256", "--train.seq_len", "4096"]
+
 CASES = {
     "unknown_key": (["train", "--train.stepz", "5"], ["train.stepz", "did you mean 'train.steps'"]),
     "unknown_section": (["train", "--trian.steps", "5"], ["trian.steps", "train.steps"]),
@@ -123,6 +126,14 @@ CASES = {
     "global_scope_with_recompute": (["train", "--model.moe_experts", "4", "--train.activation_checkpointing", "full"],
                                     ["moe.balance_scope = 'global_batch'", "activation_checkpointing"]),
     "bad_balance_scope": (["train", "--moe.balance_scope", "step"], ["moe.balance_scope", "'micro_batch'"]),
+    "plan_unknown_gpu": ([*PLAN, "--cluster.gpu", "v100"], ["cluster.gpu = 'v100'", "h100-sxm"]),
+    "plan_layout_not_dividing": ([*PLAN, "--cluster.gpu", "h100-sxm", "--layout", "tp=8,pp=2,dp=3,cp=1"],
+                                 ["--layout", "= 48 does not divide the cluster", "cluster.gpus = 64"]),
+    "plan_missing_model_fields": (["plan", "--cluster.gpu", "h100-sxm", "--cluster.gpus", "8", "--model.dim", "4096"],
+                                  ["model.n_layers", "model.ffn_dim", "missing"]),
+    "plan_unknown_key": ([*PLAN, "--cluster.gpu", "h100-sxm", "--cluster.nodes", "4"], ["cluster.nodes"]),
+    "plan_bad_layout_key": ([*PLAN, "--cluster.gpu", "h100-sxm", "--layout", "tp=8,foo=2"], ["--layout", "foo=2"]),
+    "plan_calibrate_needs_cpu": ([*PLAN, "--cluster.gpu", "h100-sxm", "--calibrate"], ["--calibrate", "cluster.gpu cpu"]),
     "generate_missing_checkpoint": (["generate", "/nope/ckpt"], ["/nope/ckpt", "does not exist"]),
     "convert_missing_source": (["convert", "/nope/src", "/tmp/plait-never-written"], ["/nope/src"]),
 }

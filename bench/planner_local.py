@@ -1,0 +1,104 @@
+"""Local truth for the planner: predicted vs measured step time of plait's own trainer on 4 gloo ranks.
+
+Calibrates this machine first (``plait plan --cluster.gpu cpu --calibrate``) unless a profile
+exists, then trains a small Llama for a few steps in each layout with plait's trainer
+(plait.launch.spawn + plait.train.trainer.run_training), reads step_s from each run's
+metrics.jsonl (median after warm-up), and prints it beside the planner's prediction with the mean
+absolute percentage error and whether the measured fastest layout is the one ranked first.
+It uses every core: run it alone.
+
+    PYTHONPATH=. .venv/bin/python bench/planner_local.py [--steps 6] [--recalibrate]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+
+from plait.config import build_config
+from plait.launch import preflight, spawn
+from plait.plan.calibrate import calibrate_command
+from plait.plan.estimate import estimate
+from plait.plan.hardware import default_profile_path
+from plait.plan.layout import Layout
+from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
+from plait.train.trainer import run_training
+
+RANKS = 4
+MODEL = {"model.dim": 256, "model.n_layers": 4, "model.n_heads": 8, "model.ffn_dim": 768, "model.max_seq_len": 256}
+TRAIN = {"train.seq_len": 256, "train.global_batch": 16, "train.dtype": "fp32", "train.device": "cpu"}
+
+# (label, tp, pp, cp, zero, micro_batch, recompute, schedule)
+LAYOUTS = [
+    ("ddp", 1, 1, 1, 0, 4, "none", "1f1b"),
+    ("zero1", 1, 1, 1, 1, 4, "none", "1f1b"),
+    ("fsdp", 1, 1, 1, 3, 4, "none", "1f1b"),
+    ("fsdp mbs1", 1, 1, 1, 3, 1, "none", "1f1b"),
+    ("fsdp recompute", 1, 1, 1, 3, 4, "full", "1f1b"),
+    ("tp2 x dp2", 2, 1, 1, 3, 4, "none", "1f1b"),
+    ("tp4", 4, 1, 1, 3, 4, "none", "1f1b"),
+    ("pp2 x dp2", 1, 2, 1, 3, 2, "none", "1f1b"),
+    ("pp4", 1, 4, 1, 0, 4, "none", "1f1b"),
+    ("cp2 x dp2", 1, 1, 2, 3, 4, "none", "1f1b"),
+]
+
+
+def job_config(run_dir: str, cache: str, tp: int, pp: int, cp: int, zero: int, mbs: int, recompute: str, schedule: str):
+    values = {
+        **MODEL, **TRAIN, "train.micro_batch": mbs, "train.activation_checkpointing": recompute,
+        "train.eval_every": 0, "train.sample_tokens": 0, "data.doc_mask": False,
+        "data.cache_dir": cache, "run.dir": run_dir, "parallel.nproc": RANKS, "parallel.tp": tp, "parallel.pp": pp,
+        "parallel.cp": cp, "parallel.zero": zero, "parallel.pp_schedule": schedule, "metrics.tensorboard": False,
+        "metrics.plot": False, "metrics.progress": False,
+    }
+    return values
+
+
+def measured_step_s(values: dict, steps: int) -> float:
+    cfg = build_config(values={**values, "train.steps": steps})
+    cfg = preflight(cfg, RANKS)
+    spawn(run_training, RANKS, (cfg,), "gloo")
+    with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh if '"step_s"' in line]
+    return statistics.median(r["step_s"] for r in rows[2:])  # the first two steps warm caches up
+
+
+def predicted(vocab: int, tp: int, pp: int, cp: int, zero: int, mbs: int, recompute: str, schedule: str):
+    model = PlanModel(n_layers=MODEL["model.n_layers"], dim=MODEL["model.dim"], n_heads=MODEL["model.n_heads"],
+                      ffn_dim=MODEL["model.ffn_dim"], vocab_size=vocab)
+    train = PlanTrain(global_batch=TRAIN["train.global_batch"], seq_len=TRAIN["train.seq_len"], dtype="fp32")
+    cluster = build_cluster(PlanCluster(gpu="cpu", gpus=RANKS, gpus_per_node=RANKS))
+    dp = RANKS // (tp * pp * cp)
+    return estimate(model, train, cluster, Layout(tp, pp, 1, dp, cp, 1, mbs, zero, recompute, schedule))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6, help="steps per layout; the first two are not timed")
+    parser.add_argument("--recalibrate", action="store_true", help="measure the machine even if a profile exists")
+    args = parser.parse_args()
+    if args.recalibrate or not os.path.isfile(default_profile_path()):
+        calibrate_command("", RANKS)
+    cache = os.path.abspath(".plait_cache")
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for label, *layout in LAYOUTS:
+            values = job_config(os.path.join(root, label.replace(" ", "_")), cache, *layout)
+            vocab = preflight(build_config(values={**values, "train.steps": 1}), RANKS).model.vocab_size
+            measured = measured_step_s(values, args.steps)
+            guess = predicted(vocab, *layout).step_time_s
+            rows.append((label, guess, measured))
+            print(f"{label:<16} predicted {guess:7.3f} s   measured {measured:7.3f} s   "
+                  f"error {100 * (guess - measured) / measured:+6.1f}%", flush=True)
+    mape = statistics.fmean(abs(g - m) / m for _, g, m in rows)
+    fastest_measured = min(rows, key=lambda r: r[2])[0]
+    ranked_first = min(rows, key=lambda r: r[1])[0]
+    print(f"MAPE {100 * mape:.1f}% over {len(rows)} layouts; measured fastest: {fastest_measured}; "
+          f"ranked first: {ranked_first} ({'right' if fastest_measured == ranked_first else 'wrong'})")
+
+
+if __name__ == "__main__":
+    main()

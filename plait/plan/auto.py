@@ -1,0 +1,94 @@
+"""``parallel.layout = "auto"``: ask the planner for the fastest layout plait can run on this world.
+
+The planner ranks every layout; the first one that plait's own validation accepts (its layouts
+have rules the planner's general model does not: TP with sharded data parallelism, EP inside
+dp_shard, the schedules' micro-batch counts) is written into the config and explained on stdout.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+from plait.config import JobConfig, job_world_size, validate
+from plait.errors import ConfigError
+from plait.plan.estimate import Estimate
+from plait.plan.hardware import GIB
+from plait.plan.search import search
+from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
+
+# torch.cuda.get_device_name() fragments -> catalog names; the first match wins.
+DEVICE_NAMES = (("H200", "h200"), ("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("B200", "b200"),
+                ("A100-SXM4-40GB", "a100-40gb"), ("A100-PCIE-40GB", "a100-40gb"), ("A100", "a100-80gb"),
+                ("MI250X", "mi250x-gcd"))
+# plait's activation_checkpointing values for the planner's recompute modes it implements.
+RECOMPUTE_TO_PLAIT = {"none": "none", "full": "full"}
+
+
+def catalog_gpu(cfg: JobConfig) -> str:
+    """The catalog entry of the device this job trains on ('cpu' without CUDA)."""
+    import torch
+
+    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if not on_cuda:
+        return "cpu"
+    name = torch.cuda.get_device_name()
+    for fragment, entry in DEVICE_NAMES:
+        if fragment in name:
+            return entry
+    raise ConfigError(f"parallel.layout = 'auto': the planner has no entry for the GPU '{name}'; set the layout by hand")
+
+
+def plan_inputs(cfg: JobConfig, world: int) -> tuple[PlanModel, PlanTrain, PlanCluster]:
+    m, t = cfg.model, cfg.train
+    model = PlanModel(n_layers=m.n_layers, dim=m.dim, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, ffn_dim=m.ffn_dim,
+                      vocab_size=m.vocab_size, mlp="swiglu", tie_embeddings=m.tie_embeddings,
+                      moe_experts=m.moe_experts, moe_top_k=m.moe_top_k, moe_ffn_dim=m.moe_ffn_dim,
+                      moe_shared_ffn_dim=m.moe_shared_ffn_dim)
+    train = PlanTrain(global_batch=t.global_batch, seq_len=t.seq_len, dtype="bf16" if t.dtype == "bf16" else "fp32",
+                      cp_mode="ulysses" if cfg.parallel.cp_mode == "ulysses" else "ring")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cluster = PlanCluster(gpu=catalog_gpu(cfg), gpus=world, gpus_per_node=per_node)
+    return model, train, cluster
+
+
+def with_layout(cfg: JobConfig, est: Estimate) -> JobConfig:
+    """A copy of ``cfg`` running ``est``'s layout."""
+    lo, out = est.layout, copy.deepcopy(cfg)
+    p = out.parallel
+    p.tp, p.pp, p.cp, p.ep, p.zero = lo.tp, lo.pp, lo.cp, lo.ep, lo.zero
+    p.pp_virtual_stages, p.pp_schedule = lo.vpp, lo.schedule
+    p.dp_replicate, p.dp_shard, p.pp_split, p.layout = 1, -1, "", "manual"
+    out.train.micro_batch = lo.micro_batch
+    out.train.activation_checkpointing = RECOMPUTE_TO_PLAIT[lo.recompute]
+    return out
+
+
+def apply_auto_layout(cfg: JobConfig) -> JobConfig:
+    """The config with the planner's best runnable layout for this world; prints the choice."""
+    world = job_world_size(cfg)
+    if not cfg.model.vocab_size:
+        from plait.launch import preflight
+
+        cfg = preflight(cfg, world)  # the tokenizer decides the vocabulary, and so the output layer
+    model, train, cluster_spec = plan_inputs(cfg, world)
+    result = search(model, train, build_cluster(cluster_spec), {"recompute": "none"})
+    if not result.ranked:
+        result = search(model, train, build_cluster(cluster_spec), {"recompute": "full"})
+    for i, est in enumerate(result.ranked):
+        candidate = with_layout(cfg, est)
+        try:
+            validate(candidate, world)
+        except ConfigError:
+            continue
+        runner_up = next((e for e in result.ranked[i + 1:] if e.layout != est.layout), None)
+        print(f"plait: parallel.layout = auto on {world} x {cluster_spec.gpu}: {est.layout.text()} "
+              f"(schedule {est.layout.schedule}), predicted {est.step_time_s:.3g} s per step, "
+              f"{est.memory.total / GIB:.2f} GiB per rank", flush=True)
+        if runner_up is not None:
+            print(f"plait: next best {runner_up.layout.text()}, {runner_up.step_time_s:.3g} s; "
+                  f"{len(result.ranked)} layouts fit, the first {i} were not runnable by plait", flush=True)
+        for line in result.why_lost(i + 1, limit=3):
+            print(f"plait:   lost: {line}", flush=True)
+        return candidate
+    raise ConfigError(f"parallel.layout = 'auto': no layout plait can run fits {world} x {cluster_spec.gpu}")

@@ -1,0 +1,188 @@
+"""Enumerate the layouts that divide the cluster and the model, drop those that do not fit, rank.
+
+The space is every (tp, cp, pp, vpp, dp, ep, micro-batch, ZeRO stage, recompute) the model and
+batch allow, with tp kept inside one node (a tensor-parallel all-reduce per block over the
+network is never the fast choice) and ZeRO stages collapsed when there is nothing to shard.
+Fields fixed by ``--layout`` are not searched.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from plait.errors import ConfigError
+from plait.plan.estimate import Estimate, estimate
+from plait.plan.hardware import GIB, Cluster
+from plait.plan.layout import RECOMPUTE, Layout
+from plait.plan.memory import memory_per_gpu
+from plait.plan.schedule import resolve_schedule
+from plait.plan.spec import PlanModel, PlanTrain
+
+MULTI_STAGE = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv", "dualpipev")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layout_problem(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layout) -> str | None:
+    """Why ``layout`` cannot run this model on this cluster, or None when it can."""
+    lo = layout
+    if lo.gpus != cluster.gpus:
+        return (f"layout tp x pp x dp x cp = {lo.tp} x {lo.pp} x {lo.dp} x {lo.cp} = {lo.gpus} "
+                f"does not match cluster.gpus = {cluster.gpus}")
+    if model.n_heads % lo.tp or model.kv_heads % lo.tp or model.ffn_dim % lo.tp:
+        return (f"tp = {lo.tp} must divide model.n_heads = {model.n_heads}, the KV heads ({model.kv_heads}) "
+                f"and model.ffn_dim = {model.ffn_dim}")
+    if model.n_layers % (lo.pp * lo.vpp):
+        return f"pp x vpp = {lo.pp} x {lo.vpp} must divide model.n_layers = {model.n_layers}"
+    if lo.vpp > 1 and lo.schedule not in MULTI_STAGE:
+        return f"vpp = {lo.vpp} needs a multi-stage schedule ({', '.join(MULTI_STAGE)}), not {lo.schedule}"
+    if lo.schedule in ("zbv", "dualpipev") and lo.pp > 1 and lo.vpp != 2:
+        return f"schedule {lo.schedule} runs exactly 2 stages per rank (vpp = 2)"
+    if train.global_batch % (lo.dp * lo.micro_batch):
+        return (f"train.global_batch = {train.global_batch} is not a multiple of dp x micro-batch = "
+                f"{lo.dp} x {lo.micro_batch}")
+    m = lo.micro_batches(train.global_batch)
+    if lo.pp > 1 and lo.schedule in ("interleaved_1f1b", "interleaved_zero_bubble") and m % lo.pp:
+        return f"schedule {lo.schedule} needs the micro-batches per step ({m}) to be a multiple of pp = {lo.pp}"
+    if lo.pp > 1 and lo.schedule == "dualpipev" and m < 2 * lo.pp:
+        return f"schedule dualpipev needs at least 2 x pp = {2 * lo.pp} micro-batches per step (got {m})"
+    chunks = 2 * lo.cp if train.cp_mode == "ring" and lo.cp > 1 else lo.cp
+    if train.seq_len % (chunks * lo.tp):
+        return f"train.seq_len = {train.seq_len} must be a multiple of {chunks * lo.tp} for cp = {lo.cp}, tp = {lo.tp}"
+    if train.cp_mode == "ulysses" and (model.n_heads // lo.tp) % lo.cp:
+        return f"Ulysses cp = {lo.cp} must divide the heads per tp rank ({model.n_heads // lo.tp})"
+    if lo.ep > 1 and (not model.moe_experts or model.moe_experts % lo.ep or (lo.dp * lo.cp) % lo.ep):
+        return f"ep = {lo.ep} needs a mixture-of-experts model whose experts and dp x cp it divides"
+    return None
+
+
+@dataclass
+class SearchResult:
+    ranked: list[Estimate]  # every layout that fits, fastest first
+    too_big: list[Estimate]  # valid layouts that do not fit in memory (the first 4096)
+    too_big_count: int
+    invalid: int  # combinations that do not divide the cluster or the model
+    placements: dict = field(default_factory=dict)  # Layout -> hetero.HeteroPlacement (mixed NICs)
+
+    def why_lost(self, shown: int, limit: int = 6) -> list[str]:
+        """One line for each family (tp, pp, cp) that did not make the top ``shown``: what made its
+        best member slower than the winner, or how far it is from fitting."""
+        if not self.ranked:
+            return []
+        best = self.ranked[0]
+        families_shown = {(e.layout.tp, e.layout.pp, e.layout.cp) for e in self.ranked[:shown]}
+        lines, seen = [], set(families_shown)
+        for est in self.ranked[shown:]:
+            family = (est.layout.tp, est.layout.pp, est.layout.cp)
+            if family in seen:
+                continue
+            seen.add(family)
+            lines.append(f"{est.layout.text()}: {100 * (est.step_time_s / best.step_time_s - 1):.0f}% slower, "
+                         f"{_main_loss(best, est)}")
+            if len(lines) == limit:
+                return lines
+        for est in sorted(self.too_big, key=lambda e: e.memory.total):
+            family = (est.layout.tp, est.layout.pp, est.layout.cp)
+            if family in seen:
+                continue
+            seen.add(family)
+            lines.append(f"{est.layout.text()}: does not fit, {est.memory.total / GIB:.1f} GiB per GPU")
+            if len(lines) == limit:
+                break
+        return lines
+
+
+def _parts(est: Estimate) -> dict[str, float]:
+    parts = {"compute": est.compute_s, "bubble": est.bubble_s, "optimizer": est.optimizer_s}
+    parts.update({f"{k} communication": v for k, v in est.exposed_comm_s.items()})
+    return parts
+
+
+def _main_loss(best: Estimate, other: Estimate) -> str:
+    """The component where ``other`` loses most time against ``best``."""
+    a, b = _parts(best), _parts(other)
+    name = max(b, key=lambda k: b[k] - a[k])
+    return f"mostly {name} (+{b[name] - a[name]:.3g} s)"
+
+
+def _options(fixed: dict, key: str, values: list) -> list:
+    return [fixed[key]] if key in fixed else values
+
+
+def search(model: PlanModel, train: PlanTrain, cluster: Cluster, fixed: dict | None = None,
+           max_micro_batch: bool = False) -> SearchResult:
+    """Every layout allowed by ``fixed`` (from ``--layout``), estimated; fitting ones ranked by step
+    time. With ``max_micro_batch`` only the largest fitting micro-batch of each layout is kept."""
+    fixed = fixed or {}
+    n = cluster.gpus
+    tps = _options(fixed, "tp", [d for d in divisors(min(n, cluster.gpus_per_node)) if model.n_heads % d == 0])
+    cps = _options(fixed, "cp", [d for d in divisors(n) if d <= 16])
+    pps = _options(fixed, "pp", [d for d in divisors(n) if model.n_layers % d == 0])
+    zeros = _options(fixed, "zero", [0, 1, 2, 3])
+    recomputes = _options(fixed, "recompute", list(RECOMPUTE))
+    ranked, too_big, too_big_count, invalid = [], [], 0, 0
+    for tp, cp, pp in itertools.product(tps, cps, pps):
+        if n % (tp * cp * pp):
+            invalid += 1
+            continue
+        dp = fixed.get("dp", n // (tp * cp * pp))
+        if "vpp" in fixed:
+            vpps = [fixed["vpp"]]
+        else:
+            vpps = [1] if pp == 1 else [v for v in divisors(model.n_layers // pp) if v <= 8]
+        eps = _options(fixed, "ep", [d for d in divisors(dp * cp) if model.moe_experts and model.moe_experts % d == 0]
+                       or [1])
+        per_rank = max(1, train.global_batch // max(1, dp))
+        mbss = _options(fixed, "mbs", [d for d in divisors(per_rank) if d <= 64])
+        for vpp, ep in itertools.product(vpps, eps):
+            schedule = fixed.get("schedule", resolve_schedule(train.pp_schedule, pp, vpp))
+            stage_zeros = [0] if dp * cp == 1 and "zero" not in fixed else zeros
+            for zero, recompute in itertools.product(stage_zeros, recomputes):
+                fitting: list[Estimate] = []
+                for mbs in mbss:
+                    layout = Layout(tp, pp, vpp, dp, cp, ep, mbs, zero, recompute, schedule)
+                    if layout_problem(model, train, cluster, layout):
+                        invalid += 1
+                        continue
+                    if memory_per_gpu(model, train, layout, cluster.gpu).total > cluster.gpu.memory_bytes:
+                        too_big_count += 1
+                        if len(too_big) < 4096:  # enough to say how far each family is from fitting
+                            too_big.append(estimate(model, train, cluster, layout))
+                        continue
+                    fitting.append(estimate(model, train, cluster, layout))
+                if max_micro_batch and fitting:
+                    fitting = [max(fitting, key=lambda e: e.layout.micro_batch)]
+                ranked.extend(fitting)
+    ranked.sort(key=lambda e: e.step_time_s)
+    return SearchResult(ranked, too_big, too_big_count, invalid)
+
+
+def evaluate_fixed(model: PlanModel, train: PlanTrain, cluster: Cluster, fixed: dict,
+                   max_micro_batch: bool = False) -> SearchResult:
+    """Search with ``--layout``'s fields fixed; raises ConfigError when nothing is left to run,
+    naming what is wrong with the layout as given."""
+    if all(k in fixed for k in ("tp", "pp", "cp", "dp")):
+        product = fixed["tp"] * fixed["pp"] * fixed["cp"] * fixed["dp"]
+        if product != cluster.gpus:
+            raise ConfigError(
+                f"--layout tp x pp x dp x cp = {fixed['tp']} x {fixed['pp']} x {fixed['dp']} x {fixed['cp']} = "
+                f"{product} does not divide the cluster: cluster.gpus = {cluster.gpus}"
+            )
+    product = 1
+    for key in ("tp", "pp", "cp", "dp"):
+        product *= fixed.get(key, 1)
+    if cluster.gpus % product:
+        raise ConfigError(f"--layout fixes {product} GPUs per replica, which does not divide cluster.gpus = {cluster.gpus}")
+    result = search(model, train, cluster, fixed, max_micro_batch)
+    if not result.ranked and not result.too_big:
+        probe = Layout(fixed.get("tp", 1), fixed.get("pp", 1), fixed.get("vpp", 1),
+                       fixed.get("dp", cluster.gpus // product), fixed.get("cp", 1), fixed.get("ep", 1),
+                       fixed.get("mbs", 1), fixed.get("zero", 0), fixed.get("recompute", "none"),
+                       fixed.get("schedule", resolve_schedule(train.pp_schedule, fixed.get("pp", 1), fixed.get("vpp", 1))))
+        reason = layout_problem(model, train, cluster, probe) or "no micro-batch divides the batch"
+        raise ConfigError(f"--layout: no layout with these fields can run: {reason}")
+    return result
+

@@ -1,0 +1,329 @@
+"""The planner's cost terms, each against its closed form, and the search and CLI contract."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from plait.errors import ConfigError
+from plait.plan import comm
+from plait.plan.estimate import estimate
+from plait.plan.hetero import place, rerank_nic_aware, size_stages
+from plait.plan.flops import block_cost, gemm_efficiency, gemm_seconds, model_flops_per_step
+from plait.plan.hardware import GIB, GPUS, LINKS, Cluster, parse_node_groups
+from plait.plan.layout import Layout, parse_layout
+from plait.plan.memory import block_activation_bytes, model_state_bytes
+from plait.plan.schedule import bubble_seconds, micro_batches_in_flight
+from plait.plan.search import evaluate_fixed, layout_problem, search
+from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
+
+S, B, H, A, V, L = 2048, 4, 4096, 32, 51200, 8
+
+
+def gpt(**kw) -> PlanModel:
+    base = dict(n_layers=L, dim=H, n_heads=A, ffn_dim=4 * H, vocab_size=V, mlp="gelu")
+    return PlanModel(**{**base, **kw})
+
+
+def megatron_train(**kw) -> PlanTrain:
+    base = dict(global_batch=64, seq_len=S, attention="eager", dropout=True, sequence_parallel=False)
+    return PlanTrain(**{**base, **kw})
+
+
+def layout(**kw) -> Layout:
+    base = dict(tp=1, pp=1, vpp=1, dp=1, cp=1, ep=1, micro_batch=B, zero=0, recompute="none", schedule="1f1b")
+    return Layout(**{**base, **kw})
+
+
+def a100_cluster(gpus: int = 8) -> Cluster:
+    return build_cluster(PlanCluster(gpu="a100-80gb", gpus=gpus, gpus_per_node=8))
+
+
+# hardware ---------------------------------------------------------------------------------------
+
+def test_catalog_names_and_peaks():
+    assert set(GPUS) >= {"a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h200", "mi250x-gcd", "b200", "cpu"}
+    assert set(LINKS) >= {"nvlink3", "nvlink4", "nvlink5", "pcie4", "pcie5", "ib-hdr", "ib-ndr", "roce", "ethernet"}
+    assert GPUS["h100-sxm"].peak_flops("fp8") == pytest.approx(2 * GPUS["h100-sxm"].peak_flops("bf16"), rel=1e-3)
+    with pytest.raises(ConfigError, match="no fp8"):
+        GPUS["a100-80gb"].peak_flops("fp8")
+
+
+def test_cluster_defaults_and_overrides():
+    c = build_cluster(PlanCluster(gpu="h100-sxm", gpus=16, gpus_per_node=8, inter_gbs=25, inter_latency_us=9))
+    assert c.intra_link.name == "nvlink4" and c.inter_link.name == "ib-ndr" and c.nodes == 2
+    assert c.inter_link.bytes_per_s == 25e9 and c.inter_link.latency_s == pytest.approx(9e-6)
+    with pytest.raises(ConfigError, match="not in the catalog"):
+        build_cluster(PlanCluster(gpu="v100", gpus=8))
+    assert [g.nodes for g in parse_node_groups("2xib-ndr,3xroce")] == [2, 3]
+    with pytest.raises(ConfigError, match="NODESxLINK"):
+        parse_node_groups("two-ib")
+
+
+# FLOPs and compute time -------------------------------------------------------------------------
+
+def test_model_flops_match_megatron_formula():
+    model, train = gpt(), megatron_train()
+    expected = 72 * train.global_batch * S * L * H**2 * (1 + S / (6 * H) + V / (12 * L * H))
+    assert model_flops_per_step(model, train) == pytest.approx(expected, rel=1e-9)
+
+
+def test_swiglu_gqa_and_moe_flops():
+    dense = PlanModel(n_layers=2, dim=512, n_heads=8, n_kv_heads=2, ffn_dim=1536, vocab_size=1000)
+    train = PlanTrain(global_batch=1, seq_len=128)
+    per_layer = 512 * (2 * 512 + 2 * 128) + 3 * 512 * 1536
+    expected = (6 * (2 * per_layer + 1000 * 512) + 12 * 2 * 128 * 512) * 128
+    assert model_flops_per_step(dense, train) == pytest.approx(expected)
+    moe = replace(dense, moe_experts=8, moe_top_k=2, moe_ffn_dim=768)
+    moe_layer = 512 * (2 * 512 + 2 * 128) + 512 * 8 + 2 * 3 * 512 * 768
+    assert model_flops_per_step(moe, train) == pytest.approx((6 * (2 * moe_layer + 512000) + 12 * 2 * 128 * 512) * 128)
+
+
+def test_gemm_efficiency_curve_and_roofline():
+    gpu = GPUS["a100-80gb"]
+    small, large = gemm_efficiency(gpu, 64, 4096, 4096), gemm_efficiency(gpu, 8192, 8192, 8192)
+    assert small < large < gpu.gemm_efficiency
+    assert gemm_efficiency(gpu, gpu.gemm_half_dim, 1e6, 1e6) == pytest.approx(gpu.gemm_efficiency / 2)
+    # A matrix-vector product is bound by reading the matrix, not by FLOPs.
+    assert gemm_seconds(gpu, "bf16", 1, 8192, 8192) == pytest.approx(2 * 8192 * 8193 / (gpu.hbm_bytes_per_s * 0.9), rel=0.01)
+
+
+def test_block_cost_scales_with_tp_and_recompute():
+    gpu, model, train = GPUS["a100-80gb"], gpt(), megatron_train()
+    one, eight = block_cost(model, train, layout(), gpu), block_cost(model, train, layout(tp=8), gpu)
+    assert one.forward_s / 8 < eight.forward_s < one.forward_s / 4  # smaller GEMMs, replicated norms
+    assert one.with_recompute("full") == pytest.approx(2 * one.forward_s + one.backward_s)
+    assert one.with_recompute("none") < one.with_recompute("selective") < one.with_recompute("full")
+
+
+# memory -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tp,sp,recompute,closed_form", [
+    (1, False, "none", lambda t: S * B * H * (34 + 5 * A * S / H)),
+    (8, False, "none", lambda t: S * B * H * (10 + 24 / t + 5 * A * S / (H * t))),
+    (8, True, "none", lambda t: S * B * H * (34 / t + 5 * A * S / (H * t))),
+    (8, True, "selective", lambda t: 34 * S * B * H / t),
+    (1, False, "full", lambda t: 2 * S * B * H),
+])
+def test_activations_match_korthikanti(tp, sp, recompute, closed_form):
+    train = megatron_train(sequence_parallel=sp)
+    got = block_activation_bytes(gpt(), train, layout(tp=tp), recompute)
+    assert got == pytest.approx(closed_form(tp), rel=1e-9)
+
+
+def test_flash_gqa_and_cp_shrink_activations():
+    train = megatron_train()
+    eager = block_activation_bytes(gpt(), train, layout(), "none")
+    flash = block_activation_bytes(gpt(), replace(train, attention="flash"), layout(), "none")
+    gqa = block_activation_bytes(gpt(n_kv_heads=8), replace(train, attention="flash"), layout(), "none")
+    cp2 = block_activation_bytes(gpt(), replace(train, attention="flash"), layout(cp=2), "none")
+    assert gqa < flash < eager and cp2 == pytest.approx(flash / 2, rel=0.01)
+
+
+@pytest.mark.parametrize("zero,expected", [(0, 16.0), (1, 4 + 12 / 8), (2, 2 + 14 / 8), (3, 16 / 8)])
+def test_zero_model_states_match_rajbhandari(zero, expected):
+    params, grads, optimizer = model_state_bytes(1.0, 0.0, layout(dp=8, zero=zero), "bf16")
+    assert params + grads + optimizer == pytest.approx(expected)
+
+
+def test_memory_fits_and_first_stage_holds_pipeline_micro_batches():
+    model, train, cluster = gpt(n_layers=16), megatron_train(global_batch=64), a100_cluster(8)
+    shallow = estimate(model, train, cluster, layout(pp=8, dp=1, micro_batch=1))
+    assert shallow.fits and shallow.memory.total < cluster.gpu.memory_bytes
+    gpipe = estimate(model, train, cluster, layout(pp=8, dp=1, micro_batch=1, schedule="gpipe"))
+    assert gpipe.memory.activations > 4 * shallow.memory.activations  # 64 micro-batches in flight vs 8
+
+
+# schedules --------------------------------------------------------------------------------------
+
+def test_bubbles_per_schedule():
+    f, b = 1.0, 2.0
+    assert bubble_seconds("1f1b", 1, 1, f, b) == 0
+    assert bubble_seconds("1f1b", 4, 1, f, b) == pytest.approx(9.0)
+    assert bubble_seconds("interleaved_1f1b", 4, 3, f, b) == pytest.approx(3.0)
+    assert bubble_seconds("interleaved_zero_bubble", 4, 3, f, b) == pytest.approx(1.0)
+    assert bubble_seconds("zbv", 4, 2, f, b) < bubble_seconds("interleaved_1f1b", 4, 2, f, b)
+    assert micro_batches_in_flight("1f1b", 4, 1, 16) == 4
+    assert micro_batches_in_flight("gpipe", 4, 1, 16) == 16
+    assert micro_batches_in_flight("interleaved_1f1b", 4, 2, 16) == pytest.approx(4 + 3 / 2)
+
+
+# communication ----------------------------------------------------------------------------------
+
+def test_collectives_on_the_link_each_group_crosses():
+    cluster = a100_cluster(64)
+    nbytes = 1e9
+    nv, ib = cluster.intra_link.achieved_bytes_per_s, cluster.inter_link.achieved_bytes_per_s
+    inside = comm.all_reduce(cluster, 8, 1, nbytes)
+    assert inside == pytest.approx(2 * 7 / 8 * nbytes / nv + 14 * cluster.intra_link.latency_s)
+    across = comm.all_reduce(cluster, 8, 8, nbytes)  # one member per node: all over the network
+    assert across == pytest.approx(2 * 7 / 8 * nbytes / ib + 14 * cluster.inter_link.latency_s)
+    assert comm.all_gather(cluster, 8, 1, nbytes) == pytest.approx(inside / 2)
+    assert comm.group_shape(cluster, 16, 2).per_node == 4
+    assert comm.point_to_point(cluster, 2, 32, nbytes) > comm.point_to_point(cluster, 2, 1, nbytes)
+
+
+def test_dp_overlap_and_zero3_traffic():
+    model, cluster = gpt(), a100_cluster(64)
+    train = megatron_train(global_batch=64, overlap_grad_reduce=False)
+    ddp = estimate(model, train, cluster, layout(dp=64, micro_batch=1, zero=0))
+    zero3 = estimate(model, train, cluster, layout(dp=64, micro_batch=1, zero=3))
+    assert zero3.exposed_comm_s["dp"] == pytest.approx(1.5 * ddp.exposed_comm_s["dp"], rel=0.05)
+    overlapped = estimate(model, replace(train, overlap_grad_reduce=True), cluster, layout(dp=64, micro_batch=1))
+    assert overlapped.exposed_comm_s["dp"] < ddp.exposed_comm_s["dp"]
+
+
+def test_step_is_sum_of_its_parts():
+    est = estimate(gpt(), megatron_train(), a100_cluster(16), layout(tp=2, pp=2, dp=4, micro_batch=2, recompute="full"))
+    total = est.compute_s + est.bubble_s + est.optimizer_s + sum(est.exposed_comm_s.values())
+    assert est.step_time_s == pytest.approx(total)
+    assert est.bubble_s > 0 and est.exposed_comm_s["tp"] > 0 and est.exposed_comm_s["pp"] > 0
+
+
+# search -----------------------------------------------------------------------------------------
+
+def test_layout_text_parsing():
+    assert parse_layout("tp=8,pp=2,recompute=full") == {"tp": 8, "pp": 2, "recompute": "full"}
+    for bad in ("tp=x", "foo=1", "zero=4", "recompute=some"):
+        with pytest.raises(ConfigError):
+            parse_layout(bad)
+
+
+def test_search_ranks_fitting_layouts_and_respects_fixed_fields():
+    model, train, cluster = gpt(), megatron_train(global_batch=64), a100_cluster(16)
+    result = search(model, train, cluster)
+    times = [e.step_time_s for e in result.ranked]
+    assert times == sorted(times) and all(e.fits for e in result.ranked)
+    assert all(layout_problem(model, train, cluster, e.layout) is None for e in result.ranked)
+    fixed = evaluate_fixed(model, train, cluster, {"tp": 4, "recompute": "full"})
+    assert all(e.layout.tp == 4 and e.layout.recompute == "full" for e in fixed.ranked)
+    with pytest.raises(ConfigError, match="does not divide the cluster"):
+        evaluate_fixed(model, train, cluster, {"tp": 4, "pp": 2, "dp": 4, "cp": 1})
+
+
+def test_max_micro_batch_keeps_the_largest_that_fits():
+    model, train = gpt(n_layers=32), megatron_train(global_batch=512)
+    cluster = build_cluster(PlanCluster(gpu="a100-40gb", gpus=8))
+    fixed = {"tp": 8, "pp": 1, "zero": 0, "recompute": "none"}
+    result = evaluate_fixed(model, train, cluster, fixed, max_micro_batch=True)
+    [best] = result.ranked
+    bigger = replace(best.layout, micro_batch=best.layout.micro_batch * 2)
+    assert estimate(model, train, cluster, bigger).memory.total > cluster.gpu.memory_bytes
+
+
+def test_70b_on_1024_h100_searches_in_seconds():
+    model = PlanModel(n_layers=80, dim=8192, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256)
+    cluster = build_cluster(PlanCluster(gpu="h100-sxm", gpus=1024, gpus_per_node=8))
+    started = time.perf_counter()
+    result = search(model, PlanTrain(global_batch=1024, seq_len=8192), cluster)
+    assert time.perf_counter() - started < 10 and result.ranked
+    assert 0.2 < result.ranked[0].mfu < 0.7
+
+
+def test_published_table_1_within_target():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from planner_published import predict_rows
+
+    rows = predict_rows()
+    assert len(rows) == 10 and all(r["fits"] for r in rows)
+    assert sum(abs(r["error"]) for r in rows) / 10 <= 0.10
+
+
+# command line -----------------------------------------------------------------------------------
+
+def plan_cli(*args: str) -> tuple[int, str]:
+    from plait.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["plan", *args])
+    return code, out.getvalue()
+
+
+MODEL_ARGS = ["--model.n_layers", "32", "--model.dim", "4096", "--model.n_heads", "32", "--model.n_kv_heads", "8",
+              "--model.ffn_dim", "14336", "--model.vocab_size", "128256", "--cluster.gpu", "h100-sxm",
+              "--cluster.gpus", "64", "--cluster.gpus_per_node", "8", "--train.global_batch", "256",
+              "--train.seq_len", "8192"]
+
+
+def test_cli_json_contract():
+    code, out = plan_cli(*MODEL_ARGS, "--json", "--top", "3")
+    assert code == 0
+    layouts = json.loads(out)["layouts"]
+    assert len(layouts) == 3
+    keys = {"tp", "pp", "vpp", "dp", "cp", "ep", "micro_batch", "zero", "recompute", "step_time_s",
+            "tokens_per_s_per_gpu", "model_tflops_per_gpu", "mfu", "memory_gib_per_gpu", "fits", "breakdown"}
+    assert all(keys <= set(x) for x in layouts)
+    assert [x["step_time_s"] for x in layouts] == sorted(x["step_time_s"] for x in layouts)
+
+
+def test_cli_fixed_layout_and_table(tmp_path):
+    code, out = plan_cli(*MODEL_ARGS, "--json", "--layout", "tp=8,pp=2,vpp=1,dp=4,cp=1,ep=1,mbs=1,zero=1,recompute=full")
+    [only] = json.loads(out)["layouts"]
+    assert code == 0 and (only["tp"], only["pp"], only["dp"], only["micro_batch"]) == (8, 2, 4, 1)
+    config = tmp_path / "job.toml"
+    config.write_text("[model]\nn_layers = 32\ndim = 4096\nn_heads = 32\nffn_dim = 14336\nvocab_size = 32000\n"
+                      "rope_theta = 500000.0\n[train]\nseq_len = 4096\nglobal_batch = 64\nlr = 0.001\n"
+                      "[cluster]\ngpu = \"a100-80gb\"\ngpus = 16\n")
+    code, out = plan_cli(str(config), "--layout", "tp=8", "--max-micro-batch")
+    assert code == 0 and "layouts fit" in out
+
+
+# parallel.layout = "auto" -----------------------------------------------------------------------
+
+def test_auto_layout_picks_a_runnable_layout(capsys):
+    from plait.config import build_config, validate
+    from plait.plan.auto import apply_auto_layout
+
+    cfg = build_config(values={"parallel.layout": "auto", "parallel.nproc": 4, "model.vocab_size": 512,
+                               "train.global_batch": 16, "train.device": "cpu"})
+    chosen = apply_auto_layout(cfg)
+    validate(chosen, 4)
+    assert chosen.parallel.layout == "manual"
+    assert chosen.parallel.tp * chosen.parallel.pp * chosen.parallel.cp <= 4
+    assert "parallel.layout = auto on 4 x cpu" in capsys.readouterr().out
+
+
+# heterogeneous clusters -------------------------------------------------------------------------
+
+def test_stage_sizing_follows_group_speed():
+    assert size_stages([1.0, 1.0], 10) == [5, 5]
+    assert size_stages([1.0, 2.0], 12) == [8, 4]
+
+
+def test_nic_aware_placement_beats_oblivious():
+    model = PlanModel(n_layers=32, dim=4096, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000)
+    train = PlanTrain(global_batch=64, seq_len=4096, overlap_grad_reduce=False)
+    cluster = build_cluster(PlanCluster(gpu="h100-sxm", gpus=32, gpus_per_node=8, node_groups="2xib-ndr,2xethernet"))
+    assert cluster.heterogeneous and cluster.inter_link.name == "ethernet"  # oblivious rings run at the slowest NIC
+    lo = layout(tp=8, pp=2, dp=2, micro_batch=1, zero=1, recompute="full")
+    placed = place(model, train, cluster, lo)
+    assert placed.stage_links == ["ib-ndr", "ethernet"]
+    assert placed.stage_layers[0] > placed.stage_layers[1] and sum(placed.stage_layers) == 32
+    assert placed.gain > 1.01
+    assert place(model, train, cluster, replace(lo, pp=1, dp=4)) is None  # a stage would span both groups
+    result = search(model, train, cluster, {"tp": 8, "pp": 2, "recompute": "full"})
+    rerank_nic_aware(result, model, train, cluster)
+    assert result.placements and all(p.gain >= 1 for p in result.placements.values())
+
+
+# calibration ------------------------------------------------------------------------------------
+
+def test_calibration_fits_the_cost_model_forms():
+    from plait.plan.calibrate import ALL_REDUCE_BYTES, GEMM_DIMS, fit_gemm_curve, fit_profile
+
+    rates = {d: 50e9 * d / (d + 24) for d in GEMM_DIMS}
+    peak, half = fit_gemm_curve(rates)
+    assert peak == pytest.approx(50e9, rel=0.05) and half == pytest.approx(24, rel=0.15)
+    world, bw, latency = 4, 1e9, 100e-6
+    reduce_s = {n: 2 * (world - 1) * latency + 2 * (world - 1) / world * n / bw for n in ALL_REDUCE_BYTES}
+    profile = fit_profile([{"rates": rates, "memory_bytes_per_s": 5e9, "reduce_s": reduce_s, "world": world}])
+    assert profile["link_bytes_per_s"] == pytest.approx(bw, rel=1e-6)
+    assert profile["link_latency_s"] == pytest.approx(latency, rel=1e-6)
