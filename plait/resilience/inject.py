@@ -8,11 +8,14 @@
 - ``slow:rank=R:factor=F[:step=S]``: from step S (default 1) rank R's compute takes F times
   as long;
 - ``nan:rank=R:step=S``: rank R's loss at step S is NaN.
-Injections fire only in a job's first attempt, so a restart runs clean.
+Injections fire only in a job's first attempt, so a restart runs clean. Each one is noted in
+``<run.dir>/injections.jsonl`` (time, kind, rank, step) just before it fires, so tests and
+bench/faults.py can measure detection latency.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -59,17 +62,25 @@ def parse_injection(text: str) -> Injection | None:
 class Injector:
     """Fires ``injection`` on this rank at the right step (first attempt only)."""
 
-    def __init__(self, injection: Injection | None, rank: int, attempt: int):
+    def __init__(self, injection: Injection | None, rank: int, attempt: int, run_dir: str = ""):
+        self.run_dir = run_dir
         active = injection is not None and injection.rank == rank and attempt == 0
         self.injection = injection if active else None
         # A group only the culprit will ever use: creating it is collective, so every rank does.
         wanted = injection is not None and injection.kind == "hang_collective" and dist.is_initialized()
         self.stray_group = dist.new_group() if wanted else None
 
+    def _note(self, step: int) -> None:
+        if self.run_dir:
+            record = {"time": time.time(), "kind": self.injection.kind, "rank": self.injection.rank, "step": step}
+            with open(os.path.join(self.run_dir, "injections.jsonl"), "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
     def at_step_start(self, step: int) -> None:
         inj = self.injection
-        if inj is None or step != inj.step:
+        if inj is None or step != inj.step or inj.kind not in ("crash", "hang", "hang_collective"):
             return
+        self._note(step)
         if inj.kind == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
         if inj.kind == "hang":
@@ -82,8 +93,13 @@ class Injector:
         """Sleep so this step's compute took ``factor`` times ``compute_s``."""
         inj = self.injection
         if inj is not None and inj.kind == "slow" and step >= inj.step:
+            if step == inj.step:
+                self._note(step)
             time.sleep((inj.factor - 1.0) * compute_s)
 
     def poisons_loss(self, step: int) -> bool:
         inj = self.injection
-        return inj is not None and inj.kind == "nan" and step == inj.step
+        poisoned = inj is not None and inj.kind == "nan" and step == inj.step
+        if poisoned:
+            self._note(step)
+        return poisoned

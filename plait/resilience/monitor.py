@@ -16,8 +16,9 @@ same pace, so the rank that breaks the pattern is the faulty one:
 - nan: a rank's own loss (or gradient) was not finite; the culprits are the ranks where it
   appeared first.
 
-The hang bound is max(``hang_s``, 3 x the median step time); a heartbeat older than
-max(2 s, 4 heartbeats) means the process is frozen.
+The hang bound is max(``hang_s``, 3 x the median step time): ranks waiting longer than it
+less two heartbeat intervals are reported, so the report lands within the bound. A heartbeat
+older than max(2 s, 4 heartbeats) means the process is frozen.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class Monitor:
     def _stalled(self) -> Fault | None:
         if len(self.beats) < self.nproc:
             return None
-        bound = self.hang_bound()
+        # Report within the bound: heartbeats arrive up to one interval late, polls another.
+        bound = max(1.0, self.hang_bound() - 2 * self.cfg.heartbeat_s)
         waiting = {}
         for rank, beat in self.beats.items():
             c = beat.get("collective")

@@ -112,7 +112,8 @@ class Trainer:
                 comm.register_group(group, name)
         # Fault handling: injected faults (tests, demos) and the watchdog the supervisor reads.
         PROGRESS.reset()
-        self.injector = Injector(parse_injection(cfg.resilience.inject), self.rank, attempt())
+        self.bookkeeping_s = 0.0  # seconds in _reduce's uncounted collectives this step
+        self.injector = Injector(parse_injection(cfg.resilience.inject), self.rank, attempt(), cfg.run.dir)
         store = monitor_store() if cfg.resilience.watch else None
         self.watchdog = Watchdog(store, self.rank, cfg.resilience.heartbeat_s) if store is not None else None
         if self.watchdog is not None:
@@ -164,10 +165,12 @@ class Trainer:
         if self.dims.mesh is None:
             return value
         value = value.to(self.device)
+        begin = time.perf_counter()
         with comm.paused():  # bookkeeping, not training traffic
             dist.all_reduce(value, op=op, group=self.dims.grad_mesh.get_group())
             if over_pp and self.dims.pp_enabled:
                 dist.all_reduce(value, op=op, group=self.dims.mesh["pp"].get_group())
+        self.bookkeeping_s += time.perf_counter() - begin  # waiting, not computing
         return value.cpu()
 
     def _forward_context(self) -> ExitStack:
@@ -322,14 +325,16 @@ class Trainer:
         for step in range(self.start_step + 1, t.steps + 1):
             comm.reset()  # drop validation/checkpoint traffic of the previous step
             begin = time.perf_counter()
+            self.bookkeeping_s = 0.0
             lr = self.scheduler.get_last_lr()[0]
             PROGRESS.step, PROGRESS.phase = step, "data"
             self.injector.at_step_start(step)
             loss, norm = self.train_step(self.loader.next_step(), step)
-            self.injector.slow_down(step, time.perf_counter() - begin - comm.step_summary(reset=False)["comm_s"])
+            waited = comm.step_summary(reset=False)["comm_s"] + self.bookkeeping_s
+            self.injector.slow_down(step, time.perf_counter() - begin - waited)
             elapsed = time.perf_counter() - begin
             traffic = comm.step_summary()
-            PROGRESS.finish_step(elapsed, max(elapsed - traffic["comm_s"], 0.0))
+            PROGRESS.finish_step(elapsed, max(elapsed - traffic["comm_s"] - self.bookkeeping_s, 0.0))
             result.comm_bytes[step] = traffic["comm_bytes"]
             result.losses[step], result.grad_norms[step] = loss, norm
             data_stats = self.loader.step_stats()
