@@ -134,6 +134,10 @@ CASES = {
     "plan_unknown_key": ([*PLAN, "--cluster.gpu", "h100-sxm", "--cluster.nodes", "4"], ["cluster.nodes"]),
     "plan_bad_layout_key": ([*PLAN, "--cluster.gpu", "h100-sxm", "--layout", "tp=8,foo=2"], ["--layout", "foo=2"]),
     "plan_calibrate_needs_cpu": ([*PLAN, "--cluster.gpu", "h100-sxm", "--calibrate"], ["--calibrate", "cluster.gpu cpu"]),
+    "bad_injection": (["train", "--resilience.inject", "explode:rank=1"], ["resilience.inject", "unknown fault 'explode'"]),
+    "injection_rank_outside_job": (["train", "--resilience.inject", "crash:rank=3:step=2"],
+                                   ["resilience.inject names rank 3", "ranks 0..0"]),
+    "bad_nan_policy": (["train", "--resilience.on_nan", "ignore"], ["resilience.on_nan", "'rollback'"]),
     "generate_missing_checkpoint": (["generate", "/nope/ckpt"], ["/nope/ckpt", "does not exist"]),
     "convert_missing_source": (["convert", "/nope/src", "/tmp/plait-never-written"], ["/nope/src"]),
 }
