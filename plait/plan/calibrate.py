@@ -97,6 +97,7 @@ def fit_profile(results: list[dict]) -> dict:
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return {
         "ranks": world,
+        "cores": os.cpu_count() or world,
         "matmul_flops": peak,
         "gemm_half_dim": half_dim,
         "memory_bytes_per_s": statistics.fmean(r["memory_bytes_per_s"] for r in results),

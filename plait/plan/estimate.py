@@ -108,6 +108,12 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
     fwd = compute_fwd + comm_fwd
     bwd = compute_bwd + comm_fwd * (passes - 1)
     bubble = bubble_seconds(layout.schedule, layout.pp, layout.vpp, fwd, bwd)
+    compute = m * (compute_fwd + compute_bwd)
+    if gpu.core_share < 1.0:
+        # Ranks share cores (CPU): a rank idling in the bubble hands its core to a busy one. The
+        # step is then bounded by the whole machine's work (compute at the contended rate, no
+        # bubble) and by the critical path at the uncontended rate (core_share of the time).
+        bubble = max(0.0, (compute + bubble) * gpu.core_share - compute)
 
     exposed = {k: m * layers * v * passes for k, v in block_comm.items()}
     e = DTYPE_BYTES[train.dtype]
@@ -124,7 +130,6 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
     shards = layout.dp * layout.cp if layout.zero >= 1 else 1
     optimizer = optimizer_seconds(shared / shards + experts / max(1, shards // layout.ep), gpu)
 
-    compute = m * (compute_fwd + compute_bwd)
     step = compute + bubble + sum(exposed.values()) + optimizer
     memory = memory_per_gpu(model, train, layout, gpu)
     tokens = train.global_batch * train.seq_len

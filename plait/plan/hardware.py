@@ -40,6 +40,9 @@ class GpuSpec:
     hbm_efficiency: float = 0.9
     # Memory the runtime holds before any tensor: CUDA/ROCm context, cuBLAS/NCCL workspaces.
     reserved_bytes: float = 1.0 * GIB
+    # The share of a core each rank gets when every rank computes (CPU ranks that outnumber the
+    # cores); the FLOP/s above are that contended rate. 1.0: every device is its own.
+    core_share: float = 1.0
 
     def peak_flops(self, dtype: str) -> float:
         """Peak matmul FLOP/s for ``dtype`` ('bf16', 'fp8' or 'fp32')."""
@@ -199,6 +202,7 @@ def load_profile(path: str) -> tuple[GpuSpec, Link]:
             base, fp32_flops=float(data["matmul_flops"]), bf16_flops=float(data["matmul_flops"]),
             gemm_half_dim=float(data["gemm_half_dim"]), hbm_bytes_per_s=float(data["memory_bytes_per_s"]),
             memory_bytes=float(data["memory_bytes"]),
+            core_share=min(1.0, float(data.get("cores", data["ranks"])) / float(data["ranks"])),
         )
         link = Link("loopback", float(data["link_bytes_per_s"]), float(data["link_latency_s"]), efficiency=1.0)
     except (KeyError, TypeError, ValueError) as exc:

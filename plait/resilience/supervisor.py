@@ -20,6 +20,7 @@ from plait.resilience.monitor import Fault, Monitor
 from plait.resilience.watchdog import ATTEMPT_ENV, MONITOR_ENV
 
 POLL_S = 0.1
+USER_ERROR = 2  # a rank's exit code for a PlaitError (see plait.launch._worker)
 
 
 class JobFailed(RuntimeError):
@@ -41,7 +42,7 @@ def _stop_all(procs: list) -> None:
 
 def run_once(fn, cfg: JobConfig, attempt: int, backend: str) -> tuple[list[Any] | None, Fault | None]:
     """One start of the job: (every rank's result, None) or (None, the fatal fault)."""
-    from plait.launch import _worker, free_port
+    from plait.launch import RankFailed, _worker, free_port
 
     nproc = cfg.parallel.nproc
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -62,7 +63,10 @@ def run_once(fn, cfg: JobConfig, attempt: int, backend: str) -> tuple[list[Any] 
                 continue
             except queue.Empty:
                 pass
-            fault = monitor.check([p.exitcode for p in procs])
+            codes = [p.exitcode for p in procs]
+            if USER_ERROR in codes:  # bad input met inside a rank: restarting cannot help
+                raise RankFailed(codes.index(USER_ERROR), USER_ERROR)
+            fault = monitor.check(codes)
             if fault is not None:
                 log_event(cfg.run.dir, fault.kind, rank=fault.ranks[0] if fault.ranks else None,
                           pid=procs[fault.ranks[0]].pid if fault.ranks else None, step=fault.step,

@@ -187,6 +187,19 @@ def test_step_is_sum_of_its_parts():
     assert est.bubble_s > 0 and est.exposed_comm_s["tp"] > 0 and est.exposed_comm_s["pp"] > 0
 
 
+def test_shared_cores_hand_the_bubble_to_busy_ranks():
+    """Ranks that outnumber the cores (this CPU): an idle pipeline rank's core serves a busy
+    one, so the bubble costs (compute + bubble) x core_share - compute, never below zero."""
+    cluster = a100_cluster(16)
+    case = (gpt(), megatron_train(), cluster, layout(tp=2, pp=2, dp=4, micro_batch=2))
+    own = estimate(*case)
+    shared = replace(cluster, gpu=replace(cluster.gpu, core_share=0.5))
+    est = estimate(case[0], case[1], shared, case[3])
+    assert est.compute_s == pytest.approx(own.compute_s)
+    assert est.bubble_s == pytest.approx(max(0.0, (own.compute_s + own.bubble_s) * 0.5 - own.compute_s))
+    assert est.bubble_s < own.bubble_s
+
+
 # search -----------------------------------------------------------------------------------------
 
 def test_layout_text_parsing():
