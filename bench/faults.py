@@ -96,7 +96,11 @@ def trial(folder: str, args, cls: str, index: int, rng: random.Random) -> dict:
         return {"detected": False}
     fault = faults[0]
     done = step - 1  # steps finished when the fault hit, all redone since the last checkpoint
-    return {"detected": True, "latency": fault["time"] - fault_time, "right": fault.get("ranks") == [rank],
+    right = fault.get("ranks") == [rank]
+    if not right:  # keep the evidence: which rank was faulty, what the monitor said
+        print(f"{name}: injected on rank {rank} at step {step}; reported {fault.get('ranks')}: {fault['detail']}",
+              flush=True)
+    return {"detected": True, "latency": fault["time"] - fault_time, "right": right,
             "lost": done - (done // args.ckpt_every) * args.ckpt_every}
 
 
