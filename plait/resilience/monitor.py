@@ -112,27 +112,29 @@ class Monitor:
             return None
         # Report within the bound: heartbeats arrive up to one interval late, polls another.
         bound = max(1.0, self.hang_bound() - 2 * self.cfg.heartbeat_s)
-        waiting = {}
-        for rank, beat in self.beats.items():
-            c = beat.get("collective")
-            if c is not None and beat["mono"] - c["since"] > bound:
-                waiting[rank] = c
+        inside = {r: b["collective"] for r, b in self.beats.items() if b.get("collective") is not None}
+        waiting = {r: c for r, c in inside.items() if self.beats[r]["mono"] - c["since"] > bound}
         if not waiting:
             return None
-        kinds = {r: (c["op"], c["dim"]) for r, c in waiting.items()}
+        # A rank that has entered a collective has arrived, however recently (rank 0 often
+        # arrives late after its logging): only ranks outside every collective are absent.
+        kinds = {r: (c["op"], c["dim"]) for r, c in inside.items()}
         groups: dict[tuple, list[int]] = {}
         for rank, kind in kinds.items():
             groups.setdefault(kind, []).append(rank)
         if len(groups) > 1:
-            # Waiting ranks disagree: the smaller party sits in a collective the others never
-            # joined (checked first: it also explains ranks not seen waiting at all).
+            # Ranks disagree: the smaller party, once it has waited past the bound too, sits in
+            # a collective the others never joined (checked first: it also explains ranks not
+            # seen in any collective). Until then the picture may still be settling.
             minority = sorted(min(groups.values(), key=len))
+            if not all(r in waiting for r in minority):
+                return None
             op, dim = kinds[minority[0]]
             return Fault("hang", minority, self._step(minority[0]),
                          f"rank(s) {minority} wait in {op} on '{dim}', which no other rank entered",
                          extra={"hang": "inside a stray collective"})
         (op, dim), ranks = next(iter(groups.items()))
-        others = sorted(r for r in range(self.nproc) if r not in waiting)
+        others = sorted(r for r in range(self.nproc) if r not in inside)
         if others:
             # Everyone else is stuck waiting for these ranks, which are somewhere else.
             phases = ", ".join(f"rank {r} in {self.beats[r]['phase']} of step {self.beats[r]['step']}" for r in others)

@@ -77,6 +77,15 @@ def test_rank_alone_in_a_stray_collective():
     assert (fault.kind, fault.ranks) == ("hang", [3])
 
 
+def test_a_rank_that_just_entered_the_collective_has_arrived():
+    """Rank 0 often reaches a collective late (it logs metrics): it is not the culprit."""
+    beats = {r: beat(collective=("all_reduce", "dp_shard"), waited=6.0) for r in range(4)}
+    beats[0] = beat(phase="data", collective=("all_reduce", "dp_shard"), waited=0.3)
+    beats[2] = beat(phase="data")
+    fault = monitor(beats).check([None] * 4)
+    assert (fault.kind, fault.ranks) == ("hang", [2])
+
+
 def test_everyone_stuck_in_one_collective_is_a_communication_hang():
     beats = {r: beat(collective=("all_gather", "tp"), waited=6.0) for r in range(4)}
     fault = monitor(beats).check([None] * 4)
