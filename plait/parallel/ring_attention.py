@@ -54,6 +54,15 @@ def _pair_mask(plan: ChunkPlan, q_chunk: int, k_chunk: int, length: int, device)
     return mask
 
 
+def _masked_scores(q: torch.Tensor, k: torch.Tensor, plan: ChunkPlan, q_chunk: int, k_chunk: int,
+                   scale: float) -> torch.Tensor:
+    """Scaled scores of one query chunk against one key chunk, -inf where masked (forward and
+    backward recompute the same ones)."""
+    scores = q @ k.transpose(-1, -2) * scale
+    mask = _pair_mask(plan, q_chunk, k_chunk, q.shape[2], q.device)
+    return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+
+
 def _pairs(plan: ChunkPlan, block: tuple[int, ...]):
     """(query slot, key slot, query chunk, key chunk) of every chunk pair with work to do:
     keys at or before the queries."""
@@ -106,10 +115,7 @@ class _RingAttention(torch.autograd.Function):
             kb, vb = _expand(kv[0].to(acc), repeats), _expand(kv[1].to(acc), repeats)
             for qi, ki, qc, kc in _pairs(plan, block):
                 qs, ks = slice(qi * length, (qi + 1) * length), slice(ki * length, (ki + 1) * length)
-                scores = qf[:, :, qs] @ kb[:, :, ks].transpose(-1, -2) * scale
-                mask = _pair_mask(plan, qc, kc, length, q.device)
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, float("-inf"))
+                scores = _masked_scores(qf[:, :, qs], kb[:, :, ks], plan, qc, kc, scale)
                 block_lse = torch.logsumexp(scores, dim=-1)
                 # A row with no visible key has lse -inf: its probabilities are 0, not NaN.
                 probs = torch.exp(scores - _finite(block_lse)[..., None])
@@ -150,10 +156,7 @@ class _RingAttention(torch.autograd.Function):
             dv = torch.zeros_like(vb)
             for qi, ki, qc, kc in _pairs(plan, block):
                 qs, ks = slice(qi * length, (qi + 1) * length), slice(ki * length, (ki + 1) * length)
-                scores = qf[:, :, qs] @ kb[:, :, ks].transpose(-1, -2) * scale
-                mask = _pair_mask(plan, qc, kc, length, q.device)
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, float("-inf"))
+                scores = _masked_scores(qf[:, :, qs], kb[:, :, ks], plan, qc, kc, scale)
                 probs = torch.exp(scores - safe_lse[:, :, qs, None])
                 dv[:, :, ks] += probs.transpose(-1, -2) @ go[:, :, qs]
                 dprobs = go[:, :, qs] @ vb[:, :, ks].transpose(-1, -2)
