@@ -120,21 +120,26 @@ class RankFailed(RuntimeError):
         self.rank, self.exitcode = rank, exitcode
 
 
+def start_ranks(fn: Callable, nproc: int, args: tuple, backend: str, env: dict[str, str] | None = None):
+    """Start ``nproc`` rank processes running ``fn(*args)`` in one process group on 127.0.0.1
+    (``env`` added to their environment); returns (processes, the queue their results come on)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, nproc, port, backend, fn, args, results, env), daemon=False)
+             for r in range(nproc)]
+    for proc in procs:
+        proc.start()
+    return procs, results
+
+
 def spawn(fn: Callable, nproc: int, args: tuple = (), backend: str = "gloo") -> list[Any]:
     """Run ``fn(*args)`` on ``nproc`` local ranks joined in one process group (127.0.0.1).
 
     Returns the list of each rank's return value. If any rank fails, all are stopped and
     RankFailed is raised: no rank is left running.
     """
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, nproc, port, backend, fn, args, results), daemon=False)
-        for r in range(nproc)
-    ]
-    for proc in procs:
-        proc.start()
+    procs, results = start_ranks(fn, nproc, args, backend)
     outputs: dict[int, Any] = {}
     try:
         while len(outputs) < nproc:

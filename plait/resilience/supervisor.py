@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from plait.config import JobConfig
 from plait.resilience.events import log_event
@@ -42,18 +41,13 @@ def _stop_all(procs: list) -> None:
 
 def run_once(fn, cfg: JobConfig, attempt: int, backend: str) -> tuple[list[Any] | None, Fault | None]:
     """One start of the job: (every rank's result, None) or (None, the fatal fault)."""
-    from plait.launch import RankFailed, _worker, free_port
+    from plait.launch import RankFailed, start_ranks
 
     nproc = cfg.parallel.nproc
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     env = {MONITOR_ENV: f"127.0.0.1:{store.port}", ATTEMPT_ENV: str(attempt)}
     monitor = Monitor(store, nproc, cfg.resilience)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, nproc, port, backend, fn, (cfg,), results, env)) for r in range(nproc)]
-    for proc in procs:
-        proc.start()
+    procs, results = start_ranks(fn, nproc, (cfg,), backend, env)
     outputs: dict[int, Any] = {}
     try:
         while len(outputs) < nproc:
