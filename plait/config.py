@@ -189,6 +189,28 @@ class MetricsConfig:
 
 
 @dataclass
+class LowBWConfig:
+    method: Literal["none", "diloco", "streaming", "co2"] = _f(
+        "none", "training over slow links: workers are the parallel.dp_replicate groups; none = every step synced"
+    )
+    inner_steps: int = _f(50, "H: local (inner AdamW) steps between two syncs of the same weights", min=1)
+    outer_lr: float = _f(0.7, "outer SGD learning rate", gt=0)
+    outer_momentum: float = _f(0.9, "outer SGD momentum (0 disables)", min=0, max=0.999)
+    nesterov: bool = _f(True, "Nesterov outer momentum")
+    fragments: int = _f(4, "streaming: P fragments (blocks in a strided pattern), synced H/P steps apart", min=1)
+    overlap_steps: int = _f(0, "streaming: tau, steps a fragment's exchange runs alongside training before it is applied", min=0)
+    mix: float = _f(0.5, "streaming: alpha, weight of the local fragment when the global one arrives (0 = replace)",
+                    min=0, max=1)
+    quantize: Literal["none", "fp16", "int8", "int4"] = _f("none", "outer gradients on the wire (summed in fp32)")
+    quant_scale: Literal["block", "row"] = _f("block", "one scale per block of quant_block elements, or per row")
+    quant_block: int = _f(128, "elements per scale with quant_scale = 'block'", min=1)
+    error_feedback: bool = _f(False, "add what quantization dropped to the next outer gradient")
+    co2_penalty: float = _f(0.0, "co2: staleness gap penalty lambda (0 disables)", min=0)
+    co2_clip: float = _f(0.0, "co2: max norm of the outer momentum (0 disables)", min=0)
+    check_sync: bool = _f(True, "after each sync compare a hash of the global weights across workers")
+
+
+@dataclass
 class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -199,6 +221,7 @@ class JobConfig:
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    lowbw: LowBWConfig = field(default_factory=LowBWConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -346,12 +369,41 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     injection = parse_injection(cfg.resilience.inject)
     if injection is not None and injection.rank >= world:
         raise ConfigError(f"resilience.inject names rank {injection.rank}; the job has ranks 0..{world - 1}")
+    if injection is not None and injection.kind == "crash_sync" and cfg.lowbw.method == "none":
+        raise ConfigError("resilience.inject = 'crash_sync:...' needs an outer sync: set lowbw.method")
     dp = resolve_dp(cfg, world)
     validate_model_parallel(cfg, dp)
+    validate_lowbw(cfg)
     if t.global_batch % (t.micro_batch * dp):
         raise ConfigError(
             f"train.global_batch = {t.global_batch} must be a multiple of train.micro_batch "
             f"({t.micro_batch}) x data-parallel degree ({dp})"
+        )
+
+
+def validate_lowbw(cfg: JobConfig) -> None:
+    """DiLoCo-family settings fit the layout: workers are the dp_replicate groups."""
+    lb, p, t = cfg.lowbw, cfg.parallel, cfg.train
+    if lb.method == "none":
+        return
+    if p.ep > 1:
+        raise ConfigError(f"lowbw.method = '{lb.method}' does not support parallel.ep > 1")
+    if t.steps % lb.inner_steps:
+        raise ConfigError(
+            f"train.steps = {t.steps} must be a multiple of lowbw.inner_steps = {lb.inner_steps}, "
+            "so training ends on a sync"
+        )
+    if lb.method != "streaming":
+        return
+    if lb.inner_steps % lb.fragments or lb.fragments > cfg.model.n_layers:
+        raise ConfigError(
+            f"lowbw.fragments = {lb.fragments} must divide lowbw.inner_steps = {lb.inner_steps} "
+            f"and be at most model.n_layers = {cfg.model.n_layers}"
+        )
+    if lb.overlap_steps >= lb.inner_steps // lb.fragments:
+        raise ConfigError(
+            f"lowbw.overlap_steps = {lb.overlap_steps} must be below lowbw.inner_steps / lowbw.fragments = "
+            f"{lb.inner_steps // lb.fragments} (one fragment's exchange at a time)"
         )
 
 

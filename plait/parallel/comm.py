@@ -101,6 +101,7 @@ _handles: dict[int, tuple] = {}
 _names: dict[Any, str] = {}  # ProcessGroup or group name -> mesh dim name
 _info: dict[Any, tuple] = {}  # ProcessGroup or group name -> (dim, size, rank), filled on first use
 _paused = 0
+_totals: collections.Counter = collections.Counter()  # dim -> wire bytes since install, never reset
 _originals: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) to undo install()
 _MISSING = object()
 
@@ -153,6 +154,7 @@ def _begin(op: str, key, payload, splits=None) -> Record:
     rec = Record(next(_seq), op, dim, payload, round(wire), n, _perf())
     if not _paused:
         _records.append(rec)
+        _totals[dim] += rec.wire_bytes
     _blocked[rec.seq] = rec
     return rec
 
@@ -337,6 +339,12 @@ def in_flight() -> list[Record]:
     """Collectives the host is blocked in right now (issuing or waiting), oldest first: what
     a hang monitor reports. Async work on the device that nobody waits for is not here."""
     return sorted(list(_blocked.values()), key=lambda r: r.seq)  # list(): one atomic copy
+
+
+def total_wire_bytes(dim: str) -> int:
+    """Wire bytes this process has sent on ``dim`` since install (any thread, never reset):
+    a caller takes the difference around its own collectives."""
+    return _totals[dim]
 
 
 def reset() -> None:

@@ -36,6 +36,7 @@ class ParallelDims:
     cp_ring: int = 1
     cp_ulysses: int = 1
     ep: int = 1
+    workers: bool = False  # lowbw: dp_replicate groups are DiLoCo workers, not synced every step
     mesh: DeviceMesh | None = field(default=None, repr=False)
     dp_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp_replicate x dp_shard, flattened
     grad_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp x cp, flattened: gradient sums
@@ -53,7 +54,7 @@ class ParallelDims:
         shard = dp // p.dp_replicate if p.dp_shard == -1 else p.dp_shard
         ring, ulysses = cp_degrees(cfg)
         return cls(dp_replicate=p.dp_replicate, dp_shard=shard, world_size=world_size, tp=p.tp, pp=p.pp,
-                   cp_ring=ring, cp_ulysses=ulysses, ep=p.ep)
+                   cp_ring=ring, cp_ulysses=ulysses, ep=p.ep, workers=cfg.lowbw.method != "none")
 
     @property
     def cp(self) -> int:
@@ -70,8 +71,8 @@ class ParallelDims:
 
     @property
     def grad_degree(self) -> int:
-        """Ranks whose gradients are summed: dp x cp."""
-        return self.dp * self.cp
+        """Ranks whose gradients are summed every step: dp x cp (one worker's with lowbw)."""
+        return (self.dp_shard if self.workers else self.dp) * self.cp
 
     @property
     def dp(self) -> int:
@@ -84,11 +85,11 @@ class ParallelDims:
 
     @property
     def ddp_enabled(self) -> bool:
-        return self.dp_replicate > 1 and self.shard_degree == 1
+        return self.dp_replicate > 1 and self.shard_degree == 1 and not self.workers
 
     @property
     def hsdp_enabled(self) -> bool:
-        return self.dp_replicate > 1 and self.shard_degree > 1
+        return self.dp_replicate > 1 and self.shard_degree > 1 and not self.workers
 
     @property
     def tp_enabled(self) -> bool:
@@ -102,7 +103,7 @@ class ParallelDims:
     def layout_name(self) -> str:
         if self.world_size == 1:
             return "single"
-        parts = []
+        parts = [f"workers({self.dp_replicate})"] if self.workers else []
         if self.hsdp_enabled:
             parts.append(f"hsdp({self.dp_replicate}x{self.shard_degree})")
         elif self.fsdp_enabled:
@@ -133,12 +134,12 @@ class ParallelDims:
         self.dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
         self.mesh = mesh
         if not self.cp_enabled:
-            self.grad_mesh = self.dp_mesh
+            self.grad_mesh = mesh["dp_shard"] if self.workers else self.dp_mesh
             self.fsdp_mesh = mesh["dp_replicate", "dp_shard"] if self.hsdp_enabled else mesh["dp_shard"]
             return mesh
         self.cp_mesh = mesh["cp_ring", "cp_ulysses"]._flatten("cp")
-        self.grad_mesh = mesh["dp_replicate", "dp_shard", "cp_ring", "cp_ulysses"]._flatten("dp_cp")
         shard = mesh["dp_shard", "cp_ring", "cp_ulysses"]._flatten("dp_shard_cp")
+        self.grad_mesh = shard if self.workers else mesh["dp_replicate", "dp_shard", "cp_ring", "cp_ulysses"]._flatten("dp_cp")
         if self.hsdp_enabled:
             with warnings.catch_warnings():
                 # torch has no other way yet to pair a flattened dim with a plain one.
@@ -168,6 +169,21 @@ class ParallelDims:
         self.expert_fsdp_mesh = mesh["dp_replicate", "edp"] if self.dp_replicate > 1 else mesh["edp"]
         self.named_groups = [(self.shard_group(), "dp_shard")]
         return mesh
+
+    def worker_groups(self) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+        """(sync group, worker group) for lowbw: the ranks holding the same pieces in every
+        worker (a new group, so background exchanges never interleave with the step's
+        collectives), and the ranks of this rank's worker (None when it is one rank).
+        Collective: every rank calls it."""
+        if self.mesh is None:
+            return None, None
+        ranks = self.mesh.mesh  # rank ids, shape = the mesh's
+        replicate = MESH_DIMS.index("dp_replicate")
+        across = ranks.movedim(replicate, -1).reshape(-1, self.dp_replicate).tolist()
+        within = ranks.movedim(replicate, 0).reshape(self.dp_replicate, -1).tolist()
+        sync, _ = dist.new_subgroups_by_enumeration(across)
+        worker = dist.new_subgroups_by_enumeration(within)[0] if len(within[0]) > 1 else None
+        return sync, worker
 
     def shard_group(self) -> dist.ProcessGroup:
         """The group FSDP / ZeRO-1 shard over (dp_shard x cp), without dp_replicate."""

@@ -7,7 +7,9 @@
 - ``hang_collective:rank=R:step=S``: rank R enters a barrier no other rank joins;
 - ``slow:rank=R:factor=F[:step=S]``: from step S (default 1) rank R's compute takes F times
   as long;
-- ``nan:rank=R:step=S``: rank R's loss at step S is NaN.
+- ``nan:rank=R:step=S``: rank R's loss at step S is NaN;
+- ``crash_sync:rank=R:step=S``: rank R kills itself while the lowbw outer sync launched after
+  step S is in flight (the other workers are inside the exchange).
 Injections fire only in a job's first attempt, so a restart runs clean. Each one is noted in
 ``<run.dir>/injections.jsonl`` (time, kind, rank, step) just before it fires, so tests and
 bench/faults.py can measure detection latency.
@@ -25,7 +27,7 @@ import torch.distributed as dist
 
 from plait.errors import ConfigError
 
-INJECTIONS = ("crash", "hang", "hang_collective", "slow", "nan")
+INJECTIONS = ("crash", "hang", "hang_collective", "slow", "nan", "crash_sync")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,13 @@ class Injector:
                 time.sleep(3600)
         if inj.kind == "hang_collective":
             dist.barrier(group=self.stray_group)
+
+    def in_sync(self, step: int) -> None:
+        """Called by the lowbw outer loop right after it launched an exchange."""
+        inj = self.injection
+        if inj is not None and inj.kind == "crash_sync" and step == inj.step:
+            self._note(step)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def slow_down(self, step: int, compute_s: float) -> None:
         """Sleep so this step's compute took ``factor`` times ``compute_s``."""

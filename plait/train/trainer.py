@@ -24,6 +24,7 @@ from plait.errors import CheckpointError, NonFiniteError
 from plait.data import prepare_data, train_loader, DataBundle
 from plait.data.loader import val_batches
 from plait.infer.generate import generate
+from plait.lowbw.diloco import build_outer_loop
 from plait.models.llama import build_model, count_params
 from plait.parallel import comm
 from plait.parallel.context_parallel import sequence_layout
@@ -131,6 +132,8 @@ class Trainer:
         else:
             self.optimizer = build_optimizer(self.parts, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        # DiLoCo family: the outer loop around the inner steps (workers = dp_replicate groups).
+        self.outer = build_outer_loop(cfg.lowbw, self.parts, self.dims, self.device, self.injector)
         n_micro = cfg.train.global_batch // (cfg.train.micro_batch * self.dims.dp)
         dp_group = self.dims.grad_mesh.get_group() if self.dims.mesh is not None else None
         pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp_enabled else None
@@ -159,9 +162,11 @@ class Trainer:
             return batch
         return {key: self.cp_layout.shard(value, self.cp_rank) for key, value in batch.items()}
 
-    def _reduce(self, value: torch.Tensor, op=dist.ReduceOp.SUM, over_pp: bool = False) -> torch.Tensor:
-        """Reduce a scalar over the data- and context-parallel ranks, and over the pipeline
-        ranks with ``over_pp`` (losses live on the last stage only); identity on one process."""
+    def _reduce(self, value: torch.Tensor, op=dist.ReduceOp.SUM, over_pp: bool = False,
+                over_workers: bool = False) -> torch.Tensor:
+        """Reduce a scalar over the data- and context-parallel ranks (of one lowbw worker), over
+        the pipeline ranks with ``over_pp`` (losses live on the last stage only) and over the
+        workers with ``over_workers``; identity on one process."""
         if self.dims.mesh is None:
             return value
         value = value.to(self.device)
@@ -170,6 +175,8 @@ class Trainer:
             dist.all_reduce(value, op=op, group=self.dims.grad_mesh.get_group())
             if over_pp and self.dims.pp_enabled:
                 dist.all_reduce(value, op=op, group=self.dims.mesh["pp"].get_group())
+            if over_workers and self.dims.workers:
+                dist.all_reduce(value, op=op, group=self.dims.mesh["dp_replicate"].get_group())
         self.bookkeeping_s += time.perf_counter() - begin  # waiting, not computing
         return value.cpu()
 
@@ -193,6 +200,8 @@ class Trainer:
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # a ZeRO-1 optimizer state carries no lr; the schedule knows it
         self.loader.load_state_dict(state["loader"])
+        if self.outer is not None:
+            self.outer.load_state_dict(state["lowbw"])
         torch.set_rng_state(state["rng"])
         self.start_step = int(state["step"])
         if self.rank == 0:
@@ -251,7 +260,9 @@ class Trainer:
             self.model_state_bytes = state_bytes(self.parts, self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = float(self._reduce(total, over_pp=True)) / max(global_tokens, 1.0)
+        if self.dims.workers:  # report the loss over every worker's tokens
+            global_tokens = float(self._reduce(torch.tensor(float(local_tokens)), over_workers=True))
+        loss = float(self._reduce(total, over_pp=True, over_workers=True)) / max(global_tokens, 1.0)
         return loss, norm
 
     def _non_finite(self, step: int) -> None:
@@ -276,17 +287,20 @@ class Trainer:
                 with self._loss_context():
                     total += plain(self._loss_sum(mb)).double().cpu()
             self.model.train()
-        total = self._reduce(total, over_pp=True)
-        count = float(self._reduce(torch.tensor(float(count), dtype=torch.float64)))
+        total = self._reduce(total, over_pp=True, over_workers=True)
+        count = float(self._reduce(torch.tensor(float(count), dtype=torch.float64), over_workers=True))
         return float(total) / max(count, 1.0)
 
     def _rank_state(self, step: int) -> dict[str, Any]:
-        return {
+        state = {
             "step": step,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": torch.get_rng_state(),
         }
+        if self.outer is not None:
+            state["lowbw"] = self.outer.state_dict()
+        return state
 
     def sample(self) -> str | None:
         """Collective: gather the full weights and generate a sample on rank 0."""
@@ -330,6 +344,11 @@ class Trainer:
             PROGRESS.step, PROGRESS.phase = step, "data"
             self.injector.at_step_start(step)
             loss, norm = self.train_step(self.loader.next_step(), step)
+            if self.outer is not None:
+                PROGRESS.phase = "sync"
+                self.outer.after_step(step)
+                if step == t.steps:
+                    self.outer.finish(step)
             waited = comm.step_summary(reset=False)["comm_s"] + self.bookkeeping_s
             self.injector.slow_down(step, time.perf_counter() - begin - waited)
             elapsed = time.perf_counter() - begin
@@ -355,6 +374,9 @@ class Trainer:
             }
             if self.pipeline is not None:
                 record["bubble"] = self.pipeline.last_bubble
+            if self.outer is not None and self.outer.step_syncs:
+                record["sync_bytes"] = sum(e["bytes"] for e in self.outer.step_syncs)
+                record["sync_wait_s"] = sum(e["wait_s"] for e in self.outer.step_syncs)
             if self.moe is not None:
                 record.update(self.moe.step_metrics(step))
             if self.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
@@ -388,6 +410,8 @@ class Trainer:
             print(f"plait: model state on rank 0 (ZeRO-{cfg.parallel.zero if self.dims.fsdp_enabled else 0}): "
                   f"params {mib['params']:.2f} MiB, grads {mib['grads']:.2f} MiB, optimizer {mib['optimizer']:.2f} MiB",
                   flush=True)
+        if self.outer is not None:
+            self.outer.close()
         result.sample = self.sample()
         result.summary = metrics.close()
         if self.watchdog is not None:

@@ -1,0 +1,141 @@
+"""Training over a slow link: DDP against DiLoCo and Streaming DiLoCo, each with none/int8/int4
+outer gradients, on 4 workers of the demo corpus (Shakespeare) with the same token budget.
+
+Every run is 4 gloo ranks (one worker each, or DDP over 4) training the same small Llama on the
+same data order. The link between workers is emulated at ``--link-mbit`` Mbit/s with
+``--latency-ms`` latency (``comm.emulate_bandwidth`` / ``comm.emulate_latency`` on the dimension
+the runs synchronise over), so wall time includes what the syncs would cost on such a link.
+For each run it prints: final validation loss and its difference from DDP's, total bytes sent
+by one rank (all collectives), peak bytes of one sync (DDP: one step's all-reduce), the ratio of
+DDP's total bytes to the run's, and wall time. A PNG of validation loss against bytes sent goes
+to ``--out``.
+
+    PYTHONPATH=. .venv/bin/python bench/lowbw.py [--steps 400] [--link-mbit 100] [--out runs/bench_lowbw]
+    PYTHONPATH=. .venv/bin/python bench/lowbw.py --smoke   # a few steps, tiny model (the tests)
+It uses every core: run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from plait.config import build_config
+from plait.launch import preflight, spawn
+from plait.train.trainer import run_training
+
+RANKS = 4
+
+
+def runs(full: bool) -> list[tuple[str, dict]]:
+    """(label, lowbw overrides) of every configuration, DDP first."""
+    out = [("ddp", {})]
+    methods = [("diloco H=50", {"lowbw.method": "diloco", "lowbw.inner_steps": 50}),
+               ("diloco H=200", {"lowbw.method": "diloco", "lowbw.inner_steps": 200}),
+               ("streaming P=4 H=100", {"lowbw.method": "streaming", "lowbw.inner_steps": 100, "lowbw.fragments": 4,
+                                        "lowbw.overlap_steps": 5})]
+    if not full:
+        methods = [("diloco H=2", {"lowbw.method": "diloco", "lowbw.inner_steps": 2}),
+                   ("streaming P=2 H=2", {"lowbw.method": "streaming", "lowbw.inner_steps": 2, "lowbw.fragments": 2})]
+    for label, values in methods:
+        for quant in ("none", "int8", "int4"):
+            extra = {"lowbw.quantize": quant, "lowbw.error_feedback": quant == "int4"}
+            out.append((f"{label} {quant}{' +EF' if quant == 'int4' else ''}", {**values, **extra}))
+    return out
+
+
+def base_values(args, root: str) -> dict:
+    model = ({"model.dim": 128, "model.n_layers": 4, "model.n_heads": 4, "model.ffn_dim": 384}
+             if not args.smoke else {"model.dim": 32, "model.n_layers": 2, "model.n_heads": 2, "model.ffn_dim": 64})
+    return {
+        **model, "model.max_seq_len": args.seq_len, "data.source": "demo", "data.tokenizer": args.tokenizer,
+        "train.seq_len": args.seq_len, "train.global_batch": 16, "train.micro_batch": 4, "train.steps": args.steps,
+        "train.lr": 3e-3, "train.warmup_steps": min(20, args.steps // 10), "train.eval_every": args.eval_every,
+        "train.eval_batches": 16, "train.sample_tokens": 0, "train.device": "cpu",
+        "parallel.nproc": RANKS, "parallel.dp_replicate": RANKS, "parallel.dp_shard": 1, "parallel.zero": 0,
+        "metrics.tensorboard": False, "metrics.plot": False, "metrics.progress": False,
+        "comm.emulate_bandwidth": f"dp={args.link_mbit * 1e6 / 8:g},dp_replicate={args.link_mbit * 1e6 / 8:g}",
+        "comm.emulate_latency": f"dp={args.latency_ms / 1e3:g},dp_replicate={args.latency_ms / 1e3:g}",
+        "run.dir": root,
+    }
+
+
+def run_one(values: dict) -> dict:
+    cfg = preflight(build_config(values=values), RANKS)
+    begin = time.perf_counter()
+    spawn(run_training, RANKS, (cfg,), "gloo")
+    wall = time.perf_counter() - begin
+    with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    steps = [r for r in rows if "loss" in r]
+    total = sum(sum(r["comm_bytes"].values()) for r in steps)
+    if values.get("lowbw.method", "none") == "none":
+        peak = max(sum(r["comm_bytes"].values()) for r in steps)
+    else:
+        peak = max(r.get("sync_bytes", 0) for r in steps)
+    curve, sent = [], 0
+    for r in rows:
+        sent += sum(r.get("comm_bytes", {}).values())
+        if "val_loss" in r:
+            curve.append((sent, r["val_loss"]))
+    return {"val_loss": curve[-1][1], "total_bytes": total, "peak_bytes": peak, "wall_s": wall, "curve": curve}
+
+
+def plot(results: dict[str, dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, r in results.items():
+        xs = [max(b, 1) for b, _ in r["curve"]]
+        ax.plot(xs, [v for _, v in r["curve"]], marker=".", label=label, linewidth=2 if label == "ddp" else 1)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent by one rank")
+    ax.set_ylabel("validation loss")
+    ax.set_title("validation loss against bytes sent (4 workers)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 400; smoke 4)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--tokenizer", default="bpe:2048")
+    parser.add_argument("--eval-every", type=int, default=None, help="default steps/8")
+    parser.add_argument("--link-mbit", type=float, default=100.0, help="emulated link, Mbit/s")
+    parser.add_argument("--latency-ms", type=float, default=10.0, help="emulated latency per collective")
+    parser.add_argument("--only", nargs="*", help="run only the labels starting with these")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 4 steps, two methods")
+    parser.add_argument("--out", default="runs/bench_lowbw")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (4 if args.smoke else 400)
+    args.eval_every = args.eval_every or max(args.steps // 8, 1)
+    os.makedirs(args.out, exist_ok=True)
+    results: dict[str, dict] = {}
+    for label, values in runs(not args.smoke):
+        if args.only and label != "ddp" and not any(label.startswith(o) for o in args.only):
+            continue
+        run_dir = os.path.join(args.out, label.replace(" ", "_").replace("=", "").replace("+", ""))
+        results[label] = r = run_one({**base_values(args, run_dir), **values})
+        ddp = results["ddp"]
+        print(f"{label:<28} val {r['val_loss']:.4f} ({100 * (r['val_loss'] / ddp['val_loss'] - 1):+5.2f}% vs DDP)  "
+              f"bytes {r['total_bytes'] / 1e6:10.2f} MB ({ddp['total_bytes'] / max(r['total_bytes'], 1):7.1f}x fewer)  "
+              f"peak/sync {r['peak_bytes'] / 1e6:8.3f} MB  wall {r['wall_s']:6.1f} s", flush=True)
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    path = os.path.join(args.out, "lowbw_val_vs_bytes.png")
+    plot(results, path)
+    print(f"plot: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

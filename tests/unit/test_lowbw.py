@@ -1,0 +1,122 @@
+"""DiLoCo-family pieces in one process: the outer optimizer by hand, fragments, the streaming
+schedule, config checks, and DiLoCo with one worker against plain training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plait.config import LowBWConfig, build_config
+from plait.errors import ConfigError
+from plait.lowbw.diloco import OuterLoop
+from plait.lowbw.fragments import block_index, split_fragments
+from plait.lowbw.outer import outer_step, staleness_scales
+from plait.models.llama import build_model
+from plait.train.trainer import run_training
+from tests.parallel.harness import job, write_corpus
+
+
+def test_outer_nesterov_step_by_hand():
+    g0, grads = torch.tensor([1.0, -2.0, 0.5]), [torch.tensor([0.1, 0.2, -0.3]), torch.tensor([0.05, -0.1, 0.2])]
+    w, b = g0.clone(), torch.zeros(3)
+    lr, mu = 0.7, 0.9
+    expected, buf = g0.clone(), torch.zeros(3)
+    for grad in grads:
+        outer_step(w, b, grad, lr, mu, nesterov=True)
+        buf = mu * buf + grad
+        expected = expected - lr * (grad + mu * buf)
+    assert torch.allclose(w, expected, rtol=0, atol=1e-7) and torch.allclose(b, buf)
+    plain, pb = g0.clone(), torch.zeros(3)
+    outer_step(plain, pb, grads[0], lr, mu, nesterov=False)
+    assert torch.allclose(plain, g0 - lr * grads[0])  # first heavy-ball step: b = g
+    sgd, sb = g0.clone(), torch.zeros(3)
+    outer_step(sgd, sb, grads[0], 1.0, 0.0, nesterov=True)
+    assert torch.equal(sgd, g0 - grads[0]) and torch.equal(sb, torch.zeros(3))
+
+
+def test_momentum_clipping_caps_the_norm_and_changes_the_step():
+    grad = torch.tensor([3.0, 4.0])  # norm 5
+    free_w, free_b = torch.zeros(2), torch.zeros(2)
+    outer_step(free_w, free_b, grad, 1.0, 0.9, nesterov=False)
+    clip_w, clip_b = torch.zeros(2), torch.zeros(2)
+    outer_step(clip_w, clip_b, grad, 1.0, 0.9, nesterov=False, clip=1.0)
+    assert clip_b.norm() == pytest.approx(1.0) and free_b.norm() == pytest.approx(5.0)
+    assert torch.allclose(clip_w, -grad / 5)
+    # the norm is the worker's: other ranks' share enters through total_sq
+    w, b = torch.zeros(2), torch.zeros(2)
+    outer_step(w, b, grad, 1.0, 0.9, nesterov=False, clip=10.0, total_sq=lambda x: x + 200.0)
+    assert b.norm() == pytest.approx(5.0 * 10.0 / 15.0)
+
+
+def test_staleness_penalty_scales_each_tensor_by_its_gap():
+    stale = torch.tensor([3.0, 4.0, 1.0])
+    gap = torch.tensor([0.0, 5.0, 0.0])  # tensor 1 (two elements, |g| = 5) moved by 5
+    scales = staleness_scales(stale, gap, [2, 1], penalty=0.5)
+    assert torch.allclose(scales, torch.tensor([1 / 1.5, 1 / 1.5, 1.0]))
+    assert torch.equal(staleness_scales(stale, gap, [2, 1], 0.0), torch.ones(3))
+
+
+def tiny_model(n_layers=4, tie=False):
+    cfg = build_config(values={"model.dim": 32, "model.n_layers": n_layers, "model.n_heads": 4, "model.ffn_dim": 64,
+                               "model.vocab_size": 50, "model.max_seq_len": 16, "model.tie_embeddings": tie})
+    return build_model(cfg.model, "cpu", seed=0)
+
+
+def test_fragments_stride_blocks_and_split_the_rest_evenly():
+    model = tiny_model(4)
+    frags = split_fragments([model], 2)
+    blocks = [{block_index(n) for n in f.names if block_index(n) is not None} for f in frags]
+    assert blocks == [{0, 2}, {1, 3}]
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(f.numel for f in frags) == total
+    assert frags[0].numel == frags[1].numel == total // 2  # 4 blocks, 2 fragments: equal halves
+    one = split_fragments([model], 1)[0]
+    assert one.numel == total
+    # write goes into the parameters themselves
+    flat = frags[1].read()
+    frags[1].write(flat + 1.0)
+    assert torch.allclose(split_fragments([model], 2)[1].read(), flat + 1.0)
+    assert torch.equal(split_fragments([model], 2)[0].read(), frags[0].read())
+    tied = tiny_model(4, tie=True)
+    assert sum(f.numel for f in split_fragments([tied], 3)) == sum(p.numel() for p in tied.parameters())
+
+
+def test_streaming_schedule_staggers_fragments():
+    loop = OuterLoop.__new__(OuterLoop)  # only the schedule: no weights, no groups
+    loop.cfg = LowBWConfig(method="streaming", inner_steps=8, fragments=4, overlap_steps=1)
+    loop.H, loop.count, loop.tau = 8, 4, 1
+    launches = {step: loop.launches_at(step) for step in range(1, 17) if loop.launches_at(step)}
+    # fragment f is applied at 2(f+1) (+8k): launched tau = 1 step earlier
+    assert launches == {1: [0], 3: [1], 5: [2], 7: [3], 9: [0], 11: [1], 13: [2], 15: [3]}
+    loop.cfg, loop.tau = LowBWConfig(method="co2", inner_steps=4), 0
+    assert [s for s in range(1, 13) if loop.launches_at(s)] == [4, 8, 12]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lowbw.method": "diloco", "lowbw.inner_steps": 3, "train.steps": 10}, "multiple of lowbw.inner_steps"),
+    ({"lowbw.method": "streaming", "lowbw.inner_steps": 10, "lowbw.fragments": 4, "train.steps": 20},
+     "must divide lowbw.inner_steps"),
+    ({"lowbw.method": "streaming", "lowbw.inner_steps": 8, "lowbw.fragments": 4, "lowbw.overlap_steps": 2,
+      "train.steps": 16}, "must be below"),
+    ({"resilience.inject": "crash_sync:rank=0:step=2"}, "needs an outer sync"),
+])
+def test_bad_lowbw_settings_are_rejected(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(values={"parallel.nproc": 1, "model.n_layers": 4, **values})
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("lowbw"))
+    write_corpus(folder, n_docs=60)
+    return folder
+
+
+def test_one_worker_diloco_with_unit_outer_step_is_plain_training(workdir):
+    """H = 1, outer lr 1, no momentum: the new global weights are the local ones."""
+    common = {"train.steps": 4, "train.eval_every": 0, "model.n_layers": 2}
+    plain = run_training(job(workdir, "plain", **common))
+    outer = {"lowbw.method": "diloco", "lowbw.inner_steps": 1, "lowbw.outer_lr": 1.0, "lowbw.outer_momentum": 0.0}
+    diloco = run_training(job(workdir, "diloco1", **common, **outer))
+    assert diloco.losses == plain.losses and diloco.grad_norms == plain.grad_norms
+    assert diloco.val_losses == plain.val_losses
