@@ -22,6 +22,17 @@ Units: bytes, and seconds from ``time.perf_counter()``. ``start`` is when the ca
 ``end`` is when this process saw it finish: return of ``Work.wait()``, of ``wait_tensor``
 (functional collectives), of the DDP bucket future's callback, or else of the issuing call.
 On CUDA these are host times (CUDA events would cost a sync), i.e. how long the host waited.
+
+Slow links can be emulated (``configure_emulation``): a collective on mesh dim d is held until
+its emulated link would have delivered it, and ``end`` is taken after the hold. Each dim is one
+link per direction that carries one transfer at a time, so a transfer starts when the link is
+free (DDP's buckets queue behind each other as on a real link) and takes ``wire_bytes /
+bandwidth[d]`` (a recv: its payload's), plus ``latency[d]``. The hold happens where the host
+waits, so async collectives still overlap compute: in ``Work.wait()`` and ``wait_tensor``, in
+the issuing call for synchronous ones, and for DDP's buckets at the end of backward (DDP's own
+wait point). The hold sleeps the thread that waits, so a collective waited on from a
+background thread slows only that thread. Collectives issued inside ``paused()``, on groups of
+one rank, or whose handle is never waited on from Python are not held.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import threading
 import time
 import weakref
 from typing import Any, Iterator
@@ -79,13 +91,14 @@ class Record:
     """One collective on mesh dim ``dim``. ``bytes``: the payload (all_gather: the output;
     reduce_scatter, all_to_all: the input; gather/scatter: this rank's chunk; others: the
     tensor). ``wire_bytes``: what this rank sends (see _RING). ``start``/``end``: perf_counter
-    seconds. ``seq``: this process's issue order."""
+    seconds. ``seq``: this process's issue order. ``deadline``: when the emulated link delivers
+    it (perf_counter seconds), 0.0 when not emulated."""
 
-    __slots__ = ("seq", "op", "dim", "bytes", "wire_bytes", "group_size", "start", "end")
+    __slots__ = ("seq", "op", "dim", "bytes", "wire_bytes", "group_size", "start", "end", "deadline")
 
     def __init__(self, seq, op, dim, nbytes, wire, size, start):
         self.seq, self.op, self.dim, self.bytes, self.wire_bytes = seq, op, dim, nbytes, wire
-        self.group_size, self.start, self.end = size, start, start
+        self.group_size, self.start, self.end, self.deadline = size, start, start, 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -100,8 +113,20 @@ _blocked: dict[int, Record] = {}  # seq -> record the host is inside right now (
 _handles: dict[int, tuple] = {}
 _names: dict[Any, str] = {}  # ProcessGroup or group name -> mesh dim name
 _info: dict[Any, tuple] = {}  # ProcessGroup or group name -> (dim, size, rank), filled on first use
-_paused = 0
 _totals: collections.Counter = collections.Counter()  # dim -> wire bytes since install, never reset
+
+class _Paused(threading.local):
+    """How deep this thread is in ``paused()``: a background thread's collectives stay counted
+    (and emulated) while the main thread reduces its metrics."""
+
+    depth = 0
+
+
+_pause = _Paused()
+# Link emulation: (bandwidth bytes/s, latency s) per dim name ("*": every dim), or None when off.
+_emulation: tuple[dict[str, float], dict[str, float]] | None = None
+_link_free: dict[tuple[str, bool], float] = {}  # (dim, inbound) -> when its emulated link is free
+_link_lock = threading.Lock()
 _originals: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) to undo install()
 _MISSING = object()
 
@@ -152,36 +177,82 @@ def _begin(op: str, key, payload, splits=None) -> Record:
     if splits and op == "all_to_all" and sum(splits):  # exact: all but the chunk kept locally
         wire = payload * (1 - splits[rank] / sum(splits))
     rec = Record(next(_seq), op, dim, payload, round(wire), n, _perf())
-    if not _paused:
+    if not _pause.depth:
         _records.append(rec)
         _totals[dim] += rec.wire_bytes
+        emulation = _emulation  # one read: configure_emulation may rebind it meanwhile
+        if emulation is not None and n > 1:
+            rec.deadline = _deadline(rec, *emulation)
     _blocked[rec.seq] = rec
     return rec
 
 
+def configure_emulation(bandwidth: dict[str, float], latency: dict[str, float]) -> None:
+    """Emulate slow links from now on: ``bandwidth`` in bytes/s and ``latency`` in seconds per
+    mesh dim name, key ``"*"`` for every dim not named (plait.config.parse_link_values gives
+    these). A dim in neither is not slowed; two empty dicts turn emulation off (the default)."""
+    global _emulation
+    with _link_lock:
+        _link_free.clear()
+        _emulation = (dict(bandwidth), dict(latency)) if bandwidth or latency else None
+
+
+def _deadline(rec: Record, bandwidth: dict[str, float], latency: dict[str, float]) -> float:
+    """When the emulated link of ``rec.dim`` delivers ``rec`` (perf_counter seconds); 0.0 when
+    that dim is not emulated. Books the link (one transfer at a time per direction)."""
+    rate = bandwidth.get(rec.dim, bandwidth.get("*"))
+    delay = latency.get(rec.dim, latency.get("*", 0.0))
+    if rate is None and not delay:
+        return 0.0
+    inbound = rec.op == "recv"  # a recv sends nothing but takes as long to arrive
+    seconds = (rec.bytes if inbound else rec.wire_bytes) / rate if rate else 0.0
+    with _link_lock:
+        free = max(rec.start, _link_free.get((rec.dim, inbound), 0.0)) + seconds
+        _link_free[(rec.dim, inbound)] = free
+    return free + delay
+
+
+def _hold(rec: Record) -> None:
+    """Sleep until ``rec``'s emulated deadline: the emulation never shortens the real time."""
+    while rec.deadline and (left := rec.deadline - _perf()) > 0:
+        time.sleep(left)
+
+
 def _issued(rec: Record, handle) -> None:
-    """The issuing call returned; ``handle`` (Work or tensor) will report completion if waited."""
+    """The issuing call returned; ``handle`` (Work or tensor) will report completion if waited.
+    Without a handle to wait on, the call was the wait: the emulated link holds it here."""
+    ref = None
+    if handle is not None:
+        with contextlib.suppress(TypeError):  # not weak-referenceable: it ends with the issuing call
+            ref = weakref.ref(handle)
+    if ref is None:
+        _hold(rec)
     rec.end = _perf()
     _blocked.pop(rec.seq, None)
-    if handle is not None:
+    if ref is not None:  # only now: another thread may wait on it as soon as it is in _handles
         if len(_handles) > 1 << 16:  # handles nobody waits for, with no reset() to drop them
             _handles.clear()
-        try:
-            _handles[id(handle)] = (weakref.ref(handle), rec)
-        except TypeError:  # not weak-referenceable: its end stays the issuing call's
-            pass
+        _handles[id(handle)] = (ref, rec)
 
 
 def _waited(handle, wait, *args, **kwargs):
     entry = _handles.pop(id(handle), None)
     if entry is None or entry[0]() is not handle:
         return wait(handle, *args, **kwargs)
-    rec = entry[1]
+    with _blocking(entry[1]) as rec:
+        out = wait(handle, *args, **kwargs)
+        _hold(rec)
+        return out
+
+
+@contextlib.contextmanager
+def _blocking(rec: Record) -> Iterator[Record]:
+    """The host waits for ``rec`` inside: in_flight() shows it, and its end is taken after."""
     _blocked[rec.seq] = rec
     try:
-        return wait(handle, *args, **kwargs)
+        yield rec
     finally:
-        rec.end = _perf()
+        rec.end = max(rec.end, _perf())
         _blocked.pop(rec.seq, None)
 
 
@@ -216,7 +287,7 @@ class _CountedOp:
         return getattr(self._packet, name)
 
     def __call__(self, *args, **kwargs):
-        if _paused or torch.compiler.is_compiling():
+        if _pause.depth or torch.compiler.is_compiling():
             return self._packet(*args, **kwargs)
         op, pi, gi, mi, si = self._spec
         try:  # bookkeeping must never break the collective itself
@@ -239,18 +310,33 @@ class _WaitOp(_CountedOp):
 
 
 def _ddp_allreduce_hook(group: dist.ProcessGroup, bucket):  # no return annotation: DDP checks it
-    """torch's ``default_hooks.allreduce_hook`` (the built-in behaviour), plus the end time."""
+    """torch's ``default_hooks.allreduce_hook`` (the built-in behaviour), plus the end time.
+    An emulated link holds the bucket at the end of backward, where DDP waits for it: the
+    future's callback may run inline on the backward thread, where a hold would stop compute."""
     tensor = bucket.buffer()
     tensor.div_(group.size())
     work = dist.all_reduce(tensor, group=group, async_op=True)
     entry = _handles.pop(id(work), None)
+    rec = entry[1] if entry is not None else None
+    at_backward_end = False
+    if rec is not None and rec.deadline:
+        with contextlib.suppress(RuntimeError):  # outside a backward pass: hold in the callback
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: _settle(rec))
+            at_backward_end = True
 
     def done(fut):
-        if entry is not None:
-            entry[1].end = _perf()
+        if rec is not None:
+            if not at_backward_end:
+                _hold(rec)
+            rec.end = max(rec.end, _perf())
         return fut.value()[0]
 
     return work.get_future().then(done)
+
+
+def _settle(rec: Record) -> None:
+    with _blocking(rec):
+        _hold(rec)
 
 
 def _ddp_pre_forward_wrapper(method):
@@ -320,14 +406,13 @@ def installed() -> bool:
 
 @contextlib.contextmanager
 def paused() -> Iterator[None]:
-    """Leave the collectives issued inside uncounted (plait's own bookkeeping: metric
-    reductions, barriers). Process-wide, not per thread."""
-    global _paused
-    _paused += 1
+    """Leave the collectives this thread issues inside uncounted and not emulated (plait's own
+    bookkeeping: metric reductions, barriers). Per thread, not process-wide."""
+    _pause.depth += 1
     try:
         yield
     finally:
-        _paused -= 1
+        _pause.depth -= 1
 
 
 def records() -> list[Record]:

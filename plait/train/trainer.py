@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from plait.config import JobConfig, to_toml
+from plait.config import JobConfig, link_emulation, to_toml
 from plait.errors import CheckpointError, NonFiniteError
 from plait.data import prepare_data, train_loader, DataBundle
 from plait.data.loader import val_batches
@@ -111,6 +111,7 @@ class Trainer:
             comm.register_mesh(self.dims.mesh)
             for group, name in self.dims.named_groups:
                 comm.register_group(group, name)
+        comm.configure_emulation(*link_emulation(cfg))  # slow links (comm.emulate_*); else off
         # Fault handling: injected faults (tests, demos) and the watchdog the supervisor reads.
         PROGRESS.reset()
         self.bookkeeping_s = 0.0  # seconds in _reduce's uncounted collectives this step

@@ -68,3 +68,36 @@ def test_readme_config_reference_is_current():
     text = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
     start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
     assert text[text.index(start) + len(start) : text.index(end)] == reference_markdown()
+
+
+def test_link_emulation_values():
+    from plait.config import link_emulation, parse_link_values
+    from plait.parallel.dims import MESH_DIMS
+
+    assert link_emulation(build_config()) == ({}, {})  # off by default: the trainer resets it
+    cfg = build_config(overrides=[("comm.emulate_bandwidth", "12.5e6"),
+                                  ("comm.emulate_latency", "dp_replicate=0.02, dp=0")])
+    assert link_emulation(cfg) == ({"*": 12.5e6}, {"dp_replicate": 0.02, "dp": 0.0})
+    assert parse_link_values("emulate_bandwidth", " dp_replicate=1e8,tp=2e9 ") == {"dp_replicate": 1e8, "tp": 2e9}
+    assert parse_link_values("emulate_bandwidth", "edp=1,ep=1,dp_cp=1,dp_shard_cp=1,cp=1,world=1,other=1")
+    assert parse_link_values("emulate_latency", "  ") == {}
+    assert parse_link_values("emulate_bandwidth", "dp=1e9,*=12.5e6") == {"dp": 1e9, "*": 12.5e6}
+    for dim in MESH_DIMS:
+        assert parse_link_values("emulate_latency", f"{dim}=0") == {dim: 0.0}
+
+
+@pytest.mark.parametrize("name,value,needle", [
+    ("emulate_bandwidth", "x=abc", "unknown mesh dim 'x'"),
+    ("emulate_bandwidth", "dp=abc", "'abc' is not a number"),
+    ("emulate_bandwidth", "0", "0 is not a finite number > 0"),
+    ("emulate_bandwidth", "dp=1e6,dp=2e6", "'dp' is given twice"),
+    ("emulate_bandwidth", "1e6,tp=2e6", "unknown mesh dim '1e6'"),
+    ("emulate_latency", "-0.1", "-0.1 is not a finite number >= 0"),
+    ("emulate_latency", "tp=inf", "inf is not a finite number >= 0"),
+    ("emulate_latency", "tp=nan", "nan is not a finite number >= 0"),
+])
+def test_link_emulation_rejects(name, value, needle):
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=[(f"comm.{name}", value)])
+    text = str(err.value)
+    assert text.startswith(f"comm.{name} = {value!r}: {needle};") and "dp_replicate" in text and "\n" not in text
