@@ -503,7 +503,9 @@ def validate_model_parallel(cfg: JobConfig, dp: int) -> None:
     shard = dp // p.dp_replicate if p.dp_shard == -1 else p.dp_shard
     # Context-parallel ranks hold the same weights, so they join the data-parallel reduction.
     replicated = shard * p.cp == 1 or p.zero < 2
-    if p.tp > 1 and dp * p.cp > 1 and replicated:
+    # lowbw workers (dp_replicate groups) exchange no gradients: only dp_shard x cp counts then.
+    synced = (shard if cfg.lowbw.method != "none" else dp) * p.cp
+    if p.tp > 1 and synced > 1 and replicated:
         raise ConfigError(
             f"parallel.tp = {p.tp} with replicated data parallelism (parallel.zero = {p.zero}, dp_shard = "
             f"{p.dp_shard}) is not supported; use parallel.zero = 2 or 3 with dp_shard > 1"

@@ -60,9 +60,12 @@ class Exchange:
 
 class OuterLoop:
     def __init__(self, cfg: LowBWConfig, parts: list[nn.Module], sync_group, worker_group, device: torch.device,
-                 injector=None):
+                 injector=None, check_group=None):
         self.cfg, self.parts, self.device = cfg, parts, device
         self.sync_group, self.worker_group = sync_group, worker_group
+        # The hash check runs on the main thread while the next exchange may be in flight on
+        # sync_group, so it needs a group of its own (same ranks).
+        self.check_group = check_group if check_group is not None else sync_group
         self.injector = injector
         self.count = cfg.fragments if cfg.method == "streaming" else 1
         self.H = cfg.inner_steps
@@ -201,11 +204,11 @@ class OuterLoop:
     def _check(self, fragment: int, step: int) -> None:
         digest = zlib.crc32(self.global_w[fragment].numpy().tobytes())
         mine = torch.tensor([digest], dtype=torch.int64)
-        everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(self.sync_group))] \
-            if self.sync_group is not None else [mine]
-        if self.sync_group is not None:
+        everyone = [mine]
+        if self.check_group is not None:
+            everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(self.check_group))]
             with comm.paused():
-                dist.all_gather(everyone, mine, group=self.sync_group)
+                dist.all_gather(everyone, mine, group=self.check_group)
         if len({int(d) for d in everyone}) > 1:
             raise WorkerDivergence(
                 f"step {step}: the workers' global weights of fragment {fragment} differ after the outer sync "
@@ -252,6 +255,8 @@ def build_outer_loop(cfg: LowBWConfig, parts: list[nn.Module], dims, device: tor
     if cfg.method == "none":
         return None
     sync, worker = dims.worker_groups()
+    check = None
     if sync is not None:
         comm.register_group(sync, "dp_replicate")  # counted (and emulated) as the workers' link
-    return OuterLoop(cfg, parts, sync, worker, device, injector)
+        check = dims.mesh["dp_replicate"].get_group()
+    return OuterLoop(cfg, parts, sync, worker, device, injector, check)

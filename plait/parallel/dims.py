@@ -173,7 +173,7 @@ class ParallelDims:
     def worker_groups(self) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
         """(sync group, worker group) for lowbw: the ranks holding the same pieces in every
         worker (a new group, so background exchanges never interleave with the step's
-        collectives), and the ranks of this rank's worker (None when it is one rank).
+        collectives), and the ranks of this rank's worker (its checkpoints, its norms).
         Collective: every rank calls it."""
         if self.mesh is None:
             return None, None
@@ -182,7 +182,7 @@ class ParallelDims:
         across = ranks.movedim(replicate, -1).reshape(-1, self.dp_replicate).tolist()
         within = ranks.movedim(replicate, 0).reshape(self.dp_replicate, -1).tolist()
         sync, _ = dist.new_subgroups_by_enumeration(across)
-        worker = dist.new_subgroups_by_enumeration(within)[0] if len(within[0]) > 1 else None
+        worker, _ = dist.new_subgroups_by_enumeration(within)
         return sync, worker
 
     def shard_group(self) -> dist.ProcessGroup:

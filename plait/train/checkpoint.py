@@ -170,8 +170,13 @@ def save_checkpoint(
     cfg: JobConfig,
     tokenizer: Any,
     keep: int,
+    worker: tuple[str, Any] | None = None,
 ) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    ``worker = (name, group)``: lowbw workers hold different weights and optimizer states,
+    so each worker writes its own DCP checkpoint into the subfolder ``name`` over its own
+    process group (DCP would otherwise keep one copy of what looks replicated)."""
     root = checkpoint_root(run_dir)
     name = f"step_{step:06d}"
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
@@ -181,7 +186,8 @@ def save_checkpoint(
         os.makedirs(os.path.join(tmp, "state"))
     _barrier()
     model_sd, optim_sd = _state_dicts(merged_view(parts), optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    folder, group = (os.path.join(tmp, worker[0]), worker[1]) if worker else (tmp, None)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder, process_group=group)
     torch.save(rank_state, os.path.join(tmp, "state", f"rank{rank}.pt"))
     _barrier()
     if rank == 0:
@@ -205,8 +211,10 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def load_checkpoint(folder: str, parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Collective: load model and optimizer shards into the (already parallelized) objects.
+def load_checkpoint(folder: str, parts: list[nn.Module], optimizer: torch.optim.Optimizer,
+                    worker: tuple[str, Any] | None = None) -> dict[str, Any]:
+    """Collective: load model and optimizer shards into the (already parallelized) objects
+    (``worker``: this lowbw worker's subfolder and group, as saved).
 
     Returns this rank's saved state (``step``, ``scheduler``, ``loader``, ``rng``); when the
     world size changed, rank r falls back to rank 0's state (the data position is global).
@@ -215,8 +223,12 @@ def load_checkpoint(folder: str, parts: list[nn.Module], optimizer: torch.optim.
     zero1 = isinstance(optimizer, ZeroRedundancyOptimizer)
     model_sd, optim_sd = _state_dicts(model, optimizer, for_load=True)
     state = {"model": model_sd, "optim": {"state": optim_sd["state"]} if zero1 else optim_sd}
+    shards, group = (os.path.join(folder, worker[0]), worker[1]) if worker else (folder, None)
+    if worker and not os.path.isdir(shards):
+        raise CheckpointError(f"checkpoint '{folder}' has no weights for lowbw worker '{worker[0]}' "
+                              "(saved with another lowbw.method or number of workers)")
     try:
-        dcp.load(state, checkpoint_id=folder)
+        dcp.load(state, checkpoint_id=shards, process_group=group)
     except Exception as exc:  # DCP raises many types for damaged shards
         raise CheckpointError(f"checkpoint '{folder}' cannot be loaded: {str(exc).splitlines()[0]}") from None
     if zero1:

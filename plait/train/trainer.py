@@ -196,7 +196,7 @@ class Trainer:
         folder = ckpt.latest_good_checkpoint(self.cfg.run.dir)
         if folder is None:
             raise CheckpointError(f"--resume: no checkpoint in '{ckpt.checkpoint_root(self.cfg.run.dir)}'")
-        state = ckpt.load_checkpoint(folder, self.parts, self.optimizer)
+        state = ckpt.load_checkpoint(folder, self.parts, self.optimizer, self._worker())
         self.scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # a ZeRO-1 optimizer state carries no lr; the schedule knows it
@@ -291,6 +291,12 @@ class Trainer:
         total = self._reduce(total, over_pp=True, over_workers=True)
         count = float(self._reduce(torch.tensor(float(count), dtype=torch.float64), over_workers=True))
         return float(total) / max(count, 1.0)
+
+    def _worker(self) -> tuple[str, Any] | None:
+        """(checkpoint subfolder, process group) of this rank's lowbw worker; None otherwise."""
+        if self.outer is None or self.outer.worker_group is None:
+            return None
+        return f"worker{self.dims.mesh['dp_replicate'].get_local_rank()}", self.outer.worker_group
 
     def _rank_state(self, step: int) -> dict[str, Any]:
         state = {
@@ -389,7 +395,7 @@ class Trainer:
                 PROGRESS.phase = "checkpoint"
                 result.checkpoint = ckpt.save_checkpoint(
                     cfg.run.dir, step, self.parts, self.optimizer, self._rank_state(step), cfg,
-                    self.data.tokenizer, cfg.checkpoint.keep,
+                    self.data.tokenizer, cfg.checkpoint.keep, self._worker(),
                 )
                 if self.rank == 0:
                     log_event(cfg.run.dir, "checkpoint", rank=0, step=step, detail=os.path.basename(result.checkpoint))

@@ -24,7 +24,8 @@ STEPS = 8
 
 def tiny_model():
     cfg = build_config(values={"model.dim": 32, "model.n_layers": 2, "model.n_heads": 4, "model.ffn_dim": 64,
-                               "model.vocab_size": 40, "model.max_seq_len": 16, "parallel.nproc": 1})
+                               "model.vocab_size": 40, "model.max_seq_len": 16, "train.seq_len": 16, "train.micro_batch": 1,
+                               "parallel.nproc": 1})
     return build_model(cfg.model, "cpu", seed=0)
 
 
@@ -102,9 +103,11 @@ def worker(workdir: str) -> dict:
         out[name] = {"losses": result.losses, "norms": result.grad_norms}
         if rank == 0:
             out[name]["metrics"] = read_metrics(cfg.run.dir)
-    # resume in the middle of a streaming run with an exchange in flight at the checkpoint
+    # resume in the middle of a streaming run with an exchange in flight at the checkpoint:
+    # two workers of FSDP over 2 ranks each, int8 outer gradients with error feedback
     name = "streaming_resume"
-    values = {**common, **runs["streaming4"], "checkpoint.every": 3, "checkpoint.keep": 5}
+    values = {**common, **runs["streaming4"], "parallel.dp_replicate": 2, "parallel.dp_shard": 2,
+              "lowbw.quantize": "int8", "lowbw.error_feedback": True, "checkpoint.every": 3, "checkpoint.keep": 5}
     full = run_training(job(workdir, name, **values)).losses
     if rank == 0:
         roll_back(os.path.join(workdir, "runs", name), 3)
@@ -131,7 +134,7 @@ def test_two_worker_outer_update_equals_hand_computed(results):
         step = grad + mu * grad  # Nesterov, first step: b = g
         want = start - 0.7 * step
         if kind == "none":
-            assert torch.allclose(rounds["global"], want, rtol=0, atol=1e-7), mu
+            assert torch.allclose(rounds["global"], want, rtol=2.4e-7, atol=1e-8), mu  # a few ulp
         else:  # int8: the error of one 8-bit rounding of each of the two phases
             bound = 0.7 * (1 + mu) * 2 * (start - a).abs().max() / 127
             assert (rounds["global"] - want).abs().max() <= bound

@@ -58,7 +58,8 @@ def test_staleness_penalty_scales_each_tensor_by_its_gap():
 
 def tiny_model(n_layers=4, tie=False):
     cfg = build_config(values={"model.dim": 32, "model.n_layers": n_layers, "model.n_heads": 4, "model.ffn_dim": 64,
-                               "model.vocab_size": 50, "model.max_seq_len": 16, "model.tie_embeddings": tie})
+                               "model.vocab_size": 50, "model.max_seq_len": 16, "model.tie_embeddings": tie,
+                               "train.seq_len": 16, "parallel.nproc": 1})
     return build_model(cfg.model, "cpu", seed=0)
 
 
@@ -88,7 +89,7 @@ def test_streaming_schedule_staggers_fragments():
     launches = {step: loop.launches_at(step) for step in range(1, 17) if loop.launches_at(step)}
     # fragment f is applied at 2(f+1) (+8k): launched tau = 1 step earlier
     assert launches == {1: [0], 3: [1], 5: [2], 7: [3], 9: [0], 11: [1], 13: [2], 15: [3]}
-    loop.cfg, loop.tau = LowBWConfig(method="co2", inner_steps=4), 0
+    loop.cfg, loop.H, loop.tau = LowBWConfig(method="co2", inner_steps=4), 4, 0
     assert [s for s in range(1, 13) if loop.launches_at(s)] == [4, 8, 12]
 
 
@@ -113,10 +114,16 @@ def workdir(tmp_path_factory):
 
 
 def test_one_worker_diloco_with_unit_outer_step_is_plain_training(workdir):
-    """H = 1, outer lr 1, no momentum: the new global weights are the local ones."""
+    """H = 1, outer lr 1, no momentum: the new global weights are the local ones. In float32
+    global − (global − local) is the local weight exactly unless the step changed its sign or
+    more than doubled it (Sterbenz); those few elements differ by one rounding of the outer
+    gradient, so the losses agree to 1e-7 relative (observed 2e-8), not bit for bit."""
     common = {"train.steps": 4, "train.eval_every": 0, "model.n_layers": 2}
     plain = run_training(job(workdir, "plain", **common))
     outer = {"lowbw.method": "diloco", "lowbw.inner_steps": 1, "lowbw.outer_lr": 1.0, "lowbw.outer_momentum": 0.0}
     diloco = run_training(job(workdir, "diloco1", **common, **outer))
-    assert diloco.losses == plain.losses and diloco.grad_norms == plain.grad_norms
-    assert diloco.val_losses == plain.val_losses
+    for got, want in ((diloco.losses, plain.losses), (diloco.grad_norms, plain.grad_norms),
+                      (diloco.val_losses, plain.val_losses)):
+        assert got.keys() == want.keys()
+        assert all(got[k] == pytest.approx(want[k], rel=1e-7) for k in want)
+    assert diloco.losses[1] == plain.losses[1]
