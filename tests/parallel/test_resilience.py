@@ -114,3 +114,18 @@ def test_nan_skip_policy_reports_and_carries_on(workdir, clean):
     assert "restart" not in [e["kind"] for e in events]
     assert losses[3] == clean[3] and losses[4] != losses[4]  # NaN at step 4: the update was skipped
     assert sorted(losses) == list(range(1, STEPS + 1))
+
+
+def test_worker_crash_during_an_outer_sync_restarts_cleanly(workdir):
+    """DiLoCo over 4 single-rank workers: rank 1 dies while the outer exchange after step 4
+    is in flight (the others are inside it), before the step-4 checkpoint. The crash is named,
+    the job restarts from the step-2 checkpoint, and the loss curve is the fault-free one."""
+    diloco = {"parallel.dp_replicate": 4, "parallel.dp_shard": 1, "lowbw.method": "diloco", "lowbw.inner_steps": 2}
+    clean_losses, _ = run_job(workdir, "diloco_clean", **diloco)
+    losses, events = run_job(workdir, "crash_sync", **diloco, **{"resilience.inject": "crash_sync:rank=1:step=4"})
+    fault = fault_of(events, "crash")
+    assert fault["ranks"] == [1], fault
+    assert fault["time"] - injected_at(workdir, "crash_sync") <= BOUND_S, fault
+    kinds = [e["kind"] for e in events]
+    assert kinds.index("restart") > kinds.index("crash") and "resume" in kinds and kinds[-1] == "done"
+    assert losses == clean_losses
