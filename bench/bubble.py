@@ -6,7 +6,8 @@ idle time the schedule itself causes is its fill and drain. Each configuration r
 warm-up steps and then several measured steps, all configurations in alternating rounds so
 machine noise hits each alike. One torch thread per rank.
 
-    .venv/bin/python bench/bubble.py [--p 2] [--micro 4 8] [--rows 256] [--ffn 4096] [--steps 8] [--out runs/bench_bubble]
+    .venv/bin/python bench/bubble.py [--p 2] [--micro 4 8] [--rows 256] [--ffn 4096] [--steps 8] [--pin]
+                                     [--out runs/bench_bubble]
 
 Columns (medians over the measured steps):
   theory    ``theory_bubble``: (p-1)/(m+p-1) for gpipe and 1f1b, (p-1)/(v*m+p-1) for
@@ -73,16 +74,35 @@ def square_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out - target).pow(2).mean()
 
 
+def physical_cpus() -> list[int]:
+    """One logical CPU per physical core (the lowest-numbered hyperthread of each), from
+    Linux's sysfs topology; every allowed CPU when the topology cannot be read."""
+    allowed = sorted(os.sched_getaffinity(0))
+    first: dict[tuple[str, str], int] = {}
+    try:
+        for cpu in allowed:
+            topo = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+            with open(f"{topo}/physical_package_id") as fh, open(f"{topo}/core_id") as gh:
+                first.setdefault((fh.read().strip(), gh.read().strip()), cpu)
+    except OSError:
+        return allowed
+    return sorted(first.values())
+
+
 def run_rank(configs: list[tuple[str, int, int]], hidden: int, ffn: int, rows: int, blocks: int,
-             warmup: int, steps: int) -> list[dict]:
+             warmup: int, steps: int, pin: bool = False) -> list[dict]:
     """Inside a spawned rank: build every configuration, then run them in alternating rounds
     (one step of each per round) so that machine noise hits all of them alike. Returns, on
-    rank 0, one measurement dict per configuration (None elsewhere)."""
+    rank 0, one measurement dict per configuration (None elsewhere). ``pin``: run on a
+    physical core of its own (two hyperthreads of one core run each other's work slower)."""
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining import schedules as pp_schedules
 
     torch.set_num_threads(1)
     rank, p = dist.get_rank(), dist.get_world_size()
+    if pin:
+        cores = physical_cpus()
+        os.sched_setaffinity(0, {cores[(rank + 1) % len(cores)]})  # core 0 left to the OS and the parent
     device = torch.device("cpu")
     runs = []
     for schedule, m, v in configs:
@@ -168,11 +188,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
     parser.add_argument("--out", default=os.path.join("runs", "bench_bubble"), help="folder for the Gantt PNGs")
+    parser.add_argument("--pin", action="store_true", help="pin each rank to a physical core of its own")
     args = parser.parse_args()
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), flush=True)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, 1 torch thread per rank, gloo; "
           f"model {args.blocks} blocks of hidden {args.hidden} (ffn {args.ffn}), "
-          f"{args.rows} rows per micro-batch; median of {args.steps} steps after {args.warmup} warm-up", flush=True)
+          f"{args.rows} rows per micro-batch; median of {args.steps} steps after {args.warmup} warm-up"
+          + (f"; ranks pinned to physical cores {physical_cpus()[1:max(args.p) + 1]}" if args.pin else ""), flush=True)
     print("load average (1, 5, 15 min) at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
     os.makedirs(args.out, exist_ok=True)
     header = (f"{'schedule':<17} {'p':>2} {'m':>2} {'v':>2} {'F ms':>5} {'B ms':>5} {'theory':>6} "
@@ -187,7 +209,8 @@ def main() -> None:
                 raise SystemExit(f"--blocks {args.blocks} is not a multiple of p*v = {p * v}")
             configs += [(schedule, m, v) for m in args.micro]
         busy0, ours0, wall0 = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
-        results = spawn(run_rank, p, (configs, args.hidden, args.ffn, args.rows, args.blocks, args.warmup, args.steps))[0]
+        results = spawn(run_rank, p, (configs, args.hidden, args.ffn, args.rows, args.blocks, args.warmup, args.steps,
+                                      args.pin))[0]
         others = (_machine_busy_s() - busy0 - (_own_cpu_s() - ours0)) / (time.perf_counter() - wall0)
         print(f"p = {p}: other processes on the machine used about {max(0.0, others):.2f} of "
               f"{os.cpu_count()} cores during the run")
