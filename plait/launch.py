@@ -179,16 +179,7 @@ def launch_training(cfg: JobConfig):
     from plait.train.trainer import run_training
 
     if under_torchrun():
-        # Every rank checks the config and checkpoint; the data is prepared by rank 0 inside
-        # the trainer while the others wait, so no two ranks write the same cache file.
-        world = int(os.environ["WORLD_SIZE"])
-        preflight(cfg, world, prepare=False)
-        if not dist.is_initialized():
-            dist.init_process_group(pick_backend(cfg))
-        try:
-            return run_training(cfg)
-        finally:
-            dist.destroy_process_group()
+        return _train_under_torchrun(cfg)
     cfg = preflight(cfg, cfg.parallel.nproc)
     if cfg.parallel.nproc == 1:
         return run_training(cfg)
@@ -197,3 +188,51 @@ def launch_training(cfg: JobConfig):
 
         return supervise(run_training, cfg, pick_backend(cfg))[0]
     return spawn(run_training, cfg.parallel.nproc, (cfg,), pick_backend(cfg))[0]
+
+
+def _train_under_torchrun(cfg: JobConfig):
+    """One torchrun worker. Every rank checks the config and checkpoint; the data is prepared
+    by rank 0 inside the trainer while the others wait, so no two ranks write the same cache
+    file. After a torchrun restart the job resumes from its last good checkpoint, and plait's
+    monitor (plait/resilience/agent.py) watches every attempt."""
+    import dataclasses
+
+    from plait.resilience.agent import finish_torchrun, join_torchrun, torchrun_attempt
+    from plait.resilience.events import log_event
+    from plait.resilience.watchdog import monitor_store
+    from plait.train import checkpoint as ckpt
+    from plait.train.trainer import run_training
+
+    world, rank, restart = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), torchrun_attempt()
+    if restart > 0 and ckpt.latest_good_checkpoint(cfg.run.dir) is not None:
+        cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=True))
+    preflight(cfg, world, prepare=False)
+    if rank == 0 and restart > 0:
+        where = "its last good checkpoint" if cfg.checkpoint.resume else "the start (no checkpoint yet)"
+        log_event(cfg.run.dir, "restart", rank=0, detail=f"torchrun restart {restart}, from {where}")
+    monitor = join_torchrun(cfg.resilience, cfg.run.dir)
+    if not dist.is_initialized():
+        dist.init_process_group(pick_backend(cfg), **_attempt_store(restart, rank, world))
+    try:
+        result = run_training(cfg)
+        dist.barrier()
+        if rank == 0 and cfg.resilience.watch:
+            log_event(cfg.run.dir, "done", rank=0, detail=f"torchrun attempt {restart}")
+            finish_torchrun(monitor_store(), monitor)
+        return result
+    finally:
+        dist.destroy_process_group()
+
+
+def _attempt_store(restart: int, rank: int, world: int) -> dict[str, Any]:
+    """init_process_group arguments that keep torchrun restarts apart. torchrun's agent store
+    lives for the whole job at the same address, so after a restart the new workers would
+    read the previous attempt's gloo addresses and fail to connect; a prefix per restart
+    avoids that. Empty when the store is not torchrun's agent store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    from datetime import timedelta
+
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                           timeout=timedelta(minutes=5))
+    return {"store": dist.PrefixStore(f"plait/pg/{restart}/", client), "rank": rank, "world_size": world}

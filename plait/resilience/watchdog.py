@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from plait.parallel import comm
 
 MONITOR_ENV = "PLAIT_MONITOR_ADDR"
 ATTEMPT_ENV = "PLAIT_ATTEMPT"
+PREFIX_ENV = "PLAIT_MONITOR_PREFIX"  # under torchrun: this restart's keys in torchrun's store
+ABORT_EXIT = 75  # a rank ended by the monitor's abort (plait/resilience/agent.py)
 
 
 @dataclass
@@ -57,7 +60,9 @@ def monitor_store(timeout_s: float = 30.0) -> dist.TCPStore | None:
     if not address:
         return None
     host, port = address.rsplit(":", 1)
-    return dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
+    store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
+    prefix = os.environ.get(PREFIX_ENV)
+    return dist.PrefixStore(prefix, store) if prefix else store
 
 
 def attempt() -> int:
@@ -90,8 +95,13 @@ class Watchdog(threading.Thread):
         while not self._stop_event.is_set():
             try:
                 self.beat()
+                aborted = self.store.check(["abort"])
             except Exception:  # the supervisor went away: nothing left to report to
                 return
+            if aborted:  # the torchrun monitor stops the job: end now, even mid-collective
+                print(f"plait: rank {self.rank}: stopped by the monitor (fault elsewhere); torchrun restarts the job",
+                      file=sys.stderr, flush=True)
+                os._exit(ABORT_EXIT)
             self._stop_event.wait(self.interval_s)
 
     def stop(self) -> None:

@@ -129,3 +129,37 @@ def test_worker_crash_during_an_outer_sync_restarts_cleanly(workdir):
     kinds = [e["kind"] for e in events]
     assert kinds.index("restart") > kinds.index("crash") and "resume" in kinds and kinds[-1] == "done"
     assert losses == clean_losses
+
+
+def test_torchrun_hang_is_named_stopped_and_resumed(workdir, clean):
+    """Under torchrun, a rank that hangs outside any collective would keep the others waiting
+    for the process-group timeout (30 min on gloo). plait's monitor, started by rank 0,
+    names it within the bound and stops the job; torchrun restarts the workers and they
+    resume from the last good checkpoint, finishing with the fault-free loss curve."""
+    import subprocess
+    import sys
+
+    from plait.config import to_toml
+
+    name = "torchrun_hang"
+    common = {"parallel.nproc": 4, "model.n_layers": 2, "train.steps": STEPS, "train.eval_every": 0,
+              "checkpoint.every": 2, "checkpoint.keep": 5, "resilience.inject": "hang:rank=2:step=5"}
+    cfg = job(workdir, name, **common)
+    path = os.path.join(workdir, f"{name}.toml")
+    with open(path, "w") as fh:
+        fh.write(to_toml(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+         "--max-restarts", "1", "-m", "plait", "train", path],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = read_events(cfg.run.dir)
+    fault = fault_of(events, "hang")
+    assert fault["ranks"] == [2] and fault["agent"] == "torchrun", fault
+    assert fault["time"] - injected_at(workdir, name) <= BOUND_S, fault
+    kinds = [e["kind"] for e in events]
+    assert kinds.index("restart") > kinds.index("hang") and "resume" in kinds and kinds[-1] == "done"
+    with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh if '"loss"' in line]
+    assert {r["step"]: r["loss"] for r in rows} == clean
