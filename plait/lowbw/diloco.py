@@ -72,7 +72,7 @@ class OuterLoop:
         self.tau = cfg.overlap_steps if cfg.method == "streaming" else 0
         self.mix = cfg.mix if cfg.method == "streaming" else 0.0
         fragments = self.fragments()
-        self.global_w = [f.read().cpu() for f in fragments]  # the outer weights, float32, CPU
+        self.global_w = [f.read() for f in fragments]  # the outer weights: float32, in CPU memory
         self.momentum = [torch.zeros_like(g) for g in self.global_w]
         self.residual = [torch.zeros_like(g, device=device) for g in self.global_w] if cfg.error_feedback else None
         self.anchor = [g.clone() for g in self.global_w] if cfg.method == "co2" else None
@@ -123,8 +123,7 @@ class OuterLoop:
     # ---- exchanges --------------------------------------------------------------------------
 
     def _outer_gradient(self, fragment: int, reference: torch.Tensor) -> torch.Tensor:
-        local = self.fragments()[fragment].read().to(self.device)
-        return reference.to(self.device) - local
+        return (reference - self.fragments()[fragment].read()).to(self.device)
 
     def _launch(self, fragment: int, step: int, apply: int, grad: torch.Tensor | None = None) -> Exchange:
         if grad is None:

@@ -44,10 +44,11 @@ class Fragment:
 
     @torch.no_grad()
     def read(self) -> torch.Tensor:
-        """The fragment's current local weights as one flat float32 vector (a copy)."""
+        """The fragment's current local weights as one flat float32 vector in CPU memory (a
+        copy: the outer state lives there)."""
         if not self.views:
             return torch.zeros(0)
-        return torch.cat([v.reshape(-1).float() for v in self.views])
+        return torch.cat([v.detach().reshape(-1).float().cpu() for v in self.views])
 
     @torch.no_grad()
     def write(self, flat: torch.Tensor) -> None:

@@ -127,3 +127,28 @@ def test_one_worker_diloco_with_unit_outer_step_is_plain_training(workdir):
         assert got.keys() == want.keys()
         assert all(got[k] == pytest.approx(want[k], rel=1e-7) for k in want)
     assert diloco.losses[1] == plain.losses[1]
+
+
+@pytest.mark.parametrize("method", ["diloco", "streaming", "co2"])
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_outer_loop_on_cuda_keeps_outer_state_in_cpu_memory(method):
+    """Weights and the quantized exchange on the GPU, the outer state in CPU memory."""
+    device = torch.device("cuda")
+    model = tiny_model(4).to(device)
+    cfg = LowBWConfig(method=method, inner_steps=2, fragments=2, quantize="int4", error_feedback=True,
+                      outer_momentum=0.0, outer_lr=1.0)
+    loop = OuterLoop(cfg, [model], None, None, device)
+    start = [g.clone() for g in loop.global_w]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    for step in (1, 2, 3, 4):
+        loop.after_step(step)
+    loop.finish(4)
+    loop.close()
+    assert all(g.device.type == "cpu" for g in loop.global_w) and loop.residual[0].device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    moved = [(g - s).abs().max() for g, s in zip(loop.global_w, start)]
+    assert all(0.005 < m < 0.02 for m in moved), moved  # the +0.01 arrived, through int4
+    after = split_fragments([model], loop.count)
+    assert all(torch.equal(f.read(), g) for f, g in zip(after, loop.global_w)) or method == "streaming"
