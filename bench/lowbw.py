@@ -11,7 +11,8 @@ DDP's total bytes to the run's, and wall time. A PNG of validation loss against 
 to ``--out``.
 
     PYTHONPATH=. .venv/bin/python bench/lowbw.py [--steps 400] [--link-mbit 100] [--out runs/bench_lowbw]
-    PYTHONPATH=. .venv/bin/python bench/lowbw.py --smoke   # a few steps, tiny model (the tests)
+    PYTHONPATH=. .venv/bin/python bench/lowbw.py --smoke   # a few steps, tiny model
+    PYTHONPATH=. .venv/bin/python bench/lowbw.py --sweep   # where DiLoCo's gap to DDP comes from
 It uses every core: run it alone.
 """
 
@@ -28,6 +29,20 @@ from plait.launch import preflight, spawn
 from plait.train.trainer import run_training
 
 RANKS = 4
+
+
+def sweep_runs() -> list[tuple[str, dict]]:
+    """``--sweep``: where DiLoCo's gap to DDP comes from at this scale (sync period, outer
+    optimizer, inner lr), without quantization, link emulation off."""
+    avg = {"lowbw.method": "diloco", "lowbw.outer_lr": 1.0, "lowbw.outer_momentum": 0.0}
+    return [
+        ("ddp", {}),
+        ("ddp lr 6e-3", {"train.lr": 6e-3}),
+        ("average every step (H=1)", {**avg, "lowbw.inner_steps": 1, "lowbw.check_sync": False}),
+        ("average H=16", {**avg, "lowbw.inner_steps": 16}),
+        ("diloco H=50 lr 1.5e-3", {"lowbw.method": "diloco", "lowbw.inner_steps": 50, "train.lr": 1.5e-3}),
+        ("diloco H=50 lr 6e-3", {"lowbw.method": "diloco", "lowbw.inner_steps": 50, "train.lr": 6e-3}),
+    ]
 
 
 def runs(full: bool) -> list[tuple[str, dict]]:
@@ -114,13 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=10.0, help="emulated latency per collective")
     parser.add_argument("--only", nargs="*", help="run only the labels starting with these")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 4 steps, two methods")
+    parser.add_argument("--sweep", action="store_true", help="the gap analysis (sync period, outer optimizer, lr)")
     parser.add_argument("--out", default="runs/bench_lowbw")
     args = parser.parse_args(argv)
     args.steps = args.steps or (4 if args.smoke else 400)
     args.eval_every = args.eval_every or max(args.steps // 8, 1)
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, dict] = {}
-    for label, values in runs(not args.smoke):
+    if args.sweep:
+        args.link_mbit, args.latency_ms = 1e6, 0.0  # losses only: no emulated link
+    for label, values in (sweep_runs() if args.sweep else runs(not args.smoke)):
         if args.only and label != "ddp" and not any(label.startswith(o) for o in args.only):
             continue
         run_dir = os.path.join(args.out, label.replace(" ", "_").replace("=", "").replace("+", ""))
