@@ -107,8 +107,9 @@ def plot(results: dict[str, dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, r in results.items():
-        xs = [max(b, 1) for b, _ in r["curve"]]
-        ax.plot(xs, [v for _, v in r["curve"]], marker=".", label=label, linewidth=2 if label == "ddp" else 1)
+        points = [(b, v) for b, v in r["curve"] if b > 0]  # a log axis has no place for 0 bytes
+        ax.plot([b for b, _ in points], [v for _, v in points], marker=".", label=label,
+                linewidth=2 if label == "ddp" else 1)
     ax.set_xscale("log")
     ax.set_xlabel("bytes sent by one rank")
     ax.set_ylabel("validation loss")
