@@ -141,6 +141,11 @@ CASES = {
                            ["comm.emulate_bandwidth = 'x=abc'", "unknown mesh dim 'x'", "dp_replicate"]),
     "bad_link_latency": (["train", "--comm.emulate_latency", "dp=-1"], ["comm.emulate_latency = 'dp=-1'", ">= 0"]),
     "bad_nan_policy": (["train", "--resilience.on_nan", "ignore"], ["resilience.on_nan", "'rollback'"]),
+    "bad_lowbw_method": (["train", "--lowbw.method", "gossip"], ["lowbw.method", "'diloco'", "'streaming'"]),
+    "bad_lowbw_mix": (["train", "--lowbw.mix", "1.5"], ["lowbw.mix", "1.5"]),
+    "bad_lowbw_quantize": (["train", "--lowbw.quantize", "int2"], ["lowbw.quantize", "'int4'"]),
+    "lowbw_steps_not_multiple": (["train", "--lowbw.method", "diloco", "--lowbw.inner_steps", "7"],
+                                 ["train.steps", "multiple of lowbw.inner_steps = 7"]),
     "generate_missing_checkpoint": (["generate", "/nope/ckpt"], ["/nope/ckpt", "does not exist"]),
     "convert_missing_source": (["convert", "/nope/src", "/tmp/plait-never-written"], ["/nope/src"]),
 }

@@ -152,3 +152,22 @@ def test_outer_loop_on_cuda_keeps_outer_state_in_cpu_memory(method):
     assert all(0.005 < m < 0.02 for m in moved), moved  # the +0.01 arrived, through int4
     after = split_fragments([model], loop.count)
     assert all(torch.equal(f.read(), g) for f, g in zip(after, loop.global_w)) or method == "streaming"
+
+
+def test_streaming_mix_keeps_part_of_the_local_fragment():
+    """One worker moved every weight by 0.01; outer lr 0.5 moves the global weights by 0.005.
+    alpha = 0 replaces the local fragment by the global one; alpha = 0.5 lands halfway."""
+    landed = {}
+    for mix in (0.0, 0.5):
+        model = tiny_model(2)
+        cfg = LowBWConfig(method="streaming", inner_steps=2, fragments=2, mix=mix, outer_lr=0.5, outer_momentum=0.0)
+        loop = OuterLoop(cfg, [model], None, None, torch.device("cpu"))
+        start = loop.global_w[0].clone()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        loop.after_step(1)  # fragment 0 syncs after step 1 (H/P = 1)
+        loop.close()
+        landed[mix] = split_fragments([model], 2)[0].read() - start
+    assert torch.allclose(landed[0.0], torch.full_like(landed[0.0], 0.005), atol=1e-6)
+    assert torch.allclose(landed[0.5], torch.full_like(landed[0.5], 0.0075), atol=1e-6)
