@@ -168,8 +168,9 @@ class OuterLoop:
         f = exchange.fragment
         mean = self._wait(exchange, step)
         cfg = self.cfg
+        fragment = self.fragments()[f]
         if cfg.method == "co2" and cfg.co2_penalty > 0:
-            sizes = [s.numel() for s in self.fragments()[f].shapes]
+            sizes = [s.numel() for s in fragment.shapes]
             gap = self.global_w[f] - exchange.reference
             mean = mean * staleness_scales(mean, gap, sizes, cfg.co2_penalty)
         clip = cfg.co2_clip if cfg.method == "co2" else 0.0
@@ -177,7 +178,6 @@ class OuterLoop:
                    clip, self._sq_sum)
         if cfg.check_sync:
             self._check(f, step)
-        fragment = self.fragments()[f]
         new = self.global_w[f]
         if cfg.method == "co2":
             if exchange.progress is not None:  # the worker's own progress (anchor − local) on top
