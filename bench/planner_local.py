@@ -88,7 +88,10 @@ def measured_step_s(values: dict, steps: int) -> float:
 def predicted(vocab: int, tp: int, pp: int, cp: int, zero: int, mbs: int, recompute: str, schedule: str):
     model = PlanModel(n_layers=MODEL["model.n_layers"], dim=MODEL["model.dim"], n_heads=MODEL["model.n_heads"],
                       ffn_dim=MODEL["model.ffn_dim"], vocab_size=vocab)
-    train = PlanTrain(global_batch=TRAIN["train.global_batch"], seq_len=TRAIN["train.seq_len"], dtype="fp32")
+    # plait's blocks run eagerly (no train.compile); its ring attention computes each chunk pair's
+    # scores explicitly, where the other layouts call the fused attention kernel.
+    train = PlanTrain(global_batch=TRAIN["train.global_batch"], seq_len=TRAIN["train.seq_len"], dtype="fp32",
+                      kernels="eager", attention="eager" if cp > 1 else "flash")
     cluster = build_cluster(PlanCluster(gpu="cpu", gpus=RANKS, gpus_per_node=RANKS))
     dp = RANKS // (tp * pp * cp)
     return estimate(model, train, cluster, Layout(tp, pp, 1, dp, cp, 1, mbs, zero, recompute, schedule))

@@ -46,7 +46,8 @@ def plan_inputs(cfg: JobConfig, world: int) -> tuple[PlanModel, PlanTrain, PlanC
                       moe_experts=m.moe_experts, moe_top_k=m.moe_top_k, moe_ffn_dim=m.moe_ffn_dim,
                       moe_shared_ffn_dim=m.moe_shared_ffn_dim)
     train = PlanTrain(global_batch=t.global_batch, seq_len=t.seq_len, dtype="bf16" if t.dtype == "bf16" else "fp32",
-                      cp_mode="ulysses" if cfg.parallel.cp_mode == "ulysses" else "ring")
+                      cp_mode="ulysses" if cfg.parallel.cp_mode == "ulysses" else "ring",
+                      kernels="fused" if t.compile else "eager")
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cluster = PlanCluster(gpu=catalog_gpu(cfg), gpus=world, gpus_per_node=per_node)
     return model, train, cluster

@@ -1,6 +1,16 @@
-"""Measure this machine for the planner's ``cpu`` entry: matmul FLOP/s by GEMM size, memory
-bandwidth, and gloo all-reduce bandwidth and latency, all with N local ranks running at once
-(they share the cores, as the ranks of ``plait train`` do).
+"""Measure this machine for the planner's ``cpu`` entry, with N local ranks running at once
+(they share the cores, as the ranks of ``plait train`` do):
+
+- matmul FLOP/s by GEMM size, and memory bandwidth;
+- flash attention's FLOP rate (``F.scaled_dot_product_attention``, forward and backward) as a
+  fraction of a GEMM's at its head dimension;
+- the host time per operator: a tiny plait Llama trained eagerly, where compute is nothing and
+  the time is the dispatch of its operators (block minus block, over OPS_PER_BLOCK), and the
+  same model under plait's tensor-parallel plan on a one-rank mesh (DTensor dispatch, no
+  traffic), over DTENSOR_OPS_PER_BLOCK;
+- gloo all-reduce bandwidth (back to back), and its latency while the ranks compute between
+  collectives, as training does: on ranks that share cores a collective waits until every
+  member is scheduled, which costs far more than the loopback round trip.
 
 The fits are the cost model's own forms: achieved FLOP/s = peak x d / (d + half_dim) on a GEMM's
 smallest dimension d, and all-reduce time = 2(n-1) x latency + 2(n-1)/n x bytes /
@@ -44,6 +54,97 @@ def _sustained_rate(fn, work: float, window_s: float = 0.4) -> float:
     return calls * work / (time.perf_counter() - begin)
 
 
+ATTENTION_SHAPE = (4, 8, 256, 32)  # batch, heads, sequence, head dimension
+TINY_MODEL = {"model.dim": 16, "model.n_heads": 2, "model.ffn_dim": 32, "model.vocab_size": 64,
+              "model.max_seq_len": 8, "train.seq_len": 8,
+              "train.micro_batch": 1, "train.global_batch": 64}
+
+
+def attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> float:
+    """FLOPs the cost model counts for causal flash attention, forward (two GEMMs over the
+    unmasked half) and backward (2.5x)."""
+    return 3.5 * 2 * 2 * batch * heads * seq * (seq / 2) * head_dim
+
+
+def _fixed_loop(fn, iterations: int) -> float:
+    """Mean seconds of ``fn()`` over a fixed count (collectives need the same count everywhere)."""
+    import torch.distributed as dist
+
+    fn()
+    dist.barrier()
+    begin = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    return (time.perf_counter() - begin) / iterations
+
+
+def _tiny_step_s(layers: int, tp_mesh=None) -> float:
+    """Seconds of one forward + backward of a tiny plait Llama with ``layers`` blocks (eager;
+    under tensor parallelism on ``tp_mesh`` if given). Its compute is negligible: this is host time."""
+    import contextlib
+
+    import torch
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from plait.config import build_config
+    from plait.models.llama import Llama
+    from plait.train.loss import token_loss_sum
+
+    cfg = build_config(values={**TINY_MODEL, "model.n_layers": layers})
+    model = Llama(cfg.model)
+    context = contextlib.nullcontext
+    if tp_mesh is not None:
+        from plait.parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, tp_mesh)
+        context = loss_parallel
+    ids = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len))
+
+    def step():
+        with context():
+            token_loss_sum(model(ids), ids).backward()
+
+    return _sustained_rate(step, 1.0, window_s=0.5) ** -1
+
+
+def _host_costs() -> dict:
+    """Per-operator host seconds, eager and DTensor (see the module docstring)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from plait.plan.flops import DTENSOR_OPS_PER_BLOCK, OPS_PER_BLOCK
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    own = None
+    for r in range(world):  # every rank takes part in creating every group
+        group = dist.new_group([r])
+        own = group if r == rank else own
+    mesh = DeviceMesh.from_group(own, "cpu")
+    eager_block = (_tiny_step_s(3) - _tiny_step_s(1)) / 2
+    tp_block = (_tiny_step_s(3, mesh) - _tiny_step_s(1, mesh)) / 2
+    return {"op_s": max(eager_block, 0.0) / sum(OPS_PER_BLOCK["eager"]),
+            "dtensor_op_s": max(tp_block - eager_block, 0.0) / DTENSOR_OPS_PER_BLOCK}
+
+
+def _loaded_latency(world: int) -> dict:
+    """Extra seconds of a small all-reduce between compute bursts, over the whole group and over
+    pairs (every pair at once), against the bursts alone."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    burst = lambda: [a @ b for _ in range(4)]  # noqa: E731  (about a millisecond)
+    pairs = [dist.new_group([r, r + 1]) for r in range(0, world - 1, 2)]
+    buf = torch.zeros(16)
+    alone = _fixed_loop(burst, 200)
+    extra = {world: _fixed_loop(lambda: (burst(), dist.all_reduce(buf)), 200) - alone}
+    if world >= 4 and world % 2 == 0:
+        pair = pairs[rank // 2]
+        extra[2] = _fixed_loop(lambda: (burst(), dist.all_reduce(buf, group=pair)), 200) - alone
+    return extra
+
+
 def _measure_rank() -> dict:
     """Runs on every rank at once: matmul and copy rates of this rank, all-reduce times of the group."""
     import torch
@@ -57,12 +158,18 @@ def _measure_rank() -> dict:
     src = torch.randn(8 * 2**20)
     dst = torch.empty_like(src)
     memory_rate = _sustained_rate(lambda: dst.copy_(src), 2 * src.numel() * 4)
+    q, k, v = (torch.randn(*ATTENTION_SHAPE, requires_grad=True) for _ in range(3))
+    attention = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()  # noqa: E731
+    attention_rate = _sustained_rate(attention, attention_flops(*ATTENTION_SHAPE))
+    host = _host_costs()
+    loaded = _loaded_latency(world)
     reduce_s = {}
     for nbytes in ALL_REDUCE_BYTES:
         buf = torch.zeros(nbytes // 4)
         dist.barrier()
         reduce_s[nbytes] = _timed(lambda: dist.all_reduce(buf), 5)
-    return {"rates": rates, "memory_bytes_per_s": memory_rate, "reduce_s": reduce_s, "world": world}
+    return {"rates": rates, "memory_bytes_per_s": memory_rate, "reduce_s": reduce_s, "world": world,
+            "attention_flops": attention_rate, **host, "loaded_s": loaded}
 
 
 def fit_gemm_curve(rates: dict[int, float]) -> tuple[float, float]:
@@ -95,6 +202,23 @@ def fit_profile(results: list[dict]) -> dict:
     fixed, per_byte = _line([float(n) for n in ALL_REDUCE_BYTES], times)
     steps = 2 * (world - 1)
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    latency = max(fixed / steps, 1e-6)
+    if all("loaded_s" in r for r in results):
+        # Latency per ring step under load: least squares over the group sizes measured, never
+        # below the idle round trip.
+        sizes = results[0]["loaded_s"].keys()
+        extra = {n: statistics.fmean(r["loaded_s"][n] for r in results) for n in sizes}
+        ring = {n: 2 * (int(n) - 1) for n in sizes}
+        latency = max(latency, sum(extra[n] * ring[n] for n in sizes) / sum(ring[n] ** 2 for n in sizes))
+    host = {}
+    if all("op_s" in r for r in results):
+        head_dim = ATTENTION_SHAPE[-1]
+        gemm_at_head_dim = peak * head_dim / (head_dim + half_dim)
+        host = {
+            "attention_efficiency": min(1.0, statistics.fmean(r["attention_flops"] for r in results) / gemm_at_head_dim),
+            "op_overhead_s": statistics.fmean(r["op_s"] for r in results),
+            "dtensor_op_s": statistics.fmean(r["dtensor_op_s"] for r in results),
+        }
     return {
         "ranks": world,
         "cores": os.cpu_count() or world,
@@ -103,7 +227,8 @@ def fit_profile(results: list[dict]) -> dict:
         "memory_bytes_per_s": statistics.fmean(r["memory_bytes_per_s"] for r in results),
         "memory_bytes": pages / world,
         "link_bytes_per_s": (steps / world) / per_byte if per_byte > 0 else 1e9,
-        "link_latency_s": max(fixed / steps, 1e-6),
+        "link_latency_s": latency,
+        **host,
         "measured_gemm_flops": {str(d): mean_rate[d] for d in GEMM_DIMS},
         "measured_all_reduce_s": {str(n): t for n, t in zip(ALL_REDUCE_BYTES, times)},
     }
@@ -128,6 +253,8 @@ def calibrate_command(path: str, ranks: int) -> str:
         json.dump(profile, fh, indent=1)
     print(f"calibrated {ranks} local ranks: matmul {profile['matmul_flops'] / 1e9:.1f} GFLOP/s per rank "
           f"(half at d = {profile['gemm_half_dim']:.0f}), memory {profile['memory_bytes_per_s'] / 1e9:.1f} GB/s, "
+          f"attention at {profile['attention_efficiency']:.2f} of a GEMM, {profile['op_overhead_s'] * 1e6:.1f} us "
+          f"per operator (+{profile['dtensor_op_s'] * 1e6:.0f} us on a DTensor), "
           f"gloo {profile['link_bytes_per_s'] / 1e9:.2f} GB/s with {profile['link_latency_s'] * 1e6:.0f} us latency "
-          f"-> {path}")
+          f"under load -> {path}")
     return path

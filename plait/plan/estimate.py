@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from plait.plan import comm
 from plait.plan.flops import (
-    DTYPE_BYTES, block_cost, head_cost, model_flops_per_step, optimizer_seconds, tokens_per_gpu,
+    DTYPE_BYTES, PARAM_TENSORS_PER_BLOCK, block_cost, head_cost, model_flops_per_step, optimizer_seconds, tokens_per_gpu,
 )
 from plait.plan.hardware import Cluster
 from plait.plan.layout import Layout
@@ -78,7 +78,8 @@ def _per_block_comm(model: PlanModel, train: PlanTrain, layout: Layout, cluster:
         if train.cp_mode == "ring":
             kv_block = e * rows * 2 * model.kv_dim / layout.tp
             step = comm.point_to_point(cluster, layout.cp, strides.cp, kv_block)
-            cp = max(0.0, (layout.cp - 1) * step - core_s)  # hidden behind the block being computed
+            hidden = core_s if cluster.gpu.core_share >= 1.0 else 0.0  # see _exposed_dp
+            cp = max(0.0, (layout.cp - 1) * step - hidden)  # hidden behind the block being computed
         else:
             qkvo = e * rows * (2 * model.dim + 2 * model.kv_dim) / layout.tp
             cp = comm.all_to_all(cluster, layout.cp, strides.cp, qkvo)
@@ -128,7 +129,8 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
     shared, experts = stage_params(model, layout, first=True, last=layout.pp == 1)
     exposed["dp"] = _exposed_dp(train, layout, cluster, shared, experts, m, compute_fwd, compute_bwd, layers)
     shards = layout.dp * layout.cp if layout.zero >= 1 else 1
-    optimizer = optimizer_seconds(shared / shards + experts / max(1, shards // layout.ep), gpu)
+    optimizer = optimizer_seconds(shared / shards + experts / max(1, shards // layout.ep), gpu, train,
+                                  layers * PARAM_TENSORS_PER_BLOCK + 3, layout.tp)
 
     step = compute + bubble + sum(exposed.values()) + optimizer
     memory = memory_per_gpu(model, train, layout, gpu)
@@ -168,7 +170,9 @@ def _exposed_dp(train: PlanTrain, layout: Layout, cluster: Cluster, shared: floa
     def both(kind: str) -> float:
         return reduce(payload, group, kind) + reduce(expert_payload, expert_group, kind)
 
-    overlap = train.overlap_grad_reduce
+    # Ranks that share cores pay for communication with the cores they compute on (loopback
+    # copies, the collective's own thread): nothing is hidden.
+    overlap = train.overlap_grad_reduce and cluster.gpu.core_share >= 1.0
     if layout.zero <= 1:
         grads = both("all_reduce")
         return max(grads - bwd_s, grads / layers) if overlap else grads

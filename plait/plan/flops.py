@@ -6,6 +6,10 @@ layer with its loss (``head_cost``). A GEMM of shape (m, n, k) does 2mnk FLOPs a
 ``peak x gemm_efficiency x d / (d + gemm_half_dim)`` with d its smallest dimension: small
 per-GPU matrices (high TP, short micro-batches, head_dim-sized attention) fill fewer tiles and run
 below peak. It never runs faster than reading its operands from memory (the roofline).
+
+Every operator also costs host time to issue (``GpuSpec.op_overhead_s``, and ``dtensor_op_s``
+more on tensor-parallel DTensors when run eagerly; a compiled graph traces through DTensor). A GPU's host runs ahead of the device, so a block takes the
+longer of the two; a CPU rank does both on one thread, so they add.
 """
 
 from __future__ import annotations
@@ -17,6 +21,27 @@ from plait.plan.layout import Layout
 from plait.plan.spec import PlanModel, PlanTrain
 
 DTYPE_BYTES = {"bf16": 2, "fp8": 2, "fp32": 4}  # fp8 GEMMs still keep bf16 activations between kernels
+
+# Operators per transformer block, (forward, backward), counted on plait's Llama block with a
+# dispatch mode (tests/unit/test_plan_ops.py keeps the eager count true): eager runs every norm,
+# rotary embedding and activation as several operators; fused kernels (torch.compile, Megatron's
+# fused norm and activation) issue about one per matmul, norm, activation and residual.
+OPS_PER_BLOCK = {"eager": (72, 133), "fused": (16, 32)}
+# Operators of the output layer and loss (and the embedding) per micro-batch, (forward, backward).
+OPS_PER_HEAD = {"eager": (29, 34), "fused": (6, 10)}
+# DTensor operators under plait's tensor-parallel plan (profiled on a one-rank mesh, the same
+# test): per block and micro-batch (forward + backward), per micro-batch for the embedding,
+# output layer and vocabulary-parallel loss, and per parameter tensor for clipping and AdamW.
+DTENSOR_OPS_PER_BLOCK = 140
+DTENSOR_OPS_PER_HEAD = 60
+DTENSOR_OPS_PER_PARAM = 10
+PARAM_TENSORS_PER_BLOCK = 9  # two norms, four attention and three MLP weights
+# Bytes each parameter moves through memory in the optimizer step: a fused AdamW reads and
+# writes weights and both moments, reads the gradient and writes the compute copy (~28); the
+# multi-tensor (foreach) AdamW plait runs on CPUs makes a pass per operation (weight decay,
+# two moment updates, square root, bias corrections, the update: ~80), and gradient clipping
+# reads every gradient and rescales it (12).
+OPTIMIZER_BYTES = {"fused": 28.0, "eager": 92.0}
 
 
 def gemm_efficiency(gpu: GpuSpec, m: float, n: float, k: float) -> float:
@@ -89,41 +114,79 @@ def block_cost(model: PlanModel, train: PlanTrain, layout: Layout, gpu: GpuSpec)
     q_len, k_len, hd = train.seq_len / layout.cp, train.seq_len, model.head_dim
     causal_share = 0.5 if train.attention == "flash" else 1.0
     core = 2 * gemm_seconds(gpu, dt, q_len, k_len * causal_share, hd, sequences * heads)
+    if train.attention == "flash":
+        core /= gpu.attention_efficiency
     scores = sequences * heads * q_len * k_len  # elements of the score matrix on this GPU
     if train.attention == "eager":
         # Scores written and read by softmax, probabilities written and read by the second GEMM.
         core += memory_seconds(gpu, scores * (4 * e + (3 * e + 1 if train.dropout else 0)))
 
-    # Element-wise kernels on the residual stream: two norms (read, write), two residual adds
-    # (two reads, one write), dropout (read, write, 1-byte mask). Without sequence parallelism
-    # every TP rank repeats them on the whole stream.
-    stream = rows * h / (t if train.sequence_parallel else 1)
-    per_element = 2 * 2 * e + 2 * 3 * e + (2 * (2 * e + 1) if train.dropout else 0)
-    elementwise = stream * per_element
-    elementwise += rows * 2 * (h + kv) / t * e  # rotary embedding of q and k (read, write)
-    elementwise += rows * mlp_width / t * e * (3 if model.mlp == "swiglu" else 2)  # activation function
+    elementwise = _elementwise_bytes(model, train, layout, rows, mlp_width)
     forward = gemms + core + memory_seconds(gpu, elementwise)
     # Backward: two GEMMs (input and weight gradients) per forward GEMM; flash attention's backward
     # recomputes the scores, 2.5x its forward; element-wise kernels read more than they write, ~2x.
     core_backward = core * (2.5 if train.attention == "flash" else 2.0)
     backward = 2 * gemms + core_backward + 2 * memory_seconds(gpu, elementwise)
-    return BlockCost(forward, backward, core)
+    ops_fwd, ops_bwd = OPS_PER_BLOCK[train.kernels]
+    host_fwd, host_bwd = ops_fwd * gpu.op_overhead_s, ops_bwd * gpu.op_overhead_s
+    if t > 1 and train.kernels == "eager":  # a third of the DTensor work in forward, the rest in backward, like the operators
+        host_fwd += DTENSOR_OPS_PER_BLOCK / 3 * gpu.dtensor_op_s
+        host_bwd += DTENSOR_OPS_PER_BLOCK * 2 / 3 * gpu.dtensor_op_s
+    return BlockCost(with_host(gpu, forward, host_fwd), with_host(gpu, backward, host_bwd), core)
+
+
+def with_host(gpu: GpuSpec, device_s: float, host_s: float) -> float:
+    """Time of work that takes ``device_s`` on the device and ``host_s`` to issue."""
+    return max(device_s, host_s) if gpu.host_async else device_s + host_s
+
+
+def _elementwise_bytes(model: PlanModel, train: PlanTrain, layout: Layout, rows: int, mlp_width: float) -> float:
+    """Bytes the element-wise work of one block's forward moves on one GPU.
+
+    Fused: each norm reads and writes the stream once, each residual add reads two and writes
+    one, rotary reads and writes q and k, the activation reads its inputs and writes its output.
+    Eager (plait's block op by op, counted on its code): a norm is a square, a mean, a scale and
+    the weight multiply (7 passes); rotary is two multiplies, a negation, a concatenation and an
+    add (10 passes of q and of k); the attention output is copied once to merge heads (2); the
+    SwiGLU activation is SiLU then a multiply (5 passes of the hidden width, GELU 2).
+    Dropout adds a read, a write and a 1-byte mask per use. Without sequence parallelism every
+    TP rank repeats the norms and residuals on the whole stream.
+    """
+    t, e, h, kv = layout.tp, DTYPE_BYTES[train.dtype], model.dim, model.kv_dim
+    stream = rows * h / (t if train.sequence_parallel else 1)
+    gated = model.mlp == "swiglu"
+    if train.kernels == "eager":
+        per_stream, rotary, merge, activation = 2 * 7 + 2 * 3, 10, 2 * rows * h / t, 5 if gated else 2
+    else:
+        per_stream, rotary, merge, activation = 2 * 2 + 2 * 3, 2, 0.0, 3 if gated else 2
+    elements = stream * per_stream + rows * rotary * (h + kv) / t + merge + rows * mlp_width / t * activation
+    dropout = stream * 2 * (2 * e + 1) if train.dropout else 0.0
+    return elements * e + dropout
 
 
 def head_cost(model: PlanModel, train: PlanTrain, layout: Layout, gpu: GpuSpec) -> float:
     """Output layer + cross-entropy, forward and backward, one micro-batch on one GPU, seconds
     (vocabulary split over TP ranks)."""
-    rows, vocab = tokens_per_gpu(train, layout), model.vocab_size / layout.tp
+    rows, vocab, e = tokens_per_gpu(train, layout), model.vocab_size / layout.tp, DTYPE_BYTES[train.dtype]
     gemm = gemm_seconds(gpu, train.dtype, rows, vocab, model.dim)
-    # Logits written in the compute dtype, softmax in fp32 (read, write), gradient written back.
-    loss = memory_seconds(gpu, rows * vocab * (2 * DTYPE_BYTES[train.dtype] + 8))
-    return 3 * gemm + loss
+    # Fused: logits written in the compute dtype, softmax in fp32 (read, write), gradient written
+    # back. Eager: log-softmax, the loss gather and their backward each pass over the logits.
+    per_logit = 4 * e + 16 if train.kernels == "eager" else 2 * e + 8
+    loss = memory_seconds(gpu, rows * vocab * per_logit)
+    ops = sum(OPS_PER_HEAD[train.kernels]) * gpu.op_overhead_s
+    if layout.tp > 1 and train.kernels == "eager":
+        ops += DTENSOR_OPS_PER_HEAD * gpu.dtensor_op_s
+    return with_host(gpu, 3 * gemm + loss, ops)
 
 
-def optimizer_seconds(params: float, gpu: GpuSpec) -> float:
-    """AdamW step over ``params`` local parameters: read/write fp32 weights and two moments,
-    read the gradient, write the compute copy: about 28 bytes each, memory-bound."""
-    return memory_seconds(gpu, 28.0 * params)
+def optimizer_seconds(params: float, gpu: GpuSpec, train: PlanTrain | None = None, tensors: int = 0,
+                      tp: int = 1) -> float:
+    """AdamW step (and gradient clipping) over ``params`` local parameters in ``tensors``
+    parameter tensors: memory-bound at OPTIMIZER_BYTES per parameter, plus the DTensor operators
+    per tensor under eager tensor parallelism."""
+    train = train or PlanTrain()
+    host = DTENSOR_OPS_PER_PARAM * tensors * gpu.dtensor_op_s if tp > 1 and train.kernels == "eager" else 0.0
+    return with_host(gpu, memory_seconds(gpu, OPTIMIZER_BYTES[train.kernels] * params), host)
 
 
 def model_flops_per_step(model: PlanModel, train: PlanTrain) -> float:

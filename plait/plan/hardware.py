@@ -43,6 +43,18 @@ class GpuSpec:
     # The share of a core each rank gets when every rank computes (CPU ranks that outnumber the
     # cores); the FLOP/s above are that contended rate. 1.0: every device is its own.
     core_share: float = 1.0
+    # Flash attention's FLOP rate as a fraction of a GEMM's at the same shape (its softmax and
+    # online rescaling run between the matmuls). 1.0 on GPUs, whose flash kernels keep the
+    # tensor cores busy; the CPU's is measured (``--calibrate``).
+    attention_efficiency: float = 1.0
+    # Host time to issue one operator (Python, dispatcher, autograd bookkeeping, kernel launch).
+    # On a GPU the host runs ahead of the device, so a block costs max(host, device); on a CPU
+    # the same thread does both, so they add (``host_async``).
+    op_overhead_s: float = 5e-6
+    # Extra host time per operator on a DTensor (tensor parallelism): sharding propagation and
+    # redistribution in Python.
+    dtensor_op_s: float = 30e-6
+    host_async: bool = True
 
     def peak_flops(self, dtype: str) -> float:
         """Peak matmul FLOP/s for ``dtype`` ('bf16', 'fp8' or 'fp32')."""
@@ -73,7 +85,8 @@ GPUS: dict[str, GpuSpec] = {
                 gemm_half_dim=160.0),
         # This machine's CPU cores, nominal; ``plait plan --cluster.gpu cpu --calibrate`` measures them.
         GpuSpec("cpu", 0.05 * TERA, None, 0.05 * TERA, 8 * GIGA, 10e9, gemm_efficiency=1.0, gemm_half_dim=16.0,
-                hbm_efficiency=1.0, reserved_bytes=0.3 * GIB),
+                hbm_efficiency=1.0, reserved_bytes=0.3 * GIB, attention_efficiency=0.3, op_overhead_s=20e-6,
+                dtensor_op_s=120e-6, host_async=False),
     )
 }
 
@@ -203,6 +216,10 @@ def load_profile(path: str) -> tuple[GpuSpec, Link]:
             gemm_half_dim=float(data["gemm_half_dim"]), hbm_bytes_per_s=float(data["memory_bytes_per_s"]),
             memory_bytes=float(data["memory_bytes"]),
             core_share=min(1.0, float(data.get("cores", data["ranks"])) / float(data["ranks"])),
+            # Profiles from before these were measured keep the catalog's nominal values.
+            attention_efficiency=float(data.get("attention_efficiency", base.attention_efficiency)),
+            op_overhead_s=float(data.get("op_overhead_s", base.op_overhead_s)),
+            dtensor_op_s=float(data.get("dtensor_op_s", base.dtensor_op_s)),
         )
         link = Link("loopback", float(data["link_bytes_per_s"]), float(data["link_latency_s"]), efficiency=1.0)
     except (KeyError, TypeError, ValueError) as exc:

@@ -111,6 +111,9 @@ class PlanTrain:
     seq_len: int = _f(0, "tokens per sequence (required)", min=0)
     dtype: Literal["bf16", "fp8", "fp32"] = _f("bf16", "matmul precision; bf16/fp8 keep fp32 master weights")
     attention: Literal["flash", "eager"] = _f("flash", "fused (flash) attention, or scores materialized")
+    kernels: Literal["fused", "eager"] = _f(
+        "fused", "fused kernels (Megatron, train.compile), or one operator at a time (plait's eager blocks: several "
+        "passes per norm, rotary and activation, and DTensor dispatch per operator under tensor parallelism)")
     sequence_parallel: bool = _f(True, "tensor parallel also splits norms and activations between blocks")
     overlap_grad_reduce: bool = _f(True, "gradient reduction overlaps the last backward (DDP buckets, FSDP)")
     dropout: bool = _f(False, "the model applies dropout (masks stored, extra element-wise passes)")
