@@ -131,6 +131,8 @@ CASES = {
                                  ["--layout", "= 48 does not divide the cluster", "cluster.gpus = 64"]),
     "plan_missing_model_fields": (["plan", "--cluster.gpu", "h100-sxm", "--cluster.gpus", "8", "--model.dim", "4096"],
                                   ["model.n_layers", "model.ffn_dim", "missing"]),
+    "plan_bad_kernels": ([*PLAN, "--cluster.gpu", "h100-sxm", "--train.kernels", "bogus"],
+                         ["train.kernels = 'bogus'", "'fused', 'eager'"]),
     "plan_unknown_key": ([*PLAN, "--cluster.gpu", "h100-sxm", "--cluster.nodes", "4"], ["cluster.nodes"]),
     "plan_bad_layout_key": ([*PLAN, "--cluster.gpu", "h100-sxm", "--layout", "tp=8,foo=2"], ["--layout", "foo=2"]),
     "plan_calibrate_needs_cpu": ([*PLAN, "--cluster.gpu", "h100-sxm", "--calibrate"], ["--calibrate", "cluster.gpu cpu"]),

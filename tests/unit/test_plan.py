@@ -340,3 +340,21 @@ def test_calibration_fits_the_cost_model_forms():
     profile = fit_profile([{"rates": rates, "memory_bytes_per_s": 5e9, "reduce_s": reduce_s, "world": world}])
     assert profile["link_bytes_per_s"] == pytest.approx(bw, rel=1e-6)
     assert profile["link_latency_s"] == pytest.approx(latency, rel=1e-6)
+
+
+def test_calibration_fits_loaded_latency_and_host_costs():
+    from plait.plan.calibrate import ALL_REDUCE_BYTES, ATTENTION_SHAPE, GEMM_DIMS, fit_profile
+
+    world, bw, idle, loaded = 4, 1e9, 100e-6, 900e-6
+    rates = {d: 50e9 * d / (d + 24) for d in GEMM_DIMS}
+    reduce_s = {n: 2 * (world - 1) * idle + 2 * (world - 1) / world * n / bw for n in ALL_REDUCE_BYTES}
+    head_dim = ATTENTION_SHAPE[-1]
+    base = {"rates": rates, "memory_bytes_per_s": 5e9, "reduce_s": reduce_s, "world": world,
+            "op_s": 8e-6, "dtensor_op_s": 120e-6}
+    measured = dict(base, loaded_s={4: 6 * loaded, 2: 2 * loaded})
+    profile = fit_profile([dict(measured, attention_flops=0.4 * rates[head_dim])])
+    assert profile["link_latency_s"] == pytest.approx(loaded, rel=1e-6)  # per ring step, both group sizes
+    assert profile["attention_efficiency"] == pytest.approx(0.4, rel=0.1)
+    assert profile["op_overhead_s"] == 8e-6 and profile["dtensor_op_s"] == 120e-6
+    quiet = dict(base, loaded_s={4: 0.0, 2: 0.0}, attention_flops=1.0)
+    assert fit_profile([quiet])["link_latency_s"] == pytest.approx(idle, rel=1e-6)  # never below the idle trip
