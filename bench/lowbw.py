@@ -45,14 +45,13 @@ def sweep_runs() -> list[tuple[str, dict]]:
     ]
 
 
-def runs(full: bool) -> list[tuple[str, dict]]:
+def runs(args) -> list[tuple[str, dict]]:
     """(label, lowbw overrides) of every configuration, DDP first."""
     out = [("ddp", {})]
-    methods = [("diloco H=50", {"lowbw.method": "diloco", "lowbw.inner_steps": 50}),
-               ("diloco H=200", {"lowbw.method": "diloco", "lowbw.inner_steps": 200}),
-               ("streaming P=4 H=100", {"lowbw.method": "streaming", "lowbw.inner_steps": 100, "lowbw.fragments": 4,
-                                        "lowbw.overlap_steps": 5})]
-    if not full:
+    methods = [(f"diloco H={h}", {"lowbw.method": "diloco", "lowbw.inner_steps": h}) for h in args.diloco_h]
+    methods += [(f"streaming P=4 H={h}", {"lowbw.method": "streaming", "lowbw.inner_steps": h, "lowbw.fragments": 4,
+                                          "lowbw.overlap_steps": max(1, h // 20)}) for h in args.streaming_h]
+    if args.smoke:
         methods = [("diloco H=2", {"lowbw.method": "diloco", "lowbw.inner_steps": 2}),
                    ("streaming P=2 H=2", {"lowbw.method": "streaming", "lowbw.inner_steps": 2, "lowbw.fragments": 2})]
     for label, values in methods:
@@ -67,8 +66,9 @@ def base_values(args, root: str) -> dict:
              if not args.smoke else {"model.dim": 32, "model.n_layers": 2, "model.n_heads": 2, "model.ffn_dim": 64})
     return {
         **model, "model.max_seq_len": args.seq_len, "data.source": "demo", "data.tokenizer": args.tokenizer,
-        "train.seq_len": args.seq_len, "train.global_batch": 16, "train.micro_batch": 4, "train.steps": args.steps,
-        "train.lr": 3e-3, "train.warmup_steps": min(20, args.steps // 10), "train.eval_every": args.eval_every,
+        "train.seq_len": args.seq_len, "train.global_batch": args.global_batch, "train.micro_batch": args.micro_batch,
+        "train.steps": args.steps, "train.lr": args.lr, "train.warmup_steps": min(20, args.steps // 10),
+        "train.eval_every": args.eval_every,
         "train.eval_batches": 16, "train.sample_tokens": 0, "train.device": "cpu",
         "parallel.nproc": RANKS, "parallel.dp_replicate": RANKS, "parallel.dp_shard": 1, "parallel.zero": 0,
         "metrics.tensorboard": False, "metrics.plot": False, "metrics.progress": False,
@@ -124,11 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 400; smoke 4)")
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--global-batch", type=int, default=16, help="sequences per step, all workers together")
+    parser.add_argument("--micro-batch", type=int, default=4, help="sequences per forward on one rank")
+    parser.add_argument("--lr", type=float, default=3e-3, help="DDP's and the inner AdamW's peak learning rate")
+    parser.add_argument("--diloco-h", type=int, nargs="*", default=[50, 200], help="DiLoCo sync periods to run")
+    parser.add_argument("--streaming-h", type=int, nargs="*", default=[100], help="Streaming (P=4) sync periods")
     parser.add_argument("--tokenizer", default="bpe:2048")
     parser.add_argument("--eval-every", type=int, default=None, help="default steps/8")
     parser.add_argument("--link-mbit", type=float, default=100.0, help="emulated link, Mbit/s")
     parser.add_argument("--latency-ms", type=float, default=10.0, help="emulated latency per collective")
-    parser.add_argument("--only", nargs="*", help="run only the labels starting with these")
+    parser.add_argument("--only", nargs="*", help="run only the labels starting with these (spaces may be written _)")
+    parser.add_argument("--skip-ddp", action="store_true", help="with --only: leave the DDP baseline out "
+                        "(another process runs it)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 4 steps, two methods")
     parser.add_argument("--sweep", action="store_true", help="the gap analysis (sync period, outer optimizer, lr)")
     parser.add_argument("--out", default="runs/bench_lowbw")
@@ -139,17 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     if args.sweep:
         args.link_mbit, args.latency_ms = 1e6, 0.0  # losses only: no emulated link
-    for label, values in (sweep_runs() if args.sweep else runs(not args.smoke)):
-        if args.only and label != "ddp" and not any(label.startswith(o) for o in args.only):
+    for label, values in (sweep_runs() if args.sweep else runs(args)):
+        if args.only and not (label == "ddp" and not args.skip_ddp) and not any(
+                label.replace(" ", "_").startswith(o.replace(" ", "_")) for o in args.only):
             continue
         run_dir = os.path.join(args.out, label.replace(" ", "_").replace("=", "").replace("+", ""))
         results[label] = r = run_one({**base_values(args, run_dir), **values})
-        ddp = results["ddp"]
-        print(f"{label:<28} val {r['val_loss']:.4f} ({100 * (r['val_loss'] / ddp['val_loss'] - 1):+5.2f}% vs DDP)  "
-              f"bytes {r['total_bytes'] / 1e6:10.2f} MB ({ddp['total_bytes'] / max(r['total_bytes'], 1):7.1f}x fewer)  "
+        ddp = results.get("ddp")
+        versus = (f" ({100 * (r['val_loss'] / ddp['val_loss'] - 1):+5.2f}% vs DDP)  " if ddp else "  ")
+        fewer = f" ({ddp['total_bytes'] / max(r['total_bytes'], 1):7.1f}x fewer)  " if ddp else "  "
+        print(f"{label:<28} val {r['val_loss']:.4f}{versus}bytes {r['total_bytes'] / 1e6:10.2f} MB{fewer}"
               f"peak/sync {r['peak_bytes'] / 1e6:8.3f} MB  wall {r['wall_s']:6.1f} s", flush=True)
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
+        with open(os.path.join(args.out, "results.json"), "w") as fh:  # after each run: a cut-off keeps the rest
+            json.dump(results, fh, indent=1)
     path = os.path.join(args.out, "lowbw_val_vs_bytes.png")
     plot(results, path)
     print(f"plot: {path}")

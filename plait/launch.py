@@ -68,6 +68,15 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
     return with_vocab(cfg, vocab)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (taskset, Slurm's --cpus-per-task, a
+    container's cpuset) where the platform reports one, else every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -81,7 +90,7 @@ def _worker(rank: int, world: int, port: int, backend: str, fn: Callable, args: 
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}),
     )
     # N ranks share this machine's cores; without this each would start one thread per core.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(max(1, usable_cores() // world))
     try:
         dist.init_process_group(backend, rank=rank, world_size=world)
         out = fn(*args)

@@ -195,6 +195,8 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def fit_profile(results: list[dict]) -> dict:
     """The profile (JSON-ready) from every rank's measurements."""
+    from plait.launch import usable_cores
+
     world = results[0]["world"]
     mean_rate = {d: statistics.fmean(r["rates"][d] for r in results) for d in GEMM_DIMS}
     peak, half_dim = fit_gemm_curve(mean_rate)
@@ -221,7 +223,7 @@ def fit_profile(results: list[dict]) -> dict:
         }
     return {
         "ranks": world,
-        "cores": os.cpu_count() or world,
+        "cores": usable_cores(),
         "matmul_flops": peak,
         "gemm_half_dim": half_dim,
         "memory_bytes_per_s": statistics.fmean(r["memory_bytes_per_s"] for r in results),
