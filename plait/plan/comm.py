@@ -57,12 +57,31 @@ def all_reduce(cluster: Cluster, size: int, stride: int, nbytes: float) -> float
     return _phases(cluster, group_shape(cluster, size, stride), nbytes, 2.0) if size > 1 else 0.0
 
 
+def _partial_as_all_reduce(cluster: Cluster) -> bool:
+    return cluster.intra_link.partial_as_all_reduce or cluster.inter_link.partial_as_all_reduce
+
+
 def all_gather(cluster: Cluster, size: int, stride: int, nbytes: float) -> float:
-    """All-gather (or reduce-scatter) of a ``nbytes`` result: (n-1)/n of it per rank."""
+    """All-gather of a ``nbytes`` result: (n-1)/n of it per rank (on gloo, an all-reduce's time)."""
+    if _partial_as_all_reduce(cluster):
+        return all_reduce(cluster, size, stride, nbytes)
     return _phases(cluster, group_shape(cluster, size, stride), nbytes, 1.0) if size > 1 else 0.0
 
 
-reduce_scatter = all_gather
+def reduce_scatter(cluster: Cluster, size: int, stride: int, nbytes: float) -> float:
+    """Reduce-scatter of a ``nbytes`` input: the bytes of an all-gather (on gloo, a whole
+    all-reduce)."""
+    return all_gather(cluster, size, stride, nbytes)
+
+
+def broadcasts(cluster: Cluster, size: int, stride: int, nbytes: float, count: int) -> float:
+    """``count`` broadcasts (one per tensor, each from its owner) that together deliver
+    ``nbytes`` to every rank: each pays a chain's (n-1) latencies, the bytes stream through."""
+    if size <= 1:
+        return 0.0
+    shape = group_shape(cluster, size, stride)
+    link = cluster.inter_link if shape.crosses_nodes else cluster.intra_link
+    return count * (size - 1) * link.latency_s + (size - 1) / size * nbytes / link.achieved_bytes_per_s
 
 
 def all_to_all(cluster: Cluster, size: int, stride: int, nbytes: float) -> float:
@@ -82,4 +101,6 @@ def point_to_point(cluster: Cluster, size: int, stride: int, nbytes: float) -> f
     """One send between neighbours of a ``size``-rank group spaced ``stride`` apart (a pipeline):
     over the network as soon as the group leaves one node, since its slowest hop sets the pace."""
     link = cluster.inter_link if group_shape(cluster, size, stride).crosses_nodes else cluster.intra_link
-    return link.latency_s + nbytes / link.achieved_bytes_per_s
+    latency = link.latency_s if link.p2p_latency_s is None else link.p2p_latency_s
+    rate = link.achieved_bytes_per_s if link.p2p_bytes_per_s is None else link.p2p_bytes_per_s
+    return latency + nbytes / rate

@@ -65,21 +65,33 @@ def placement(layout: Layout) -> Placement:
     return Placement(tp=1, cp=layout.tp, dp=layout.tp * layout.cp, pp=layout.tp * layout.cp * layout.dp)
 
 
-def _per_block_comm(model: PlanModel, train: PlanTrain, layout: Layout, cluster: Cluster, core_s: float) -> dict[str, float]:
-    """Exposed TP, CP and EP seconds of one block's forward (backward costs the same again)."""
+def _per_block_comm(model: PlanModel, train: PlanTrain, layout: Layout, cluster: Cluster, core_s: float,
+                    passes: int) -> dict[str, float]:
+    """Exposed TP, CP and EP seconds of one block per pass (forward, recomputed forward,
+    backward): the block's total over its ``passes`` divided by ``passes``."""
     e, strides = DTYPE_BYTES[train.dtype], placement(layout)
     rows = tokens_per_gpu(train, layout)
     activation = e * rows * model.dim  # one micro-batch's residual stream on this cp rank
     # TP: two all-reduces per block (after attention, after the MLP); with sequence parallelism
-    # each is an all-gather plus a reduce-scatter, the same bytes.
-    tp = 2 * comm.all_reduce(cluster, layout.tp, strides.tp, activation)
+    # each is an all-gather before the sublayer plus a reduce-scatter after it, the same bytes
+    # on NCCL, two collectives' latency.
+    if train.sequence_parallel:
+        tp = 2 * (comm.all_gather(cluster, layout.tp, strides.tp, activation)
+                  + comm.reduce_scatter(cluster, layout.tp, strides.tp, activation))
+    else:
+        tp = 2 * comm.all_reduce(cluster, layout.tp, strides.tp, activation)
     cp = 0.0
     if layout.cp > 1:
         if train.cp_mode == "ring":
             kv_block = e * rows * 2 * model.kv_dim / layout.tp
             step = comm.point_to_point(cluster, layout.cp, strides.cp, kv_block)
-            hidden = core_s if cluster.gpu.core_share >= 1.0 else 0.0  # see _exposed_dp
-            cp = max(0.0, (layout.cp - 1) * step - hidden)  # hidden behind the block being computed
+            overlap = cluster.gpu.core_share >= 1.0  # see _exposed_dp
+            # Forward passes K/V around the ring (cp - 1 hops); backward passes K/V again and
+            # the dK/dV accumulators, which go all the way home (cp hops). Each hop hides
+            # behind the attention being computed (backward's is 2.5x forward's).
+            forward = max(0.0, (layout.cp - 1) * step - (core_s if overlap else 0.0))
+            backward = max(0.0, (2 * layout.cp - 1) * step - (2.5 * core_s if overlap else 0.0))
+            cp = ((passes - 1) * forward + backward) / passes
         else:
             qkvo = e * rows * (2 * model.dim + 2 * model.kv_dim) / layout.tp
             cp = comm.all_to_all(cluster, layout.cp, strides.cp, qkvo)
@@ -96,16 +108,19 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
     m = layout.micro_batches(train.global_batch)
     layers = -(-model.n_layers // layout.pp)
     block = block_cost(model, train, layout, gpu)
-    block_comm = _per_block_comm(model, train, layout, cluster, block.attention_core_s)
     # Forward once, backward once, and once more when full recompute reruns the forward.
     passes = 3 if layout.recompute == "full" else 2
+    block_comm = _per_block_comm(model, train, layout, cluster, block.attention_core_s, passes)
     comm_fwd = layers * sum(block_comm.values())
 
     # The output layer and loss sit on the last stage (with one stage, on the only one); that
     # stage paces the pipeline. The embedding lookup costs no FLOPs worth counting.
     head = head_cost(model, train, layout, gpu)
-    compute_fwd = layers * block.forward_s + head / 3
-    compute_bwd = layers * (block.with_recompute(layout.recompute) - block.forward_s) + 2 * head / 3
+    # Ranks that share cores lose more than their share on a training step's working set
+    # (caches refilled after every switch): the calibrated ``sharing_slowdown``; 1 on GPUs.
+    slowdown = gpu.sharing_slowdown if gpu.core_share < 1.0 else 1.0
+    compute_fwd = slowdown * (layers * block.forward_s + head / 3)
+    compute_bwd = slowdown * (layers * (block.with_recompute(layout.recompute) - block.forward_s) + 2 * head / 3)
     fwd = compute_fwd + comm_fwd
     bwd = compute_bwd + comm_fwd * (passes - 1)
     bubble = bubble_seconds(layout.schedule, layout.pp, layout.vpp, fwd, bwd)
@@ -117,6 +132,7 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
         bubble = max(0.0, (compute + bubble) * gpu.core_share - compute)
 
     exposed = {k: m * layers * v * passes for k, v in block_comm.items()}
+    exposed["tp"] += m * _head_tp_comm(model, train, layout, cluster)
     e = DTYPE_BYTES[train.dtype]
     exposed["pp"] = 0.0
     if layout.pp > 1:
@@ -127,10 +143,11 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
         exposed["pp"] = send * (2 * layout.vpp * m + 2 * (layout.pp - 1))
 
     shared, experts = stage_params(model, layout, first=True, last=layout.pp == 1)
-    exposed["dp"] = _exposed_dp(train, layout, cluster, shared, experts, m, compute_fwd, compute_bwd, layers)
+    tensors = layers * PARAM_TENSORS_PER_BLOCK + 3  # the stage's parameter tensors (+ embedding, norm, output)
+    exposed["dp"] = _exposed_dp(train, layout, cluster, shared, experts, m, compute_fwd, compute_bwd, layers, tensors)
     shards = layout.dp * layout.cp if layout.zero >= 1 else 1
-    optimizer = optimizer_seconds(shared / shards + experts / max(1, shards // layout.ep), gpu, train,
-                                  layers * PARAM_TENSORS_PER_BLOCK + 3, layout.tp)
+    optimizer = slowdown * optimizer_seconds(shared / shards + experts / max(1, shards // layout.ep), gpu, train,
+                                             tensors, layout.tp)
 
     step = compute + bubble + sum(exposed.values()) + optimizer
     memory = memory_per_gpu(model, train, layout, gpu)
@@ -145,13 +162,29 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
     )
 
 
+def _head_tp_comm(model: PlanModel, train: PlanTrain, layout: Layout, cluster: Cluster) -> float:
+    """TP seconds per micro-batch outside the blocks, forward and backward: with sequence
+    parallelism the embedding's output is reduce-scattered and the final norm's gathered for the
+    output layer (and the reverse in backward); the vocabulary-parallel loss all-reduces three
+    per-token values (max logit, sum of exponentials, target logit)."""
+    if layout.tp == 1:
+        return 0.0
+    rows = tokens_per_gpu(train, layout)
+    activation = DTYPE_BYTES[train.dtype] * rows * model.dim
+    seconds = 3 * comm.all_reduce(cluster, layout.tp, 1, 4 * rows)
+    if train.sequence_parallel:
+        seconds += 2 * (comm.all_gather(cluster, layout.tp, 1, activation)
+                        + comm.reduce_scatter(cluster, layout.tp, 1, activation))
+    return seconds
+
+
 def _exposed_dp(train: PlanTrain, layout: Layout, cluster: Cluster, shared: float, experts: float, m: int,
-                fwd_s: float, bwd_s: float, layers: int) -> float:
+                fwd_s: float, bwd_s: float, layers: int, tensors: int) -> float:
     """Data-parallel seconds not hidden behind compute, per step.
 
-    ZeRO-0/1 all-reduce (or reduce-scatter + all-gather, the same bytes) the gradients once per
-    step, after the last micro-batch's backward, which they overlap bucket by bucket except the
-    last bucket (one block). ZeRO-2 reduce-scatters every micro-batch's gradients (overlapping its
+    ZeRO-0/1 all-reduce the gradients once per step, after the last micro-batch's backward,
+    which they overlap bucket by bucket except the last bucket (one block); ZeRO-1 then
+    broadcasts each updated parameter tensor from its owner. ZeRO-2 reduce-scatters every micro-batch's gradients (overlapping its
     backward) and all-gathers the new weights once. ZeRO-3 also all-gathers the weights before
     each forward and backward, prefetched behind the previous block's compute.
     """
@@ -163,24 +196,37 @@ def _exposed_dp(train: PlanTrain, layout: Layout, cluster: Cluster, shared: floa
     payload = weight_bytes * shared
     expert_payload = weight_bytes * experts
 
-    def reduce(nbytes: float, ranks: int, kind: str) -> float:
-        fn = comm.all_reduce if kind == "all_reduce" else comm.reduce_scatter
-        return fn(cluster, ranks, stride, nbytes)
+    collectives = {"all_reduce": comm.all_reduce, "reduce_scatter": comm.reduce_scatter, "all_gather": comm.all_gather}
 
-    def both(kind: str) -> float:
-        return reduce(payload, group, kind) + reduce(expert_payload, expert_group, kind)
+    def both(kind: str, pieces: int = 1) -> float:
+        """``pieces`` collectives of ``kind`` that together carry the dense and expert weights."""
+        fn = collectives[kind]
+        seconds = pieces * fn(cluster, group, stride, payload / pieces)
+        if expert_payload:
+            seconds += pieces * fn(cluster, expert_group, stride, expert_payload / pieces)
+        return seconds
 
     # Ranks that share cores pay for communication with the cores they compute on (loopback
     # copies, the collective's own thread): nothing is hidden.
     overlap = train.overlap_grad_reduce and cluster.gpu.core_share >= 1.0
     if layout.zero <= 1:
         grads = both("all_reduce")
-        return max(grads - bwd_s, grads / layers) if overlap else grads
-    gather = both("reduce_scatter")  # an all-gather moves the same bytes as a reduce-scatter
+        exposed = max(grads - bwd_s, grads / layers) if overlap else grads
+        if layout.zero == 1:
+            # Each rank updates the parameters it owns and broadcasts them, one tensor at a time
+            # (torch's ZeroRedundancyOptimizer, which plait uses), after the optimizer step,
+            # with nothing left to hide behind.
+            exposed += comm.broadcasts(cluster, group, stride, payload + expert_payload, tensors)
+        return exposed
     if layout.zero == 2:
-        per_mb = max(gather - bwd_s, gather / layers) if overlap else gather
-        return m * per_mb + gather
-    per_mb_comm = 3 * gather  # gather for forward, gather for backward, reduce-scatter gradients
+        scatter = both("reduce_scatter")
+        per_mb = max(scatter - bwd_s, scatter / layers) if overlap else scatter
+        return m * per_mb + both("all_gather")
+    # One all-gather per wrapped unit (each block, and the root: embedding, norm, output) for
+    # forward and again for backward, and one reduce-scatter of its gradients: the bytes of
+    # three passes over the weights, the latency of 3 x units collectives.
+    units = layers + 1
+    per_mb_comm = 2 * both("all_gather", units) + both("reduce_scatter", units)
     if not overlap:
         return m * per_mb_comm
     return m * max(per_mb_comm - (fwd_s + bwd_s), per_mb_comm / layers)

@@ -55,6 +55,11 @@ class GpuSpec:
     # redistribution in Python.
     dtensor_op_s: float = 30e-6
     host_async: bool = True
+    # How much slower a training step runs on ranks that share cores than their share of the
+    # cores predicts (each switch between ranks refills the caches with the other rank's
+    # weights and activations; GEMM microbenchmarks stay in cache and do not see it). Measured
+    # by ``--calibrate``; applies only when core_share < 1.
+    sharing_slowdown: float = 1.0
 
     def peak_flops(self, dtype: str) -> float:
         """Peak matmul FLOP/s for ``dtype`` ('bf16', 'fp8' or 'fp32')."""
@@ -100,6 +105,15 @@ class Link:
     latency_s: float
     # Bus bandwidth NCCL-style collectives reach on this link, as a fraction of the datasheet.
     efficiency: float = 0.8
+    # Gloo: a reduce-scatter runs as an all-reduce of the whole buffer (gloo has none), and an
+    # all-gather between ranks that share cores takes as long as an all-reduce of the gathered
+    # size (measured: bench notes in BENCHMARKS.md). NCCL-style links: False.
+    partial_as_all_reduce: bool = False
+    # A send/recv pair between ranks that share cores waits for the receiver to be scheduled,
+    # and a large message for several of its wake-ups: measured under load by ``--calibrate``.
+    # None: ``latency_s`` and the achieved bandwidth.
+    p2p_latency_s: float | None = None
+    p2p_bytes_per_s: float | None = None
 
     @property
     def achieved_bytes_per_s(self) -> float:
@@ -120,7 +134,7 @@ LINKS: dict[str, Link] = {
         Link("roce", 50 * GIGA, 10e-6, efficiency=0.8),
         Link("ethernet", 12.5 * GIGA, 30e-6, efficiency=0.6),
         # Local gloo ranks over loopback TCP; ``--calibrate`` replaces it with measured figures.
-        Link("loopback", 2 * GIGA, 50e-6, efficiency=1.0),
+        Link("loopback", 2 * GIGA, 50e-6, efficiency=1.0, partial_as_all_reduce=True),
     )
 }
 
@@ -220,8 +234,11 @@ def load_profile(path: str) -> tuple[GpuSpec, Link]:
             attention_efficiency=float(data.get("attention_efficiency", base.attention_efficiency)),
             op_overhead_s=float(data.get("op_overhead_s", base.op_overhead_s)),
             dtensor_op_s=float(data.get("dtensor_op_s", base.dtensor_op_s)),
+            sharing_slowdown=float(data.get("sharing_slowdown", base.sharing_slowdown)),
         )
-        link = Link("loopback", float(data["link_bytes_per_s"]), float(data["link_latency_s"]), efficiency=1.0)
+        p2p = {key: float(data[key]) for key in ("p2p_latency_s", "p2p_bytes_per_s") if key in data}
+        link = Link("loopback", float(data["link_bytes_per_s"]), float(data["link_latency_s"]), efficiency=1.0,
+                    partial_as_all_reduce=True, **p2p)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"cluster.profile = {path!r} lacks the field {exc}; rerun --calibrate") from None
     return gpu, link

@@ -16,10 +16,10 @@ from plait.errors import ConfigError
 from plait.plan import comm
 from plait.plan.estimate import estimate
 from plait.plan.hetero import place, rerank_nic_aware, size_stages
-from plait.plan.flops import block_cost, gemm_efficiency, gemm_seconds, model_flops_per_step
+from plait.plan.flops import PARAM_TENSORS_PER_BLOCK, block_cost, gemm_efficiency, gemm_seconds, model_flops_per_step
 from plait.plan.hardware import GIB, GPUS, LINKS, Cluster, parse_node_groups
 from plait.plan.layout import Layout, parse_layout
-from plait.plan.memory import block_activation_bytes, model_state_bytes
+from plait.plan.memory import block_activation_bytes, model_state_bytes, stage_params
 from plait.plan.schedule import bubble_seconds, micro_batches_in_flight
 from plait.plan.search import evaluate_fixed, layout_problem, search
 from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
@@ -170,6 +170,63 @@ def test_collectives_on_the_link_each_group_crosses():
     assert comm.point_to_point(cluster, 2, 32, nbytes) > comm.point_to_point(cluster, 2, 1, nbytes)
 
 
+def test_gloo_partial_collectives_cost_an_all_reduce():
+    """On gloo a reduce-scatter is a whole all-reduce, and an all-gather between ranks that
+    share cores takes an all-reduce's time; NCCL-style links keep the textbook forms."""
+    nccl = a100_cluster(8)
+    assert comm.reduce_scatter(nccl, 8, 1, 1e9) == comm.all_gather(nccl, 8, 1, 1e9)
+    assert comm.all_gather(nccl, 8, 1, 1e9) == pytest.approx(comm.all_reduce(nccl, 8, 1, 1e9) / 2)
+    loopback = replace(nccl.intra_link, bytes_per_s=1e9, efficiency=1.0, latency_s=1e-3, partial_as_all_reduce=True)
+    gloo = replace(nccl, intra_link=loopback)
+    assert comm.all_reduce(gloo, 4, 1, 1e6) == pytest.approx(6 * 1e-3 + 1.5 * 1e6 / 1e9)
+    assert comm.reduce_scatter(gloo, 4, 1, 1e6) == comm.all_gather(gloo, 4, 1, 1e6) == comm.all_reduce(gloo, 4, 1, 1e6)
+
+
+def test_point_to_point_under_load_and_ring_hops():
+    """A send on shared cores uses the measured p2p latency and rate; ring attention pays cp - 1
+    hops forward and 2cp - 1 backward (K/V again, then dK/dV all the way home)."""
+    cluster = a100_cluster(8)
+    assert comm.point_to_point(cluster, 2, 1, 1e6) == pytest.approx(
+        cluster.intra_link.latency_s + 1e6 / cluster.intra_link.achieved_bytes_per_s)
+    loaded = replace(cluster.intra_link, p2p_latency_s=2e-3, p2p_bytes_per_s=1e8)
+    shared = replace(cluster, intra_link=loaded, gpu=replace(cluster.gpu, core_share=0.5))
+    assert comm.point_to_point(shared, 2, 1, 1e6) == pytest.approx(2e-3 + 1e-2)
+    model, train = gpt(), megatron_train(global_batch=8)
+    ring = replace(train, cp_mode="ring")
+    est = estimate(model, ring, shared, layout(cp=4, dp=2, micro_batch=1))
+    rows = train.seq_len // 4
+    hop = comm.point_to_point(shared, 4, 1, 2 * rows * 2 * model.kv_dim)  # bf16 K and V of one chunk
+    m = 8 // 2
+    assert est.exposed_comm_s["cp"] == pytest.approx(m * model.n_layers * (3 + 7) * hop, rel=1e-6)
+
+
+def test_zero3_pays_one_collective_per_wrapped_unit():
+    """FSDP gathers each block (and the root) on its own: the same bytes as one big gather,
+    the latency of layers + 1 collectives per pass."""
+    model, cluster = gpt(), a100_cluster(64)
+    train = megatron_train(global_batch=64, overlap_grad_reduce=False)
+    slow = replace(cluster, intra_link=replace(cluster.intra_link, latency_s=1e-3),
+                   inter_link=replace(cluster.inter_link, latency_s=1e-3))
+    fast, high = (estimate(model, train, c, layout(dp=64, micro_batch=1, zero=3)).exposed_comm_s["dp"]
+                  for c in (cluster, slow))
+    units = model.n_layers + 1
+    extra_latency = (1e-3 - cluster.intra_link.latency_s) * 7 + (1e-3 - cluster.inter_link.latency_s) * 7
+    assert high - fast == pytest.approx(3 * units * extra_latency, rel=1e-6)  # one micro-batch
+
+
+def test_zero1_broadcasts_each_updated_parameter():
+    model, cluster = gpt(), a100_cluster(64)
+    train = megatron_train(global_batch=64, overlap_grad_reduce=False)
+    zero0, zero1 = (estimate(model, train, cluster, layout(dp=64, micro_batch=1, zero=z)) for z in (0, 1))
+    weights = 2 * stage_params(model, layout(dp=64, micro_batch=1), first=True, last=True)[0]  # bf16
+    tensors = model.n_layers * PARAM_TENSORS_PER_BLOCK + 3
+    extra = comm.broadcasts(cluster, 64, 1, weights, tensors)
+    assert extra == pytest.approx(tensors * 63 * cluster.inter_link.latency_s
+                                  + 63 / 64 * weights / cluster.inter_link.achieved_bytes_per_s)
+    assert zero1.exposed_comm_s["dp"] == pytest.approx(zero0.exposed_comm_s["dp"] + extra)
+    assert zero1.optimizer_s < zero0.optimizer_s
+
+
 def test_dp_overlap_and_zero3_traffic():
     model, cluster = gpt(), a100_cluster(64)
     train = megatron_train(global_batch=64, overlap_grad_reduce=False)
@@ -198,6 +255,20 @@ def test_shared_cores_hand_the_bubble_to_busy_ranks():
     assert est.compute_s == pytest.approx(own.compute_s)
     assert est.bubble_s == pytest.approx(max(0.0, (own.compute_s + own.bubble_s) * 0.5 - own.compute_s))
     assert est.bubble_s < own.bubble_s
+
+
+def test_sharing_slowdown_scales_compute_only_on_shared_cores():
+    cluster = a100_cluster(16)
+    case = (gpt(), megatron_train(), cluster, layout(tp=2, pp=1, dp=8, micro_batch=2))
+    base = estimate(*case)
+    own = replace(cluster, gpu=replace(cluster.gpu, sharing_slowdown=1.5))
+    assert estimate(case[0], case[1], own, case[3]).compute_s == pytest.approx(base.compute_s)  # own cores: unused
+    shared = replace(cluster, gpu=replace(cluster.gpu, core_share=0.5))
+    slow = replace(cluster, gpu=replace(cluster.gpu, core_share=0.5, sharing_slowdown=1.5))
+    one, two = (estimate(case[0], case[1], c, case[3]) for c in (shared, slow))
+    assert two.compute_s == pytest.approx(1.5 * one.compute_s)
+    assert two.optimizer_s == pytest.approx(1.5 * one.optimizer_s)
+    assert two.exposed_comm_s["tp"] == pytest.approx(one.exposed_comm_s["tp"])
 
 
 # search -----------------------------------------------------------------------------------------
@@ -343,7 +414,7 @@ def test_calibration_fits_the_cost_model_forms():
 
 
 def test_calibration_fits_loaded_latency_and_host_costs():
-    from plait.plan.calibrate import ALL_REDUCE_BYTES, ATTENTION_SHAPE, GEMM_DIMS, fit_profile
+    from plait.plan.calibrate import ALL_REDUCE_BYTES, ATTENTION_SHAPE, GEMM_DIMS, P2P_BYTES, fit_profile
 
     world, bw, idle, loaded = 4, 1e9, 100e-6, 900e-6
     rates = {d: 50e9 * d / (d + 24) for d in GEMM_DIMS}
@@ -351,10 +422,20 @@ def test_calibration_fits_loaded_latency_and_host_costs():
     head_dim = ATTENTION_SHAPE[-1]
     base = {"rates": rates, "memory_bytes_per_s": 5e9, "reduce_s": reduce_s, "world": world,
             "op_s": 8e-6, "dtensor_op_s": 120e-6}
-    measured = dict(base, loaded_s={4: 6 * loaded, 2: 2 * loaded})
+    p2p_latency, p2p_rate = 2e-3, 200e6
+    measured = dict(base, loaded_s={4: 6 * loaded, 2: 2 * loaded}, sharing_slowdown=1.3,
+                    loaded_p2p_s={n: p2p_latency + n / p2p_rate for n in P2P_BYTES})
     profile = fit_profile([dict(measured, attention_flops=0.4 * rates[head_dim])])
+    assert profile["p2p_latency_s"] == pytest.approx(p2p_latency + 64 / p2p_rate, rel=1e-6)
+    assert profile["p2p_bytes_per_s"] == pytest.approx(p2p_rate, rel=1e-6)
     assert profile["link_latency_s"] == pytest.approx(loaded, rel=1e-6)  # per ring step, both group sizes
+    assert profile["sharing_slowdown"] == 1.3
     assert profile["attention_efficiency"] == pytest.approx(0.4, rel=0.1)
     assert profile["op_overhead_s"] == 8e-6 and profile["dtensor_op_s"] == 120e-6
-    quiet = dict(base, loaded_s={4: 0.0, 2: 0.0}, attention_flops=1.0)
-    assert fit_profile([quiet])["link_latency_s"] == pytest.approx(idle, rel=1e-6)  # never below the idle trip
+    quiet = dict(base, loaded_s={4: 0.0, 2: 0.0}, attention_flops=1.0,
+                 sharing_slowdown=0.9)
+    quiet_profile = fit_profile([dict(quiet, loaded_p2p_s={n: 0.0 for n in P2P_BYTES})])
+    assert quiet_profile["p2p_latency_s"] == pytest.approx(idle, rel=1e-6)  # never better than idle
+    assert quiet_profile["p2p_bytes_per_s"] == pytest.approx(bw, rel=1e-6)
+    assert quiet_profile["sharing_slowdown"] == 1.0  # never a speed-up
+    assert quiet_profile["link_latency_s"] == pytest.approx(idle, rel=1e-6)  # never below the idle trip
