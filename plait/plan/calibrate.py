@@ -9,7 +9,7 @@
   same model under plait's tensor-parallel plan on a one-rank mesh (DTensor dispatch, no
   traffic), over DTENSOR_OPS_PER_BLOCK;
 - how much slower a small Llama's forward and backward runs when every rank runs it at once
-  than rank 0 alone times ranks per core (``sharing_slowdown``);
+  than rank 0 alone times ranks per core (``sharing_slowdown``; medians);
 - gloo all-reduce bandwidth (back to back), and its latency while the ranks compute between
   collectives, as training does: on ranks that share cores a collective waits until every
   member is scheduled, which costs far more than the loopback round trip;
@@ -71,16 +71,23 @@ def attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> float:
     return 3.5 * 2 * 2 * batch * heads * seq * (seq / 2) * head_dim
 
 
-def _fixed_loop(fn, iterations: int) -> float:
-    """Mean seconds of ``fn()`` over a fixed count (collectives need the same count everywhere)."""
+def _iteration_times(fn, iterations: int) -> list[float]:
+    """Seconds of each of ``iterations`` calls of ``fn`` (the same count on every rank)."""
     import torch.distributed as dist
 
     fn()
     dist.barrier()
-    begin = time.perf_counter()
+    times = []
     for _ in range(iterations):
+        begin = time.perf_counter()
         fn()
-    return (time.perf_counter() - begin) / iterations
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def _fixed_loop(fn, iterations: int) -> float:
+    """Mean seconds of ``fn()`` over a fixed count (collectives need the same count everywhere)."""
+    return statistics.fmean(_iteration_times(fn, iterations))
 
 
 def _tiny_step_s(layers: int, tp_mesh=None) -> float:
@@ -125,8 +132,9 @@ def _host_costs() -> dict:
         group = dist.new_group([r])
         own = group if r == rank else own
     mesh = DeviceMesh.from_group(own, "cpu")
-    eager_block = (_tiny_step_s(3) - _tiny_step_s(1)) / 2
-    tp_block = (_tiny_step_s(3, mesh) - _tiny_step_s(1, mesh)) / 2
+    # Differences of two timings are noisy: the median of a few rounds.
+    eager_block = statistics.median((_tiny_step_s(3) - _tiny_step_s(1)) / 2 for _ in range(GEMM_ROUNDS))
+    tp_block = statistics.median((_tiny_step_s(3, mesh) - _tiny_step_s(1, mesh)) / 2 for _ in range(GEMM_ROUNDS))
     return {"op_s": max(eager_block, 0.0) / sum(OPS_PER_BLOCK["eager"]),
             "dtensor_op_s": max(tp_block - eager_block, 0.0) / DTENSOR_OPS_PER_BLOCK}
 
@@ -137,10 +145,10 @@ SHARING_MODEL = {"model.dim": 256, "model.n_heads": 8, "model.ffn_dim": 768, "mo
                  "train.micro_batch": 1, "train.global_batch": 64}
 
 
-def _sharing_slowdown(world: int, cores: int) -> float:
+def _sharing_times(world: int, cores: int) -> dict:
     """A small Llama's forward + backward (tens of MB of weights and activations, like a training
-    step) timed on rank 0 alone, then on every rank at once; the ratio of the shared time to
-    the alone time times ranks per core. 1.0 where every rank has its own cores."""
+    step): seconds on rank 0 alone (``alone_s``, the others wait), then on every rank at once
+    (``shared_s``, this rank's median). Empty where every rank has its own cores."""
     import torch
     import torch.distributed as dist
 
@@ -149,16 +157,15 @@ def _sharing_slowdown(world: int, cores: int) -> float:
     from plait.train.loss import token_loss_sum
 
     if world <= cores:
-        return 1.0
+        return {}
     cfg = build_config(values=SHARING_MODEL)
     model = Llama(cfg.model)
     ids = torch.randint(0, cfg.model.vocab_size, (4, cfg.train.seq_len))
     step = lambda: token_loss_sum(model(ids), ids).backward()  # noqa: E731
     dist.barrier()
-    alone = _timed(step, 5) if dist.get_rank() == 0 else 0.0  # the others wait in the barrier below
+    alone = _timed(step, 7) if dist.get_rank() == 0 else None  # the others wait in the barrier below
     dist.barrier()
-    shared = _fixed_loop(step, 5)
-    return shared / (alone * world / cores) if dist.get_rank() == 0 else 0.0
+    return {"alone_s": alone, "shared_s": statistics.median(_iteration_times(step, 9)), "cores": cores}
 
 
 def _loaded_latency(world: int) -> dict:
@@ -197,7 +204,7 @@ def _loaded_p2p(world: int) -> dict:
         return {}
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     burst = lambda: [a @ b for _ in range(16)]  # noqa: E731
-    alone = _fixed_loop(burst, 20)
+    alone = statistics.median(_iteration_times(burst, 30))
     extra = {}
     for nbytes in P2P_BYTES:
         send, recv = torch.zeros(nbytes // 4), torch.zeros(nbytes // 4)
@@ -207,7 +214,8 @@ def _loaded_p2p(world: int) -> dict:
             for work in (dist.isend(send, peer), dist.irecv(recv, peer)):
                 work.wait()
 
-        extra[nbytes] = _fixed_loop(exchange, 20) - alone
+        # Medians: a few iterations that catch a rank descheduled for long would swing a mean.
+        extra[nbytes] = statistics.median(_iteration_times(exchange, 30)) - alone
     return extra
 
 
@@ -235,7 +243,7 @@ def _measure_rank() -> dict:
     host = _host_costs()
     from plait.launch import usable_cores
 
-    sharing = _sharing_slowdown(world, usable_cores())
+    sharing = _sharing_times(world, usable_cores())
     loaded = _loaded_latency(world)
     p2p = _loaded_p2p(world) if world % 2 == 0 else {}
     reduce_s = {}
@@ -245,7 +253,7 @@ def _measure_rank() -> dict:
         reduce_s[nbytes] = _timed(lambda: dist.all_reduce(buf), 5)
     return {"rates": rates, "memory_bytes_per_s": memory_rate, "reduce_s": reduce_s, "world": world,
             "attention_flops": attention_rate, **host, "loaded_s": loaded,
-            "loaded_p2p_s": p2p, "sharing_slowdown": sharing}
+            "loaded_p2p_s": p2p, "sharing": sharing}
 
 
 def fit_gemm_curve(rates: dict[int, float]) -> tuple[float, float]:
@@ -305,9 +313,12 @@ def fit_profile(results: list[dict]) -> dict:
             "op_overhead_s": statistics.fmean(r["op_s"] for r in results),
             "dtensor_op_s": statistics.fmean(r["dtensor_op_s"] for r in results),
         }
-    if "sharing_slowdown" in results[0]:
-        # Rank 0 measured it (alone, then with the others); never a speed-up.
-        host["sharing_slowdown"] = max(1.0, results[0]["sharing_slowdown"])
+    if results[0].get("sharing"):
+        # Every rank's shared time against rank 0's alone time times ranks per core; never a
+        # speed-up.
+        alone, cores = results[0]["sharing"]["alone_s"], results[0]["sharing"]["cores"]
+        shared = statistics.fmean(r["sharing"]["shared_s"] for r in results)
+        host["sharing_slowdown"] = max(1.0, shared / (alone * world / cores))
     return {
         "ranks": world,
         "cores": usable_cores(),

@@ -74,16 +74,6 @@ def reduce_scatter(cluster: Cluster, size: int, stride: int, nbytes: float) -> f
     return all_gather(cluster, size, stride, nbytes)
 
 
-def broadcasts(cluster: Cluster, size: int, stride: int, nbytes: float, count: int) -> float:
-    """``count`` broadcasts (one per tensor, each from its owner) that together deliver
-    ``nbytes`` to every rank: each pays a chain's (n-1) latencies, the bytes stream through."""
-    if size <= 1:
-        return 0.0
-    shape = group_shape(cluster, size, stride)
-    link = cluster.inter_link if shape.crosses_nodes else cluster.intra_link
-    return count * (size - 1) * link.latency_s + (size - 1) / size * nbytes / link.achieved_bytes_per_s
-
-
 def all_to_all(cluster: Cluster, size: int, stride: int, nbytes: float) -> float:
     """Each rank sends (n-1)/n of its ``nbytes``: the share to ranks in its node over the intra
     link, the rest over the network, both at once."""

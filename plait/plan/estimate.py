@@ -144,7 +144,7 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
 
     shared, experts = stage_params(model, layout, first=True, last=layout.pp == 1)
     tensors = layers * PARAM_TENSORS_PER_BLOCK + 3  # the stage's parameter tensors (+ embedding, norm, output)
-    exposed["dp"] = _exposed_dp(train, layout, cluster, shared, experts, m, compute_fwd, compute_bwd, layers, tensors)
+    exposed["dp"] = _exposed_dp(train, layout, cluster, shared, experts, m, compute_fwd, compute_bwd, layers)
     shards = layout.dp * layout.cp if layout.zero >= 1 else 1
     optimizer = slowdown * optimizer_seconds(shared / shards + experts / max(1, shards // layout.ep), gpu, train,
                                              tensors, layout.tp)
@@ -179,12 +179,12 @@ def _head_tp_comm(model: PlanModel, train: PlanTrain, layout: Layout, cluster: C
 
 
 def _exposed_dp(train: PlanTrain, layout: Layout, cluster: Cluster, shared: float, experts: float, m: int,
-                fwd_s: float, bwd_s: float, layers: int, tensors: int) -> float:
+                fwd_s: float, bwd_s: float, layers: int) -> float:
     """Data-parallel seconds not hidden behind compute, per step.
 
     ZeRO-0/1 all-reduce the gradients once per step, after the last micro-batch's backward,
     which they overlap bucket by bucket except the last bucket (one block); ZeRO-1 then
-    broadcasts each updated parameter tensor from its owner. ZeRO-2 reduce-scatters every micro-batch's gradients (overlapping its
+    sends the updated parameters from their owners (an all-gather's bytes). ZeRO-2 reduce-scatters every micro-batch's gradients (overlapping its
     backward) and all-gathers the new weights once. ZeRO-3 also all-gathers the weights before
     each forward and backward, prefetched behind the previous block's compute.
     """
@@ -213,10 +213,11 @@ def _exposed_dp(train: PlanTrain, layout: Layout, cluster: Cluster, shared: floa
         grads = both("all_reduce")
         exposed = max(grads - bwd_s, grads / layers) if overlap else grads
         if layout.zero == 1:
-            # Each rank updates the parameters it owns and broadcasts them, one tensor at a time
-            # (torch's ZeroRedundancyOptimizer, which plait uses), after the optimizer step,
-            # with nothing left to hide behind.
-            exposed += comm.broadcasts(cluster, group, stride, payload + expert_payload, tensors)
+            # Each rank updates the parameters it owns and sends them to the others after the
+            # optimizer step, with nothing left to hide behind: an all-gather's bytes (torch's
+            # ZeroRedundancyOptimizer issues one broadcast per tensor, all at once, so their
+            # latencies overlap; DeepSpeed stage 1 all-gathers flat buffers).
+            exposed += both("all_gather")
         return exposed
     if layout.zero == 2:
         scatter = both("reduce_scatter")
