@@ -183,9 +183,9 @@ def _exposed_dp(train: PlanTrain, layout: Layout, cluster: Cluster, shared: floa
     """Data-parallel seconds not hidden behind compute, per step.
 
     ZeRO-0/1 all-reduce the gradients once per step, after the last micro-batch's backward,
-    which they overlap bucket by bucket except the last bucket (one block); ZeRO-1 then
-    sends the updated parameters from their owners (an all-gather's bytes). ZeRO-2 reduce-scatters every micro-batch's gradients (overlapping its
-    backward) and all-gathers the new weights once. ZeRO-3 also all-gathers the weights before
+    which they overlap bucket by bucket except the last bucket (one block); ZeRO-1 then sends
+    the updated parameters from their owners (an all-gather's bytes). ZeRO-2 reduce-scatters
+    every micro-batch's gradients (overlapping its backward) and all-gathers the new weights once. ZeRO-3 also all-gathers the weights before
     each forward and backward, prefetched behind the previous block's compute.
     """
     group, stride = layout.dp * layout.cp, layout.tp
