@@ -116,8 +116,8 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
     # The output layer and loss sit on the last stage (with one stage, on the only one); that
     # stage paces the pipeline. The embedding lookup costs no FLOPs worth counting.
     head = head_cost(model, train, layout, gpu)
-    # Ranks that share cores lose more than their share on a training step's working set
-    # (caches refilled after every switch): the calibrated ``sharing_slowdown``; 1 on GPUs.
+    # Ranks that share cores may run a training step slower than their share of the cores
+    # predicts: the calibrated ``sharing_slowdown``; 1 on GPUs.
     slowdown = gpu.sharing_slowdown if gpu.core_share < 1.0 else 1.0
     compute_fwd = slowdown * (layers * block.forward_s + head / 3)
     compute_bwd = slowdown * (layers * (block.with_recompute(layout.recompute) - block.forward_s) + 2 * head / 3)

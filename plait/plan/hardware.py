@@ -56,9 +56,8 @@ class GpuSpec:
     dtensor_op_s: float = 30e-6
     host_async: bool = True
     # How much slower a training step runs on ranks that share cores than their share of the
-    # cores predicts (each switch between ranks refills the caches with the other rank's
-    # weights and activations; GEMM microbenchmarks stay in cache and do not see it). Measured
-    # by ``--calibrate``; applies only when core_share < 1.
+    # cores predicts (measured by ``--calibrate`` on a small Llama, 1.00-1.25 on the dev
+    # machine; its cause is not modelled). Applies only when core_share < 1.
     sharing_slowdown: float = 1.0
 
     def peak_flops(self, dtype: str) -> float:
