@@ -4,8 +4,8 @@ In a data- or model-parallel job the ranks run the same collectives in the same 
 same pace, so the rank that breaks the pattern is the faulty one:
 
 - crash: a rank's process exited. Its peers then fail too (their collectives lose a member),
-  so the culprit is a rank killed by a signal, else one whose failure was not a lost peer,
-  else the first seen dead;
+  so the culprit is a rank killed by a signal that had not reported a lost peer, else one
+  whose failure was not a lost peer, else the first seen dead;
 - hang, frozen: a rank's heartbeat stopped (SIGSTOP, a stuck interpreter);
 - hang, no progress: ranks have waited in a collective for longer than the bound while
   others never entered it: those others are the culprits. If every rank waits, in the same
@@ -91,8 +91,11 @@ class Monitor:
         dead = [r for r, code in enumerate(exitcodes) if code not in (None, 0)]
         if not dead:
             return None
-        signalled = [r for r in dead if exitcodes[r] < 0]
-        own = [r for r in dead if self.error_of(r) and "peer" not in self.error_of(r).lower()]
+        # A rank that reported a lost peer is collateral even if it then died by a signal:
+        # gloo's teardown after a reset connection can abort the process (SIGABRT).
+        lost_peer = {r for r in dead if "peer" in self.error_of(r).lower()}
+        signalled = [r for r in dead if exitcodes[r] < 0 and r not in lost_peer]
+        own = [r for r in dead if self.error_of(r) and r not in lost_peer]
         culprits = signalled or own or dead[:1]
         how = ", ".join(f"rank {r} exit code {exitcodes[r]}" for r in culprits)
         return Fault("crash", culprits, self._step(culprits[0]), f"process exited ({how})")

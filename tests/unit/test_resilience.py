@@ -56,6 +56,15 @@ def test_crash_names_the_signalled_rank_not_its_failing_peers():
     assert (fault.kind, fault.ranks) == ("crash", [1])
 
 
+def test_a_peer_that_aborts_after_losing_its_connection_is_not_a_culprit():
+    # Seen in CI: rank 1 was killed; rank 2's gloo read failed ("Connection reset by peer") and
+    # its teardown then aborted (SIGABRT, -6) before the monitor looked.
+    m = monitor({r: beat() for r in range(4)})
+    m.store.set("error/2", "RuntimeError: Read error [127.0.0.1]:55987: Connection reset by peer")
+    fault = m.check([None, -9, -6, None])
+    assert (fault.kind, fault.ranks) == ("crash", [1])
+
+
 def test_frozen_rank_stops_beating():
     beats = {r: beat() for r in range(4)}
     beats[2] = beat(age=3.0)
