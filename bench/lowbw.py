@@ -13,6 +13,12 @@ to ``--out``.
     PYTHONPATH=. .venv/bin/python bench/lowbw.py [--steps 400] [--link-mbit 100] [--out runs/bench_lowbw]
     PYTHONPATH=. .venv/bin/python bench/lowbw.py --smoke   # a few steps, tiny model
     PYTHONPATH=. .venv/bin/python bench/lowbw.py --sweep   # where DiLoCo's gap to DDP comes from
+    PYTHONPATH=. .venv/bin/python bench/lowbw.py --warm-start 400   # the DiLoCo paper's protocol
+
+``--warm-start W`` first trains the model with DDP for W steps (constant lr after warmup, no
+link emulation) and starts every run from those weights (``checkpoint.init_from``), as the
+DiLoCo paper starts both DiLoCo and its baseline from one pretrained checkpoint. The shared
+warm phase's bytes are printed once and are not in any run's total.
 It uses every core: run it alone.
 """
 
@@ -78,6 +84,17 @@ def base_values(args, root: str) -> dict:
     }
 
 
+def warm_start(args) -> str:
+    """Train the shared starting point: DDP for ``--warm-start`` steps; returns its run dir."""
+    root = os.path.join(args.out, "warm_start")
+    values = {**base_values(args, root), "train.steps": args.warm_start, "train.eval_every": args.warm_start,
+              "train.schedule": "constant", "comm.emulate_bandwidth": "", "comm.emulate_latency": ""}
+    r = run_one(values)
+    print(f"{'warm start (DDP, shared)':<28} val {r['val_loss']:.4f}  {args.warm_start} steps  bytes "
+          f"{r['total_bytes'] / 1e6:10.2f} MB (not counted below)  wall {r['wall_s']:6.1f} s", flush=True)
+    return root
+
+
 def run_one(values: dict) -> dict:
     cfg = preflight(build_config(values=values), RANKS)
     begin = time.perf_counter()
@@ -136,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="run only the labels starting with these (spaces may be written _)")
     parser.add_argument("--skip-ddp", action="store_true", help="with --only: leave the DDP baseline out "
                         "(another process runs it)")
+    parser.add_argument("--warm-start", type=int, default=0, metavar="W",
+                        help="start every run from a DDP checkpoint after W steps (0: from scratch)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 4 steps, two methods")
     parser.add_argument("--sweep", action="store_true", help="the gap analysis (sync period, outer optimizer, lr)")
     parser.add_argument("--out", default="runs/bench_lowbw")
@@ -144,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args.eval_every = args.eval_every or max(args.steps // 8, 1)
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, dict] = {}
+    start = {"checkpoint.init_from": warm_start(args)} if args.warm_start else {}
     if args.sweep:
         args.link_mbit, args.latency_ms = 1e6, 0.0  # losses only: no emulated link
     for label, values in (sweep_runs() if args.sweep else runs(args)):
@@ -151,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 label.replace(" ", "_").startswith(o.replace(" ", "_")) for o in args.only):
             continue
         run_dir = os.path.join(args.out, label.replace(" ", "_").replace("=", "").replace("+", ""))
-        results[label] = r = run_one({**base_values(args, run_dir), **values})
+        results[label] = r = run_one({**base_values(args, run_dir), **start, **values})
         ddp = results.get("ddp")
         versus = (f" ({100 * (r['val_loss'] / ddp['val_loss'] - 1):+5.2f}% vs DDP)  " if ddp else "  ")
         fewer = f" ({ddp['total_bytes'] / max(r['total_bytes'], 1):7.1f}x fewer)  " if ddp else "  "

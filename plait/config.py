@@ -186,6 +186,10 @@ class CheckpointConfig:
     every: int = _f(0, "save every N steps; 0 saves only at the end", min=0)
     keep: int = _f(2, "checkpoints kept on disk (oldest removed)", min=1)
     resume: bool = _f(False, "continue from the latest checkpoint in run.dir")
+    init_from: str = _f(
+        "", "start from these model weights (a checkpoint folder, a run dir's latest, or a 'plait convert' "
+            "output) with a fresh optimizer and step 0; ignored when the run resumes"
+    )
 
 
 @dataclass

@@ -56,6 +56,7 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
         for problem in skipped:
             print(f"plait: warning: {problem}; resuming from {os.path.basename(folder)}", file=sys.stderr, flush=True)
     if not prepare:
+        _check_initial_weights(cfg)
         return cfg
     bundle = prepare_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
     validation_batches(cfg, bundle, 0, resolve_dp(cfg, world_size))  # raises if the split is too small
@@ -65,7 +66,16 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
             f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({vocab}); use 0 to take the tokenizer's size"
         )
-    return with_vocab(cfg, vocab)
+    cfg = with_vocab(cfg, vocab)
+    _check_initial_weights(cfg)
+    return cfg
+
+
+def _check_initial_weights(cfg: JobConfig) -> None:
+    from plait.train import checkpoint as ckpt
+
+    if cfg.checkpoint.init_from and not cfg.checkpoint.resume:
+        ckpt.initial_weights(cfg.checkpoint.init_from, cfg.model)
 
 
 def usable_cores() -> int:

@@ -279,6 +279,48 @@ def load_model_checkpoint(src: str, device: str = "cpu") -> tuple[nn.Module, Job
     return model, cfg
 
 
+# Model fields that decide the weights' names and shapes: they must match to start from a
+# checkpoint's weights (RoPE or epsilon may change, as when a model is fine-tuned longer).
+WEIGHT_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "qkv_bias", "tie_embeddings",
+                 "moe_experts", "moe_ffn_dim", "moe_shared_ffn_dim", "moe_shared_gate")
+
+
+def initial_weights(src: str, model_cfg: Any) -> str:
+    """``checkpoint.init_from``: the verified checkpoint folder ``src`` names (a run dir means
+    its latest good checkpoint) after checking its model matches ``model_cfg``. Raises
+    CheckpointError naming what is wrong."""
+    if os.path.isdir(checkpoint_root(src)) and not os.path.isfile(os.path.join(src, MANIFEST)):
+        folder = latest_good_checkpoint(src)
+        if folder is None:
+            raise CheckpointError(f"checkpoint.init_from: run dir '{src}' has no usable checkpoint")
+        src = folder
+    if not os.path.isdir(src):
+        raise CheckpointError(f"checkpoint.init_from: '{src}' does not exist; give a checkpoint folder or a run dir")
+    verify_checkpoint(src)
+    if not os.path.isfile(os.path.join(src, ".metadata")):
+        raise CheckpointError(f"checkpoint.init_from: '{src}' holds one set of weights per lowbw worker; "
+                              "start from a checkpoint of a run with lowbw.method = 'none' or a model-only one")
+    saved = build_config(os.path.join(src, "config.toml")).model
+    differ = [f"{name} {getattr(saved, name)} (checkpoint) vs {getattr(model_cfg, name)}"
+              for name in WEIGHT_FIELDS if getattr(saved, name) != getattr(model_cfg, name)
+              and not (name == "vocab_size" and model_cfg.vocab_size == 0)]  # 0: not resolved yet
+    if differ:
+        raise CheckpointError(f"checkpoint.init_from: '{src}' is a different model: " + "; ".join(differ))
+    return src
+
+
+def load_model_weights(folder: str, parts: list[nn.Module]) -> None:
+    """Collective: load only the model weights of checkpoint ``folder`` into the parallelized
+    ``parts`` (any layout: DCP reshards); the optimizer, schedule and data position start fresh."""
+    model = merged_view(parts)
+    state = {"model": get_model_state_dict(model)}
+    try:
+        dcp.load(state, checkpoint_id=folder)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint '{folder}' cannot be loaded: {str(exc).splitlines()[0]}") from None
+    set_model_state_dict(model, state["model"])
+
+
 def full_model_state(parts: list[nn.Module], pp_group=None) -> dict[str, torch.Tensor]:
     """Collective: the unsharded model state dict on CPU, complete on rank 0 only. With
     pipeline parallelism each stage's weights are gathered to rank 0 over the world."""

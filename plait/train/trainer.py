@@ -133,6 +133,9 @@ class Trainer:
         else:
             self.optimizer = build_optimizer(self.parts, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        if cfg.checkpoint.init_from and not cfg.checkpoint.resume:
+            # Before the outer loop copies the weights its workers start from.
+            ckpt.load_model_weights(ckpt.initial_weights(cfg.checkpoint.init_from, cfg.model), self.parts)
         # DiLoCo family: the outer loop around the inner steps (workers = dp_replicate groups).
         self.outer = build_outer_loop(cfg.lowbw, self.parts, self.dims, self.device, self.injector)
         n_micro = cfg.train.global_batch // (cfg.train.micro_batch * self.dims.dp)

@@ -71,6 +71,7 @@ CASES = {
     "override_without_value": (["train", "--train.steps"], ["--train.steps needs a value"]),
     "missing_config_file": (["train", "/nope/job.toml"], ["/nope/job.toml", "does not exist"]),
     "resume_without_checkpoint": (["train", "--resume"], ["no usable checkpoint"]),
+    "init_from_missing": (["train", "--checkpoint.init_from", "/nope/run"], ["checkpoint.init_from", "/nope/run"]),
     "unknown_flag": (["train", "--frobnicate"], ["--frobnicate"]),
     "tp_not_dividing_heads": (["train", "--parallel.nproc", "4", "--parallel.tp", "4", "--train.global_batch", "4"],
                               ["parallel.tp = 4", "model.n_heads = 2"]),
@@ -200,6 +201,9 @@ def test_corrupt_and_incomplete_checkpoint(env, tmp_path):
     run_dir = str(tmp_path / "run")
     code, _ = run_cli(env, "train", "--run.dir", run_dir)
     assert code == 0
+    code, err = run_cli(env, "train", "--run.dir", str(tmp_path / "other"), "--checkpoint.init_from", run_dir,
+                        "--model.ffn_dim", "96")
+    assert_one_line(code, err, "checkpoint.init_from", "different model", "ffn_dim 64 (checkpoint) vs 96")
     folder = os.path.join(run_dir, "checkpoints", "step_000002")
     shard = next(n for n in os.listdir(folder) if n.endswith(".distcp"))
     with open(os.path.join(folder, shard), "r+b") as fh:

@@ -95,14 +95,20 @@ def worker(workdir: str) -> dict:
         "co2": {**diloco, "parallel.dp_replicate": 4, "lowbw.method": "co2"},
         "co2_penalty": {**diloco, "parallel.dp_replicate": 4, "lowbw.method": "co2", "lowbw.co2_penalty": 1.0},
         "co2_clip": {**diloco, "parallel.dp_replicate": 4, "lowbw.method": "co2", "lowbw.co2_clip": 1e-3},
-        "ddp_baseline": {"parallel.dp_shard": 1, "parallel.dp_replicate": 4, "parallel.zero": 0},
+        "ddp_baseline": {"parallel.dp_shard": 1, "parallel.dp_replicate": 4, "parallel.zero": 0,
+                         "train.eval_every": STEPS},
     }
     for name, values in runs.items():
-        cfg = job(workdir, name, **common, **values)
+        cfg = job(workdir, name, **{**common, **values})
         result = run_training(cfg)
-        out[name] = {"losses": result.losses, "norms": result.grad_norms}
+        out[name] = {"losses": result.losses, "norms": result.grad_norms, "val": result.val_losses}
         if rank == 0:
             out[name]["metrics"] = read_metrics(cfg.run.dir)
+    # warm start (checkpoint.init_from): the 4-rank DDP run's final weights, resharded into two
+    # DiLoCo workers of FSDP over 2 ranks each
+    warm = {**common, **runs["fsdp"], "train.eval_every": STEPS,
+            "checkpoint.init_from": os.path.join(workdir, "runs", "ddp_baseline")}
+    out["warm_start"] = run_training(job(workdir, "warm_start", **warm)).val_losses
     # resume in the middle of a streaming run with an exchange in flight at the checkpoint:
     # two workers of FSDP over 2 ranks each, int8 outer gradients with error feedback
     name = "streaming_resume"
@@ -190,6 +196,13 @@ def test_co2_penalty_and_clipping_each_change_the_update(results):
         got = r[name]["losses"]
         assert got[4] == base[4], name  # the first outer step lands after step 4
         assert got[STEPS] != pytest.approx(base[STEPS], rel=1e-6), name
+
+
+def test_warm_start_begins_at_the_checkpoint_weights_on_another_layout(results):
+    ddp_final = results[0]["ddp_baseline"]["val"][STEPS]
+    warm = results[0]["warm_start"]
+    assert warm[0] == pytest.approx(ddp_final, rel=1e-5)
+    assert warm[STEPS] < warm[0]  # and it trains on from there
 
 
 def test_streaming_resume_with_an_exchange_in_flight_is_exact(results):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from plait.train.trainer import run_training
 from tests.parallel.harness import job, write_corpus
@@ -54,3 +57,22 @@ def test_compiled_blocks_match_eager(workdir):
     compiled = losses(workdir, "compiled", **{"train.steps": 2, "train.compile": True})
     for step in eager.losses:
         assert compiled.losses[step] == pytest.approx(eager.losses[step], rel=1e-5)
+
+
+def test_init_from_starts_from_the_checkpoint_weights_with_a_fresh_optimizer(workdir):
+    """checkpoint.init_from: the weights are the checkpoint's (also the DiLoCo outer loop's
+    global copy, taken after the load), the step, schedule and optimizer start over."""
+    from plait.train.checkpoint import load_model_checkpoint
+    from plait.train.trainer import Trainer
+
+    src = losses(workdir, "init_src")
+    source = os.path.join(workdir, "runs", "init_src")
+    saved = load_model_checkpoint(source)[0].state_dict()
+    trainer = Trainer(job(workdir, "init_dst", **{"checkpoint.init_from": source, "lowbw.method": "diloco",
+                                                     "lowbw.inner_steps": 4}))
+    got = trainer.model.state_dict()
+    assert saved.keys() == got.keys() and all(torch.equal(saved[k], got[k]) for k in saved)
+    flat = torch.cat([saved[name].flatten() for name, _ in trainer.model.named_parameters()])
+    assert torch.equal(torch.cat([g.flatten() for g in trainer.outer.global_w]), flat)
+    assert trainer.start_step == 0 and not trainer.optimizer.state
+    assert trainer.evaluate() == pytest.approx(src.val_losses[max(src.val_losses)], rel=1e-6)
