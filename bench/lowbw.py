@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -84,14 +85,33 @@ def base_values(args, root: str) -> dict:
     }
 
 
+def _override(item: str) -> tuple[str, object]:
+    """'lowbw.outer_lr=0.4' -> ('lowbw.outer_lr', 0.4): numbers and booleans as JSON, else text."""
+    key, raw = item.split("=", 1)
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
 def warm_start(args) -> str:
     """Train the shared starting point: DDP for ``--warm-start`` steps; returns its run dir."""
-    root = os.path.join(args.out, "warm_start")
+    root = args.warm_dir or os.path.join(args.out, "warm_start")
     values = {**base_values(args, root), "train.steps": args.warm_start, "train.eval_every": args.warm_start,
               "train.schedule": "constant", "comm.emulate_bandwidth": "", "comm.emulate_latency": ""}
+    record = os.path.join(root, "warm_start.json")
+    if os.path.isfile(record):  # the same warm phase as before: reuse its checkpoint
+        with open(record) as fh:
+            saved = json.load(fh)
+        if saved["values"] == values:
+            print(f"{'warm start (DDP, shared)':<28} val {saved['val_loss']:.4f}  reused from {root}", flush=True)
+            return root
+    shutil.rmtree(root, ignore_errors=True)
     r = run_one(values)
     print(f"{'warm start (DDP, shared)':<28} val {r['val_loss']:.4f}  {args.warm_start} steps  bytes "
           f"{r['total_bytes'] / 1e6:10.2f} MB (not counted below)  wall {r['wall_s']:6.1f} s", flush=True)
+    with open(record, "w") as fh:
+        json.dump({"values": values, "val_loss": r["val_loss"]}, fh)
     return root
 
 
@@ -155,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(another process runs it)")
     parser.add_argument("--warm-start", type=int, default=0, metavar="W",
                         help="start every run from a DDP checkpoint after W steps (0: from scratch)")
+    parser.add_argument("--warm-dir", default="", help="where the warm phase trains (default OUT/warm_start); "
+                        "an earlier identical warm phase there is reused")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every DiLoCo-family run, e.g. lowbw.outer_lr=0.4")
+    parser.add_argument("--ddp-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the DDP baseline, e.g. train.lr=0.004")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 4 steps, two methods")
     parser.add_argument("--sweep", action="store_true", help="the gap analysis (sync period, outer optimizer, lr)")
     parser.add_argument("--out", default="runs/bench_lowbw")
@@ -171,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 label.replace(" ", "_").startswith(o.replace(" ", "_")) for o in args.only):
             continue
         run_dir = os.path.join(args.out, label.replace(" ", "_").replace("=", "").replace("+", ""))
-        results[label] = r = run_one({**base_values(args, run_dir), **start, **values})
+        extra = dict(_override(item) for item in (args.ddp_set if label == "ddp" else args.set))
+        results[label] = r = run_one({**base_values(args, run_dir), **start, **values, **extra})
         ddp = results.get("ddp")
         versus = (f" ({100 * (r['val_loss'] / ddp['val_loss'] - 1):+5.2f}% vs DDP)  " if ddp else "  ")
         fewer = f" ({ddp['total_bytes'] / max(r['total_bytes'], 1):7.1f}x fewer)  " if ddp else "  "
