@@ -18,7 +18,8 @@ to ``--out``.
 ``--warm-start W`` first trains the model with DDP for W steps (constant lr after warmup, no
 link emulation) and starts every run from those weights (``checkpoint.init_from``), as the
 DiLoCo paper starts both DiLoCo and its baseline from one pretrained checkpoint. The shared
-warm phase's bytes are printed once and are not in any run's total.
+warm phase's bytes are printed once and are not in any run's total. The runs after it read
+the data in another order (``train.seed`` 1), so they do not repeat the warm phase's batches.
 It uses every core: run it alone.
 """
 
@@ -189,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     args.eval_every = args.eval_every or max(args.steps // 8, 1)
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, dict] = {}
-    start = {"checkpoint.init_from": warm_start(args)} if args.warm_start else {}
+    # After a warm start the runs read the data in another order (train.seed 1): with the warm
+    # phase's order they would repeat exactly its batches.
+    start = {"checkpoint.init_from": warm_start(args), "train.seed": 1} if args.warm_start else {}
     if args.sweep:
         args.link_mbit, args.latency_ms = 1e6, 0.0  # losses only: no emulated link
     for label, values in (sweep_runs() if args.sweep else runs(args)):
