@@ -270,13 +270,19 @@ def load_model_checkpoint(src: str, device: str = "cpu") -> tuple[nn.Module, Job
     verify_checkpoint(src)
     cfg = build_config(os.path.join(src, "config.toml"))
     model = build_model(cfg.model, device=device, seed=cfg.train.seed)
+    model.load_state_dict(_read_model_weights(model, src))
+    return model, cfg
+
+
+def _read_model_weights(model: nn.Module, folder: str) -> dict[str, Any]:
+    """The model weights of checkpoint ``folder`` as a state dict shaped (and sharded) like
+    ``model``'s: DCP reads each rank's shards of whatever layout saved them."""
     state = {"model": get_model_state_dict(model)}
     try:
-        dcp.load(state, checkpoint_id=src)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint '{src}' cannot be loaded: {str(exc).splitlines()[0]}") from None
-    model.load_state_dict(state["model"])
-    return model, cfg
+        dcp.load(state, checkpoint_id=folder)
+    except Exception as exc:  # DCP raises many types for damaged shards
+        raise CheckpointError(f"checkpoint '{folder}' cannot be loaded: {str(exc).splitlines()[0]}") from None
+    return state["model"]
 
 
 # Model fields that decide the weights' names and shapes: they must match to start from a
@@ -313,12 +319,7 @@ def load_model_weights(folder: str, parts: list[nn.Module]) -> None:
     """Collective: load only the model weights of checkpoint ``folder`` into the parallelized
     ``parts`` (any layout: DCP reshards); the optimizer, schedule and data position start fresh."""
     model = merged_view(parts)
-    state = {"model": get_model_state_dict(model)}
-    try:
-        dcp.load(state, checkpoint_id=folder)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint '{folder}' cannot be loaded: {str(exc).splitlines()[0]}") from None
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, _read_model_weights(model, folder))
 
 
 def full_model_state(parts: list[nn.Module], pp_group=None) -> dict[str, torch.Tensor]:
