@@ -88,6 +88,9 @@ def base_values(args, root: str) -> dict:
 
 def _override(item: str) -> tuple[str, object]:
     """'lowbw.outer_lr=0.4' -> ('lowbw.outer_lr', 0.4): numbers and booleans as JSON, else text."""
+    if "=" not in item:
+        print(f"lowbw.py: error: override '{item}' needs KEY=VALUE, e.g. lowbw.outer_lr=0.4", file=sys.stderr)
+        sys.exit(2)
     key, raw = item.split("=", 1)
     try:
         return key, json.loads(raw)
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args.eval_every = args.eval_every or max(args.steps // 8, 1)
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, dict] = {}
+    method_extra, ddp_extra = (dict(_override(item) for item in items) for items in (args.set, args.ddp_set))
     # After a warm start the runs read the data in another order (train.seed 1): with the warm
     # phase's order they would repeat exactly its batches.
     start = {"checkpoint.init_from": warm_start(args), "train.seed": 1} if args.warm_start else {}
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 label.replace(" ", "_").startswith(o.replace(" ", "_")) for o in args.only):
             continue
         run_dir = os.path.join(args.out, label.replace(" ", "_").replace("=", "").replace("+", ""))
-        extra = dict(_override(item) for item in (args.ddp_set if label == "ddp" else args.set))
+        extra = ddp_extra if label == "ddp" else method_extra
         results[label] = r = run_one({**base_values(args, run_dir), **start, **values, **extra})
         ddp = results.get("ddp")
         versus = (f" ({100 * (r['val_loss'] / ddp['val_loss'] - 1):+5.2f}% vs DDP)  " if ddp else "  ")
