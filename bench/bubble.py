@@ -39,7 +39,7 @@ from torch import nn
 
 from plait.launch import spawn
 from plait.parallel.pipeline import SCHEDULES
-from plait.parallel.pipeline_timeline import (
+from plait.telemetry.timeline import (
     PipelineTimeline, plot_gantt, rank_bubbles, replay, step_bubble, step_window, theory_bubble,
     theory_bubble_issue,
 )

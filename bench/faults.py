@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 
 from plait.launch import launch_training  # noqa: E402
 from plait.resilience.events import read_events  # noqa: E402
-from plait.resilience.supervisor import JobFailed  # noqa: E402
+from plait.launch.supervisor import JobFailed  # noqa: E402
 from tests.parallel.harness import job, write_corpus  # noqa: E402
 
 CLASSES = ("crash", "hang", "hang_collective", "sigstop", "slow", "nan")

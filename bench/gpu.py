@@ -32,7 +32,7 @@ import torch
 
 from plait.config import ModelConfig, TrainConfig
 from plait.models.llama import build_model, count_params
-from plait.parallel.checkpointing import apply_activation_checkpointing
+from plait.parallel.recompute import apply_activation_checkpointing
 from plait.train.loss import token_loss_sum
 from plait.train.metrics import flops_per_token, peak_memory_gib
 from plait.train.optim import clip_grad_norm

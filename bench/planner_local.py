@@ -32,7 +32,7 @@ from plait.launch import preflight, spawn
 from plait.plan.calibrate import calibrate_command
 from plait.plan.estimate import estimate
 from plait.plan.hardware import default_profile_path
-from plait.plan.layout import Layout
+from plait.layout import Layout
 from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
 from plait.train.trainer import run_training
 

@@ -14,7 +14,7 @@ import argparse
 import json
 
 from plait.plan.estimate import estimate
-from plait.plan.layout import Layout
+from plait.layout import Layout
 from plait.plan.schedule import resolve_schedule
 from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
 

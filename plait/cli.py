@@ -5,13 +5,19 @@ Any user error ends as one line on stderr, ``plait: error: ...``, and exit code 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from plait.errors import NonFiniteError, PlaitError
-from plait.launch import RankFailed
-from plait.resilience.supervisor import JobFailed
+from plait.checkpoint.hf import convert
+from plait.checkpoint.store import latest_checkpoint, load_model_checkpoint
+from plait.config import CommandParser, build_config, split_overrides, to_toml
+from plait.data.tokenizer import Tokenizer
+from plait.errors import NonFiniteError, PlaitError, UsageError
+from plait.infer.generate import generate
+from plait.launch import RankFailed, launch_training
+from plait.launch.supervisor import JobFailed
+from plait.plan.auto import apply_auto_layout
+from plait.plan.command import run_plan
 
 USAGE = """plait train [CONFIG.toml] [--print-config] [--resume] [--profile-pipeline] [--section.field VALUE ...]
        plait generate CHECKPOINT [--prompt TEXT] [--max-new-tokens N] [--temperature T]
@@ -21,41 +27,9 @@ USAGE = """plait train [CONFIG.toml] [--print-config] [--resume] [--profile-pipe
        plait convert SRC DST          (Hugging Face folder <-> plait checkpoint)"""
 
 
-class UsageError(PlaitError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of argparse's usage block
-        raise UsageError(f"{message} (see 'plait {self.prog.split()[-1]} --help')")
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Separate ``--section.field value`` / ``--section.field=value`` pairs from the rest."""
-    rest, overrides, i = [], [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
-            key = arg[2:]
-            if "=" in key:
-                key, value = key.split("=", 1)
-            elif i + 1 < len(argv):
-                value, i = argv[i + 1], i + 1
-            else:
-                raise UsageError(f"--{key} needs a value")
-            overrides.append((key, value))
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
-
-
 def cmd_train(argv: list[str]) -> int:
-    from plait.config import build_config, to_toml
-    from plait.launch import launch_training
-
     rest, overrides = split_overrides(argv)
-    parser = _Parser(prog="plait train", description="Train a model (see README for the config fields).")
+    parser = CommandParser(prog="plait train", description="Train a model (see README for the config fields).")
     parser.add_argument("config", nargs="?", help="TOML config file; defaults give the demo job")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of run.dir")
@@ -67,8 +41,6 @@ def cmd_train(argv: list[str]) -> int:
         overrides.append(("metrics.profile_pipeline", "true"))
     cfg = build_config(args.config, overrides)
     if cfg.parallel.layout == "auto":
-        from plait.plan.auto import apply_auto_layout
-
         cfg = apply_auto_layout(cfg)
     if args.print_config:
         print(to_toml(cfg), end="")
@@ -78,11 +50,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    from plait.data.tokenizer import Tokenizer
-    from plait.infer.generate import generate
-    from plait.train.checkpoint import load_model_checkpoint
-
-    parser = _Parser(prog="plait generate", description="Sample text from a checkpoint.")
+    parser = CommandParser(prog="plait generate", description="Sample text from a checkpoint.")
     parser.add_argument("checkpoint", help="checkpoint folder, or a run dir (its latest checkpoint)")
     parser.add_argument("--prompt", default="ROMEO:")
     parser.add_argument("--max-new-tokens", type=int, default=100)
@@ -98,8 +66,6 @@ def cmd_generate(argv: list[str]) -> int:
     model, _ = load_model_checkpoint(args.checkpoint)
     folder = args.checkpoint
     if not any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model")):
-        from plait.train.checkpoint import latest_checkpoint
-
         folder = latest_checkpoint(folder) or folder
     tokenizer = Tokenizer.load(folder)
     prompt = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
@@ -109,9 +75,7 @@ def cmd_generate(argv: list[str]) -> int:
 
 
 def cmd_convert(argv: list[str]) -> int:
-    from plait.models.hf import convert
-
-    parser = _Parser(prog="plait convert", description="Convert between a Hugging Face folder and a plait checkpoint.")
+    parser = CommandParser(prog="plait convert", description="Convert between a Hugging Face folder and a plait checkpoint.")
     parser.add_argument("src")
     parser.add_argument("dst")
     args = parser.parse_args(argv)
@@ -119,13 +83,7 @@ def cmd_convert(argv: list[str]) -> int:
     return 0
 
 
-def cmd_plan(argv: list[str]) -> int:
-    from plait.plan.command import run_plan
-
-    return run_plan(argv)
-
-
-COMMANDS = {"train": cmd_train, "plan": cmd_plan, "generate": cmd_generate, "convert": cmd_convert}
+COMMANDS = {"train": cmd_train, "plan": run_plan, "generate": cmd_generate, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,10 @@ class PlaitError(Exception):
     """
 
 
+class UsageError(PlaitError):
+    """A command line that does not parse: an unknown flag, a missing value, an argument out of range."""
+
+
 class ConfigError(PlaitError):
     """A config field is unknown, mistyped, out of range, or inconsistent with another."""
 

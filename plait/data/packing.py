@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from plait.data.atomic import atomic_write
+from plait.checkpoint.atomic import atomic_write
 from plait.data.tokenizer import Tokenizer
 from plait.errors import DataError
 

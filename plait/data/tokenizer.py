@@ -17,7 +17,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from plait.data.atomic import atomic_write
+from plait.checkpoint.atomic import atomic_write
 from plait.errors import DataError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")

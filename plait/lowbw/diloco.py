@@ -39,7 +39,7 @@ from plait.lowbw.fragments import Fragment, split_fragments
 from plait.lowbw.outer import outer_step, staleness_scales
 from plait.lowbw.quantize import scale_groups
 from plait.lowbw.reduce import quantized_mean
-from plait.parallel import comm
+from plait.telemetry import collectives as comm
 
 
 class WorkerDivergence(RuntimeError):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from plait.config import JobConfig
-from plait.parallel.checkpointing import apply_activation_checkpointing
+from plait.parallel.recompute import apply_activation_checkpointing
 from plait.parallel.context_parallel import apply_context_parallel
 from plait.parallel.data_parallel import apply_data_parallel
 from plait.parallel.dims import ParallelDims

@@ -10,12 +10,15 @@ from __future__ import annotations
 import copy
 import os
 
+import torch
+
 from plait.config import JobConfig, job_world_size, validate
 from plait.errors import ConfigError
 from plait.plan.estimate import Estimate
 from plait.plan.hardware import GIB
 from plait.plan.search import search
 from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
+from plait.launch import preflight
 
 # torch.cuda.get_device_name() fragments -> catalog names; the first match wins.
 DEVICE_NAMES = (("H200", "h200"), ("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("B200", "b200"),
@@ -27,8 +30,6 @@ RECOMPUTE_TO_PLAIT = {"none": "none", "full": "full"}
 
 def catalog_gpu(cfg: JobConfig) -> str:
     """The catalog entry of the device this job trains on ('cpu' without CUDA)."""
-    import torch
-
     on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     if not on_cuda:
         return "cpu"
@@ -69,8 +70,6 @@ def apply_auto_layout(cfg: JobConfig) -> JobConfig:
     """The config with the planner's best runnable layout for this world; prints the choice."""
     world = job_world_size(cfg)
     if not cfg.model.vocab_size:
-        from plait.launch import preflight
-
         cfg = preflight(cfg, world)  # the tokenizer decides the vocabulary, and so the output layer
     model, train, cluster_spec = plan_inputs(cfg, world)
     result = search(model, train, build_cluster(cluster_spec), {"recompute": "none"})

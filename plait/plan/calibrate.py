@@ -23,10 +23,24 @@ bandwidth (a line in bytes).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import loss_parallel
+
+from plait.config import build_config
+from plait.launch import spawn, usable_cores
+from plait.models.llama import Llama
+from plait.parallel.tensor_parallel import apply_tensor_parallel
+from plait.plan.flops import DTENSOR_OPS_PER_BLOCK, OPS_PER_BLOCK
+from plait.plan.hardware import default_profile_path
+from plait.train.loss import token_loss_sum
 
 GEMM_DIMS = (16, 32, 64, 128, 256, 512)
 GEMM_ROUNDS = 3
@@ -48,8 +62,6 @@ def _sustained_rate(fn, work: float, window_s: float = 0.4) -> float:
     """``work`` units per call x calls per second, running ``fn`` back to back for ``window_s``
     while every other rank does the same: the rate each rank gets when all of them compute, as
     they do in a training step on shared cores."""
-    import torch.distributed as dist
-
     fn()
     dist.barrier()
     calls, begin = 0, time.perf_counter()
@@ -73,8 +85,6 @@ def attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> float:
 
 def _iteration_times(fn, iterations: int) -> list[float]:
     """Seconds of each of ``iterations`` calls of ``fn`` (the same count on every rank)."""
-    import torch.distributed as dist
-
     fn()
     dist.barrier()
     times = []
@@ -93,21 +103,11 @@ def _fixed_loop(fn, iterations: int) -> float:
 def _tiny_step_s(layers: int, tp_mesh=None) -> float:
     """Seconds of one forward + backward of a tiny plait Llama with ``layers`` blocks (eager;
     under tensor parallelism on ``tp_mesh`` if given). Its compute is negligible: this is host time."""
-    import contextlib
-
-    import torch
-    from torch.distributed.tensor.parallel import loss_parallel
-
-    from plait.config import build_config
-    from plait.models.llama import Llama
-    from plait.train.loss import token_loss_sum
 
     cfg = build_config(values={**TINY_MODEL, "model.n_layers": layers})
     model = Llama(cfg.model)
     context = contextlib.nullcontext
     if tp_mesh is not None:
-        from plait.parallel.tensor_parallel import apply_tensor_parallel
-
         apply_tensor_parallel(model, tp_mesh)
         context = loss_parallel
     ids = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len))
@@ -121,10 +121,6 @@ def _tiny_step_s(layers: int, tp_mesh=None) -> float:
 
 def _host_costs() -> dict:
     """Per-operator host seconds, eager and DTensor (see the module docstring)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import DeviceMesh
-
-    from plait.plan.flops import DTENSOR_OPS_PER_BLOCK, OPS_PER_BLOCK
 
     rank, world = dist.get_rank(), dist.get_world_size()
     own = None
@@ -149,12 +145,6 @@ def _sharing_times(world: int, cores: int) -> dict:
     """A small Llama's forward + backward (tens of MB of weights and activations, like a training
     step): seconds on rank 0 alone (``alone_s``, the others wait), then on every rank at once
     (``shared_s``, this rank's median). Empty where every rank has its own cores."""
-    import torch
-    import torch.distributed as dist
-
-    from plait.config import build_config
-    from plait.models.llama import Llama
-    from plait.train.loss import token_loss_sum
 
     if world <= cores:
         return {}
@@ -171,8 +161,6 @@ def _sharing_times(world: int, cores: int) -> dict:
 def _loaded_latency(world: int) -> dict:
     """Extra seconds of a small all-reduce between compute bursts, over the whole group and over
     pairs (every pair at once), against the bursts alone."""
-    import torch
-    import torch.distributed as dist
 
     rank = dist.get_rank()
     a, b = torch.randn(256, 256), torch.randn(256, 256)
@@ -195,8 +183,6 @@ def _loaded_p2p(world: int) -> dict:
     once) after each burst of compute of a training block's size (several ms), against the
     bursts alone, for a tiny and a 512 KiB message: what a pipeline send or a ring-attention hop
     costs while the other ranks compute."""
-    import torch
-    import torch.distributed as dist
 
     rank = dist.get_rank()
     peer = rank ^ 1
@@ -221,8 +207,6 @@ def _loaded_p2p(world: int) -> dict:
 
 def _measure_rank() -> dict:
     """Runs on every rank at once: matmul and copy rates of this rank, all-reduce times of the group."""
-    import torch
-    import torch.distributed as dist
 
     world = dist.get_world_size()
     # Three rounds over the sizes, the median of each: this machine's speed drifts by 10-20%
@@ -241,8 +225,6 @@ def _measure_rank() -> dict:
     attention = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()  # noqa: E731
     attention_rate = _sustained_rate(attention, attention_flops(*ATTENTION_SHAPE))
     host = _host_costs()
-    from plait.launch import usable_cores
-
     sharing = _sharing_times(world, usable_cores())
     loaded = _loaded_latency(world)
     p2p = _loaded_p2p(world) if world % 2 == 0 else {}
@@ -279,8 +261,6 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def fit_profile(results: list[dict]) -> dict:
     """The profile (JSON-ready) from every rank's measurements."""
-    from plait.launch import usable_cores
-
     world = results[0]["world"]
     mean_rate = {d: statistics.fmean(r["rates"][d] for r in results) for d in GEMM_DIMS}
     peak, half_dim = fit_gemm_curve(mean_rate)
@@ -337,16 +317,12 @@ def fit_profile(results: list[dict]) -> dict:
 
 def calibrate(ranks: int) -> dict:
     """Measure with ``ranks`` local gloo ranks; returns the profile."""
-    from plait.launch import spawn
-
     return fit_profile(spawn(_measure_rank, ranks))
 
 
 def calibrate_command(path: str, ranks: int) -> str:
     """``plait plan --cluster.gpu cpu --calibrate``: measure, write the profile, print a summary;
     returns the profile's path."""
-    from plait.plan.hardware import default_profile_path
-
     path = path or default_profile_path()
     profile = calibrate(ranks)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

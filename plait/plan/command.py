@@ -2,35 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from plait.errors import ConfigError, PlaitError
+from plait.config import CommandParser, split_overrides
+from plait.errors import ConfigError, UsageError
+from plait.layout import parse_layout
+from plait.plan.calibrate import calibrate_command
+from plait.plan.hardware import GIB
+from plait.plan.hetero import rerank_nic_aware
+from plait.plan.report import to_json, to_table
+from plait.plan.search import evaluate_fixed
+from plait.plan.spec import build_cluster, build_request
 
 USAGE = ("plait plan [CONFIG.toml] [--model.* ...] --cluster.gpu NAME --cluster.gpus N --cluster.gpus_per_node G "
          "[--cluster.* ...] --train.global_batch B --train.seq_len S [--layout \"tp=8,pp=2,...\"] [--top K] "
          "[--json] [--max-micro-batch] [--calibrate]")
 
 
-class PlanUsageError(PlaitError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise PlanUsageError(f"{message} (see 'plait plan --help')")
-
-
 def run_plan(argv: list[str]) -> int:
-    from plait.cli import split_overrides
-    from plait.plan.hardware import GIB
-    from plait.plan.layout import parse_layout
-    from plait.plan.report import to_json, to_table
-    from plait.plan.search import evaluate_fixed
-    from plait.plan.spec import build_cluster, build_request
 
     rest, overrides = split_overrides(argv)
-    parser = _Parser(prog="plait plan", usage=USAGE,
+    parser = CommandParser(prog="plait plan", usage=USAGE,
                      description="Predict step time and memory per GPU of parallel layouts; rank the best.")
     parser.add_argument("config", nargs="?", help="TOML file with [model], [train] and [cluster] sections")
     parser.add_argument("--layout", default="", help="fix some layout fields, e.g. 'tp=8,pp=2,recompute=full'")
@@ -41,13 +33,11 @@ def run_plan(argv: list[str]) -> int:
                         help="cpu: measure matmul and gloo throughput into cluster.profile, then plan if a model is given")
     args = parser.parse_args(rest)
     if args.top < 1:
-        raise PlanUsageError(f"--top = {args.top}; it must be >= 1")
+        raise UsageError(f"--top = {args.top}; it must be >= 1")
     if args.calibrate:
         given = dict(overrides)
         if given.get("cluster.gpu") != "cpu":
             raise ConfigError("--calibrate measures this machine: it needs --cluster.gpu cpu")
-        from plait.plan.calibrate import calibrate_command
-
         profile = calibrate_command(given.get("cluster.profile", ""), int(given.get("cluster.gpus", 4) or 4))
         if not any(key.startswith("model.") for key in given) and args.config is None:
             return 0
@@ -58,8 +48,6 @@ def run_plan(argv: list[str]) -> int:
     fixed = parse_layout(args.layout)
     result = evaluate_fixed(request.model, request.train, cluster, fixed, args.max_micro_batch)
     if cluster.heterogeneous:
-        from plait.plan.hetero import rerank_nic_aware
-
         rerank_nic_aware(result, request.model, request.train, cluster)
     if args.json:
         print(to_json(result, args.top))

@@ -20,7 +20,7 @@ from plait.plan.flops import (
     DTYPE_BYTES, PARAM_TENSORS_PER_BLOCK, block_cost, head_cost, model_flops_per_step, optimizer_seconds, tokens_per_gpu,
 )
 from plait.plan.hardware import Cluster
-from plait.plan.layout import Layout
+from plait.layout import Layout
 from plait.plan.memory import Memory, memory_per_gpu, stage_params
 from plait.plan.schedule import bubble_seconds
 from plait.plan.spec import PlanModel, PlanTrain

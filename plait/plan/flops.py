@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from plait.plan.hardware import GpuSpec
-from plait.plan.layout import Layout
+from plait.layout import Layout
 from plait.plan.spec import PlanModel, PlanTrain
 
 DTYPE_BYTES = {"bf16": 2, "fp8": 2, "fp32": 4}  # fp8 GEMMs still keep bf16 activations between kernels

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from plait.plan.estimate import estimate
 from plait.plan.hardware import Cluster
-from plait.plan.layout import Layout
+from plait.layout import Layout
 from plait.plan.spec import PlanModel, PlanTrain
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from plait.errors import ConfigError
 from plait.plan.estimate import Estimate, estimate
 from plait.plan.hardware import GIB, Cluster
-from plait.plan.layout import RECOMPUTE, Layout
+from plait.layout import RECOMPUTE, Layout
 from plait.plan.memory import memory_per_gpu
 from plait.plan.schedule import resolve_schedule
 from plait.plan.spec import PlanModel, PlanTrain

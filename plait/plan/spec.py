@@ -14,14 +14,15 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from plait.config import _coerce, _f, load_toml
+from plait.config import field_spec as _f, load_toml
+from plait.config.parse import _coerce
 from plait.errors import ConfigError
+from plait.layout import PP_SCHEDULES  # noqa: F401
 from plait.plan.hardware import (
     DEFAULT_LINKS, GIGA, Cluster, default_profile_path, load_profile, lookup_gpu, lookup_link,
     parse_node_groups,
 )
 
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv", "dualpipev")
 
 
 @dataclass

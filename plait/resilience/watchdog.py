@@ -26,7 +26,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from plait.parallel import comm
+from plait.telemetry import collectives as comm
 
 MONITOR_ENV = "PLAIT_MONITOR_ADDR"
 ATTEMPT_ENV = "PLAIT_ATTEMPT"

@@ -26,7 +26,7 @@ from torch import nn
 
 from plait.config import JobConfig
 from plait.models.moe import MoE
-from plait.parallel import comm
+from plait.telemetry import collectives as comm
 
 
 class GlobalBatchCounts:

@@ -12,9 +12,9 @@ from torch import nn
 
 from plait.config import JobConfig
 from plait.parallel.dims import ParallelDims
-from plait.parallel import comm
+from plait.telemetry import collectives as comm
 from plait.parallel.pipeline import build_schedule, stage_owner
-from plait.parallel.pipeline_timeline import PipelineTimeline, step_bubble
+from plait.telemetry.timeline import PipelineTimeline, step_bubble
 from plait.train.loss import plain
 
 

@@ -26,16 +26,16 @@ from plait.data.loader import val_batches
 from plait.infer.generate import generate
 from plait.lowbw.diloco import build_outer_loop
 from plait.models.llama import build_model, count_params
-from plait.parallel import comm
+from plait.telemetry import collectives as comm
 from plait.parallel.context_parallel import sequence_layout
 from plait.parallel.data_parallel import set_gradient_sync
 from plait.parallel.dims import ParallelDims
 from plait.parallel.parallelize import parallelize_llama
-from plait.parallel.pipeline_timeline import plot_gantt
+from plait.telemetry.timeline import plot_gantt
 from plait.parallel.zero import build_zero1_optimizer, state_bytes
 from plait.train.loss import plain, token_loss_sum
 from plait.train.pipeline_runner import PipelineRunner
-from plait.train import checkpoint as ckpt
+from plait.checkpoint import store as ckpt
 from plait.resilience.events import log_event
 from plait.resilience.inject import Injector, parse_injection
 from plait.resilience.watchdog import PROGRESS, Watchdog, attempt, monitor_store

@@ -68,8 +68,8 @@ def test_generate_from_run_dir(trained):
 
 
 def test_convert_round_trip_keeps_logits(trained, tmp_path):
-    from plait.models.hf import from_pretrained
-    from plait.train.checkpoint import latest_checkpoint, load_model_checkpoint
+    from plait.checkpoint.hf import from_pretrained
+    from plait.checkpoint.store import latest_checkpoint, load_model_checkpoint
 
     ckpt = latest_checkpoint(trained["run"])
     hf_dir, back = str(tmp_path / "hf"), str(tmp_path / "back")

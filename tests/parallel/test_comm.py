@@ -1,4 +1,4 @@
-"""Counted collectives: what plait.parallel.comm records against what the theory says.
+"""Counted collectives: what plait.telemetry.collectives records against what the theory says.
 
 One spawn of 2 ranks and one of 4 run every check (spawning costs seconds); the ranks return
 what they measured and the asserts run here, so a failure names the case and both numbers.
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.launch import spawn
-from plait.parallel import comm
+from plait.telemetry import collectives as comm
 
 D = 16  # every size below divides by 4 ranks, so FSDP2 shards have no padding
 F32 = 4

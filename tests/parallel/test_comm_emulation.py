@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.launch import spawn
-from plait.parallel import comm
+from plait.telemetry import collectives as comm
 
 FLOATS = 50_000  # 200 kB payload; an all_reduce over 2 ranks sends all of it (2(n-1)/n = 1)
 RATE = 5e5  # bytes/s on the emulated dim: 0.4 s for the payload

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from plait.config import build_config
 from plait.launch import spawn
 from plait.models.llama import build_model
-from plait.parallel import comm
+from plait.telemetry import collectives as comm
 from plait.parallel.context_parallel import apply_context_parallel, sequence_layout
 from plait.parallel.dims import ParallelDims
 

@@ -15,7 +15,7 @@ from plait.launch import spawn
 from plait.lowbw.diloco import OuterLoop, WorkerDivergence
 from plait.lowbw.fragments import split_fragments
 from plait.models.llama import build_model
-from plait.parallel import comm
+from plait.telemetry import collectives as comm
 from plait.train.trainer import run_training
 from tests.parallel.harness import RTOL, job, roll_back, write_corpus
 

@@ -1,5 +1,5 @@
 """quantized_mean on 4 gloo ranks: identical bits everywhere, the mean within the quantization
-bound, and the bytes plait.parallel.comm counts equal to the formula.
+bound, and the bytes plait.telemetry.collectives counts equal to the formula.
 
 One spawn runs every case (spawning costs seconds); ranks return their inputs, results and
 counted bytes, and the asserts run here, so a failure names the case and the rank.
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from plait.launch import spawn
 from plait.lowbw.quantize import QUANT_KINDS, scale_groups, wire_bytes
 from plait.lowbw.reduce import ErrorFeedback, quantized_mean, sent_bytes, split_runs
-from plait.parallel import comm
+from plait.telemetry import collectives as comm
 
 N = 4
 DIM = "dp_replicate"

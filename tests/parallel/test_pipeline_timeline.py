@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from plait.launch import spawn
-from plait.parallel.pipeline_timeline import (
+from plait.telemetry.timeline import (
     PipelineTimeline, align_timelines, plot_gantt, rank_bubbles, replay, step_bubble, theory_bubble,
     theory_bubble_issue,
 )

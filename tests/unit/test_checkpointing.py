@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from plait.config import ModelConfig
 from plait.models.llama import Block, KVCache, RMSNorm, build_model
-from plait.parallel.checkpointing import (
+from plait.parallel.recompute import (
     MODES,
     apply_activation_checkpointing,
     checkpointed_indices,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from plait.config import ModelConfig  # noqa: E402
 from plait.errors import CheckpointError, PlaitError  # noqa: E402
-from plait.models import hf  # noqa: E402
+from plait.checkpoint import hf  # noqa: E402
 from plait.models.llama import build_model  # noqa: E402
 from tests.unit.test_hf import TINY, assert_logits_match, ids, max_diff, save_hf  # noqa: E402
 

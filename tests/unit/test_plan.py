@@ -18,7 +18,7 @@ from plait.plan.estimate import estimate
 from plait.plan.hetero import place, rerank_nic_aware, size_stages
 from plait.plan.flops import block_cost, gemm_efficiency, gemm_seconds, model_flops_per_step
 from plait.plan.hardware import GIB, GPUS, LINKS, Cluster, parse_node_groups
-from plait.plan.layout import Layout, parse_layout
+from plait.layout import Layout, parse_layout
 from plait.plan.memory import block_activation_bytes, model_state_bytes, stage_params
 from plait.plan.schedule import bubble_seconds, micro_batches_in_flight
 from plait.plan.search import evaluate_fixed, layout_problem, search

@@ -18,7 +18,7 @@ from plait.plan.flops import (
     _elementwise_bytes, block_cost, optimizer_seconds, with_host,
 )
 from plait.plan.hardware import GPUS
-from plait.plan.layout import Layout
+from plait.layout import Layout
 from plait.plan.spec import PlanModel, PlanTrain
 from plait.train.loss import token_loss_sum
 

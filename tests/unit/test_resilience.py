@@ -135,7 +135,7 @@ def test_parse_injection():
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
-    from plait.train.checkpoint import checkpoint_root, latest_good_checkpoint
+    from plait.checkpoint.store import checkpoint_root, latest_good_checkpoint
 
     root = checkpoint_root(str(tmp_path))
     for step in (2, 4, 6):

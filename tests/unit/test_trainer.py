@@ -62,7 +62,7 @@ def test_compiled_blocks_match_eager(workdir):
 def test_init_from_starts_from_the_checkpoint_weights_with_a_fresh_optimizer(workdir):
     """checkpoint.init_from: the weights are the checkpoint's (also the DiLoCo outer loop's
     global copy, taken after the load), the step, schedule and optimizer start over."""
-    from plait.train.checkpoint import load_model_checkpoint
+    from plait.checkpoint.store import load_model_checkpoint
     from plait.train.trainer import Trainer
 
     src = losses(workdir, "init_src")

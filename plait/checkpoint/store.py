@@ -33,6 +33,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from plait.config import JobConfig, build_config, to_toml
 from plait.errors import CheckpointError
 from plait.parallel.zero import load_zero1_state_dict, zero1_state_dict
+from plait.models.llama import build_model
 
 # A single process saves and loads without a process group on purpose; DCP warns each time.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -263,7 +264,6 @@ def save_model_checkpoint(model: nn.Module, cfg: JobConfig, dst: str) -> None:
 def load_model_checkpoint(src: str, device: str = "cpu") -> tuple[nn.Module, JobConfig]:
     """Single process: verify ``src`` (a checkpoint folder, or a run dir whose latest is
     taken) and return the plain model with its weights and the checkpoint's config."""
-    from plait.models.llama import build_model  # the model package imports config only
 
     if os.path.isdir(checkpoint_root(src)) and not os.path.isfile(os.path.join(src, MANIFEST)):
         src = latest_checkpoint(src) or src

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from plait.errors import ConfigError
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv", "dualpipev")
 RECOMPUTE = ("none", "selective", "full")
 INT_FIELDS = ("tp", "pp", "vpp", "dp", "cp", "ep", "mbs", "zero")
 LAYOUT_KEYS = INT_FIELDS + ("recompute", "schedule")
@@ -57,8 +58,6 @@ def parse_layout(text: str) -> dict[str, int | str]:
                 raise ConfigError(f"--layout recompute={value!r}; choose one of {', '.join(RECOMPUTE)}")
             fixed[key] = value
         elif key == "schedule":
-            from plait.plan.spec import PP_SCHEDULES
-
             if value not in PP_SCHEDULES:
                 raise ConfigError(f"--layout schedule={value!r}; choose one of {', '.join(PP_SCHEDULES)}")
             fixed[key] = value

@@ -1,6 +1,6 @@
 """Hugging Face interop for mixture-of-experts checkpoints: Mixtral and Qwen2-MoE.
 
-:mod:`plait.models.hf` handles everything the MoE models share with the dense ones; this
+:mod:`plait.checkpoint.hf` handles everything the MoE models share with the dense ones; this
 module maps what differs: the MoE fields of ``config.json`` to ModelConfig's ``moe_*`` fields
 and back, and the expert tensors to plait's stacked layout (:class:`plait.models.moe.Experts`,
 ``w1``/``w3`` (experts, hidden, dim) and ``w2`` (experts, dim, hidden)).

@@ -3,7 +3,7 @@
 Supported architectures are Llama, Qwen2 and Mistral (``LlamaForCausalLM``,
 ``Qwen2ForCausalLM``, ``MistralForCausalLM``) and the mixture-of-experts Mixtral and Qwen2-MoE
 (``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``; their MoE fields and expert tensors are mapped
-in :mod:`plait.models.hf_moe`). RoPE in :mod:`plait.models.llama` already uses the rotate-half
+in :mod:`plait.checkpoint.hf_moe`). RoPE in :mod:`plait.models.llama` already uses the rotate-half
 layout of these checkpoints, so tensors are only renamed (and experts stacked), never permuted.
 Weights are read with safetensors only; pickled ``pytorch_model.bin`` files are refused.
 """
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from plait.config import ModelConfig
 from plait.errors import CheckpointError, PlaitError
-from plait.models import hf_moe
+from plait.checkpoint import hf_moe
 from plait.models.llama import Llama, rope_inv_freq
 
 # model_type -> transformers class name
@@ -68,7 +68,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     Raises PlaitError (one line) for an unknown architecture or a feature plait's model does
     not implement: sliding-window attention, a non-default head_dim, rope types other than
     "default"/"llama3", activations other than silu, o_proj or MLP biases, and the MoE layouts
-    :func:`plait.models.hf_moe.moe_fields_from_hf` refuses.
+    :func:`plait.checkpoint.hf_moe.moe_fields_from_hf` refuses.
     """
     arch = _hf_architecture(hf)
     dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
@@ -519,7 +519,7 @@ def is_hf_checkpoint(path: str) -> bool:
 def hf_to_plait(src: str, dst: str) -> str:
     """Load the Hugging Face folder ``src`` and write a plait checkpoint to ``dst``.
     Returns a one-line description."""
-    from plait.train.checkpoint import save_model_checkpoint
+    from plait.checkpoint.store import save_model_checkpoint
 
     from plait.config import JobConfig, TrainConfig
 
@@ -535,7 +535,7 @@ def hf_to_plait(src: str, dst: str) -> str:
 def plait_to_hf(src: str, dst: str) -> str:
     """Load the plait checkpoint ``src`` and write a Hugging Face folder to ``dst``.
     Returns a one-line description."""
-    from plait.train.checkpoint import load_model_checkpoint
+    from plait.checkpoint.store import load_model_checkpoint
 
     model, _cfg = load_model_checkpoint(src)
     arch = _arch(_default_architecture(model))

@@ -13,7 +13,9 @@ from typing import Any
 
 import torch.distributed as dist
 
+from plait.checkpoint import store as ckpt
 from plait.config import JobConfig
+from plait.launch.ranks import RankFailed, start_ranks
 from plait.resilience.events import log_event
 from plait.resilience.monitor import Fault, Monitor
 from plait.resilience.watchdog import ATTEMPT_ENV, MONITOR_ENV
@@ -41,7 +43,6 @@ def _stop_all(procs: list) -> None:
 
 def run_once(fn, cfg: JobConfig, attempt: int, backend: str) -> tuple[list[Any] | None, Fault | None]:
     """One start of the job: (every rank's result, None) or (None, the fatal fault)."""
-    from plait.launch import RankFailed, start_ranks
 
     nproc = cfg.parallel.nproc
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -78,7 +79,6 @@ def run_once(fn, cfg: JobConfig, attempt: int, backend: str) -> tuple[list[Any] 
 def supervise(fn, cfg: JobConfig, backend: str) -> list[Any]:
     """Run ``fn(cfg)`` on ``cfg.parallel.nproc`` local ranks until it finishes, restarting
     after each fatal fault. Returns every rank's result."""
-    from plait.train import checkpoint as ckpt
 
     for attempt in range(cfg.resilience.max_restarts + 1):
         started = time.time()

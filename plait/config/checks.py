@@ -1,0 +1,119 @@
+"""Cross-field checks of a job, run before any rank starts: the layout fills the world, the
+batch divides, the fault injection names a real rank, the slow-link settings fit.
+"""
+
+from __future__ import annotations
+
+import os
+
+from plait.config.injection import parse_injection
+from plait.config.links import link_emulation
+from plait.config.rules import validate_model_parallel
+from plait.config.sections import JobConfig
+from plait.errors import ConfigError
+
+
+def validate(cfg: JobConfig, world_size: int | None = None) -> None:
+    """Cross-field checks: the layout matches the world, batches and heads divide evenly."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    kv = m.n_kv_heads or m.n_heads
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim = {m.dim} is not divisible by model.n_heads = {m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (RoPE)")
+    if m.n_heads % kv:
+        raise ConfigError(
+            f"model.n_heads = {m.n_heads} is not divisible by model.n_kv_heads = {kv}"
+        )
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len = {t.seq_len} is above the model's limit model.max_seq_len = "
+            f"{m.max_seq_len}"
+        )
+    if cfg.data.batching == "balanced" and not cfg.data.doc_mask:
+        raise ConfigError(
+            "data.batching = 'balanced' needs data.doc_mask = true: it packs several documents "
+            "into one sequence, which must not attend to each other"
+        )
+    link_emulation(cfg)
+    if p.layout == "auto":
+        return  # the planner picks the layout (plait.plan.auto) and validates its choice
+    world = world_size if world_size is not None else job_world_size(cfg)
+    injection = parse_injection(cfg.resilience.inject)
+    if injection is not None and injection.rank >= world:
+        raise ConfigError(f"resilience.inject names rank {injection.rank}; the job has ranks 0..{world - 1}")
+    if injection is not None and injection.kind == "crash_sync" and cfg.lowbw.method == "none":
+        raise ConfigError("resilience.inject = 'crash_sync:...' needs an outer sync: set lowbw.method")
+    dp = resolve_dp(cfg, world)
+    validate_model_parallel(cfg, dp)
+    validate_lowbw(cfg)
+    if t.global_batch % (t.micro_batch * dp):
+        raise ConfigError(
+            f"train.global_batch = {t.global_batch} must be a multiple of train.micro_batch "
+            f"({t.micro_batch}) x data-parallel degree ({dp})"
+        )
+
+
+def validate_lowbw(cfg: JobConfig) -> None:
+    """DiLoCo-family settings fit the layout: workers are the dp_replicate groups."""
+    lb, p, t = cfg.lowbw, cfg.parallel, cfg.train
+    if lb.method == "none":
+        return
+    if p.ep > 1:
+        raise ConfigError(f"lowbw.method = '{lb.method}' does not support parallel.ep > 1")
+    if t.steps % lb.inner_steps:
+        raise ConfigError(
+            f"train.steps = {t.steps} must be a multiple of lowbw.inner_steps = {lb.inner_steps}, "
+            "so training ends on a sync"
+        )
+    if lb.method != "streaming":
+        return
+    if lb.inner_steps % lb.fragments or lb.fragments > cfg.model.n_layers:
+        raise ConfigError(
+            f"lowbw.fragments = {lb.fragments} must divide lowbw.inner_steps = {lb.inner_steps} "
+            f"and be at most model.n_layers = {cfg.model.n_layers}"
+        )
+    if lb.overlap_steps >= lb.inner_steps // lb.fragments:
+        raise ConfigError(
+            f"lowbw.overlap_steps = {lb.overlap_steps} must be below lowbw.inner_steps / lowbw.fragments = "
+            f"{lb.inner_steps // lb.fragments} (one fragment's exchange at a time)"
+        )
+
+
+def torchrun_world_size() -> int | None:
+    """WORLD_SIZE when torchrun (or another launcher) set up the rank environment, else None."""
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def job_world_size(cfg: JobConfig) -> int:
+    """Ranks the job will run on: torchrun's world when launched by it, else parallel.nproc."""
+    return torchrun_world_size() or cfg.parallel.nproc
+
+
+def resolve_dp(cfg: JobConfig, world: int) -> int:
+    """The data-parallel degree for ``world`` ranks (world / (tp x pp x cp)); raises ConfigError
+    if the layout does not fill the world exactly."""
+    p = cfg.parallel
+    if p.dp_shard == 0:
+        raise ConfigError("parallel.dp_shard = 0 is out of range; use -1 (fill) or >= 1")
+    model_parallel = p.tp * p.pp * p.cp
+    if world % model_parallel:
+        raise ConfigError(
+            f"world size {world} is not divisible by parallel.tp x pp x cp = {p.tp} x {p.pp} x {p.cp}"
+        )
+    dp_world = world // model_parallel
+    if p.dp_shard == -1:
+        if dp_world % p.dp_replicate:
+            raise ConfigError(
+                f"world size {world} / (tp x pp x cp = {model_parallel}) = {dp_world} is not divisible by "
+                f"parallel.dp_replicate = {p.dp_replicate}"
+            )
+        return dp_world
+    if p.dp_replicate * p.dp_shard * model_parallel != world:
+        raise ConfigError(
+            f"layout parallel.dp_replicate x dp_shard x tp x pp x cp = {p.dp_replicate} x {p.dp_shard} x "
+            f"{p.tp} x {p.pp} x {p.cp} = {p.dp_replicate * p.dp_shard * model_parallel} does not match the world size {world}"
+        )
+    return dp_world

@@ -1,0 +1,197 @@
+"""TOML file + dotted command-line overrides -> typed sections, with one set of range checks.
+
+The parser works on any dataclass whose fields are sections (``JobConfig`` for ``plait train``,
+the planner's request for ``plait plan``), so both commands share coercion, limits and messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import typing
+import os
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+from plait.config.checks import validate
+from plait.config.sections import JobConfig
+from plait.errors import ConfigError, UsageError
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(JobConfig)}
+_SECTION_TYPES = typing.get_type_hints(JobConfig)
+
+
+def section_fields(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(_SECTION_TYPES[section])}
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(key: str, raw: Any, hint: Any, from_cli: bool) -> Any:
+    """Turn ``raw`` into the field's type, or raise ConfigError naming the key and the type."""
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if raw not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{key} = {raw!r} is not allowed; choose one of {allowed}")
+        return raw
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if from_cli and isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
+            return raw.lower() in ("true", "1")
+        raise ConfigError(f"{key} = {raw!r} is not a boolean; use true or false")
+    if hint is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key} = {raw!r} is not an integer")
+        if isinstance(raw, int):
+            return raw
+        if from_cli and isinstance(raw, str):
+            try:
+                return int(raw)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} = {raw!r} is not an integer")
+    if hint is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if from_cli and isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} = {raw!r} is not a number")
+    if hint is str:
+        if isinstance(raw, str):
+            return raw
+        raise ConfigError(f"{key} = {raw!r} is not a string")
+    raise ConfigError(f"{key}: unsupported field type {hint}")  # pragma: no cover
+
+
+def _set(cfg: JobConfig, dotted: str, raw: Any, from_cli: bool) -> None:
+    section, _, name = dotted.partition(".")
+    if section not in SECTIONS or not name:
+        options = [f"{s}.{n}" for s in SECTIONS for n in section_fields(s)]
+        raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, options)}")
+    fields = section_fields(section)
+    if name not in fields:
+        options = [f"{section}.{n}" for n in fields]
+        raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, options)}")
+    hint = typing.get_type_hints(type(getattr(cfg, section)))[name]
+    value = _coerce(dotted, raw, hint, from_cli)
+    meta = fields[name].metadata
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{dotted} = {value!r} is out of range; it must be >= {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{dotted} = {value!r} is out of range; it must be <= {meta['max']}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(f"{dotted} = {value!r} is out of range; it must be > {meta['gt']}")
+    setattr(getattr(cfg, section), name, value)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
+
+
+def build_config(
+    path: str | None = None,
+    overrides: list[tuple[str, str]] | None = None,
+    values: dict[str, Any] | None = None,
+) -> JobConfig:
+    """Defaults, then the TOML file, then ``values`` (typed), then CLI overrides (strings).
+
+    Returns a validated JobConfig; raises ConfigError on the first problem.
+    """
+    cfg = JobConfig()
+    if path is not None:
+        for section, body in load_toml(path).items():
+            if not isinstance(body, dict):
+                raise ConfigError(
+                    f"'{section}' in {path} must be a [section] table"
+                    f"{_closest(section, list(SECTIONS))}"
+                )
+            for name, raw in body.items():
+                _set(cfg, f"{section}.{name}", raw, from_cli=False)
+    for dotted, raw in (values or {}).items():
+        _set(cfg, dotted, raw, from_cli=False)
+    for dotted, raw in overrides or []:
+        _set(cfg, dotted, raw, from_cli=True)
+    validate(cfg)
+    return cfg
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """The resolved config as TOML text (what ``plait train --print-config`` prints)."""
+    lines: list[str] = []
+    for section, body in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for name, value in body.items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(value)
+            lines.append(f"{name} = {text}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The config reference table of the README, generated from the dataclasses above."""
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for section in SECTIONS:
+        hints = typing.get_type_hints(_SECTION_TYPES[section])
+        for name, fld in section_fields(section).items():
+            hint = hints[name]
+            if typing.get_origin(hint) is Literal:
+                kind = " \\| ".join(str(c) for c in typing.get_args(hint))
+            else:
+                kind = hint.__name__
+            default = fld.default
+            text = "true" if default is True else "false" if default is False else repr(default) if isinstance(default, str) else str(default)
+            rows.append(f"| `{section}.{name}` | {kind} | `{text}` | {fld.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separate ``--section.field value`` / ``--section.field=value`` pairs from the rest."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            key = arg[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            else:
+                raise UsageError(f"--{key} needs a value")
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a UsageError: exit code 2) instead of a usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see 'plait {self.prog.split()[-1]} --help')")
