@@ -1,9 +1,10 @@
 """Hugging Face interop for mixture-of-experts checkpoints: Mixtral and Qwen2-MoE.
 
-:mod:`plait.checkpoint.hf` handles everything the MoE models share with the dense ones; this
-module maps what differs: the MoE fields of ``config.json`` to ModelConfig's ``moe_*`` fields
-and back, and the expert tensors to plait's stacked layout (:class:`plait.models.moe.Experts`,
-``w1``/``w3`` (experts, hidden, dim) and ``w2`` (experts, dim, hidden)).
+:mod:`plait.checkpoint.hf_mapping` handles everything the MoE models share with the dense
+ones; this module maps what differs: the MoE fields of ``config.json`` to ModelConfig's
+``moe_*`` fields and back, and the expert tensors to plait's stacked layout
+(:class:`plait.models.moe.Experts`, ``w1``/``w3`` (experts, hidden, dim) and ``w2`` (experts,
+dim, hidden)).
 
 Checkpoints store one tensor per expert: ``model.layers.{i}.block_sparse_moe.experts.{e}.w1``
 (w1 = gate, w3 = up, w2 = down) in Mixtral, ``model.layers.{i}.mlp.experts.{e}.gate_proj``

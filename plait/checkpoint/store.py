@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from plait.checkpoint.atomic import atomic_folder, atomic_write, fresh_folder, publish_folder, temp_folder_for
 from plait.config import JobConfig, build_config, to_toml
 from plait.errors import CheckpointError
 from plait.parallel.zero import load_zero1_state_dict, zero1_state_dict
@@ -75,11 +76,9 @@ def _write_manifest(folder: str, step: int, extra: dict[str, Any]) -> None:
         json.dump(manifest, fh, indent=1)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+def _write_config(folder: str, cfg: JobConfig) -> None:
+    with open(os.path.join(folder, "config.toml"), "w") as fh:
+        fh.write(to_toml(cfg))
 
 
 def verify_checkpoint(folder: str) -> dict[str, Any]:
@@ -180,10 +179,11 @@ def save_checkpoint(
     process group (DCP would otherwise keep one copy of what looks replicated)."""
     root = checkpoint_root(run_dir)
     name = f"step_{step:06d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+    final = os.path.join(root, name)
+    tmp = temp_folder_for(final)
     rank = _rank()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fresh_folder(tmp)
         os.makedirs(os.path.join(tmp, "state"))
     _barrier()
     model_sd, optim_sd = _state_dicts(merged_view(parts), optimizer)
@@ -192,15 +192,14 @@ def save_checkpoint(
     torch.save(rank_state, os.path.join(tmp, "state", f"rank{rank}.pt"))
     _barrier()
     if rank == 0:
-        with open(os.path.join(tmp, "config.toml"), "w") as fh:
-            fh.write(to_toml(cfg))
+        _write_config(tmp, cfg)
         if tokenizer is not None:
             tokenizer.save(tmp)
         world = dist.get_world_size() if dist.is_initialized() else 1
         _write_manifest(tmp, step, {"world_size": world})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write_text(os.path.join(root, LATEST), name)
+        publish_folder(tmp, final)
+        with atomic_write(os.path.join(root, LATEST), "w") as fh:
+            fh.write(name)
         _prune(root, keep)
     _barrier()
     return final
@@ -248,17 +247,10 @@ def save_model_checkpoint(model: nn.Module, cfg: JobConfig, dst: str) -> None:
     atomically. ``plait generate`` and ``plait convert`` read it."""
     if os.path.exists(dst):
         raise CheckpointError(f"destination '{dst}' already exists; choose a new folder")
-    tmp = dst.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_folder(dst, fixed_temp=True) as tmp:
         dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
-        with open(os.path.join(tmp, "config.toml"), "w") as fh:
-            fh.write(to_toml(cfg))
+        _write_config(tmp, cfg)
         _write_manifest(tmp, 0, {"world_size": 1, "model_only": True})
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model_checkpoint(src: str, device: str = "cpu") -> tuple[nn.Module, JobConfig]:

@@ -2,6 +2,8 @@
 
 Everything a user can get wrong is checked here, in the launching process, before any rank
 starts (``preflight``), so a bad input costs one line and exit code 2, not N tracebacks.
+``ranks`` starts, waits for and stops local rank processes; ``supervisor`` restarts them after a
+fault the monitor names.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Training over slow links: DiLoCo outer loop and quantized averaging of outer gradients."""
+"""Training over slow links: the DiLoCo family (DiLoCo, Streaming DiLoCo, CO2) as an outer loop around
+the inner optimizer, with quantized averaging of outer gradients between data-parallel workers."""

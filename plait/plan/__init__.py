@@ -1,10 +1,11 @@
 """``plait plan``: predict step time and memory per GPU for any layout on any cluster, and search.
 
 The files follow one estimate through: hardware.py (GPUs, links, clusters) -> spec.py (the model
-and the training job as the planner sees them) -> layout.py (one candidate layout) -> flops.py
-(compute time) -> memory.py (bytes per GPU) -> comm.py (collective times on the links the groups
-cross) -> schedule.py (pipeline bubble, micro-batches in flight) -> estimate.py (the step) ->
+and the training job as the planner sees them) -> flops.py (compute time) -> memory.py (bytes per GPU)
+-> comm.py (collective times on the links the groups cross) -> estimate.py (the step) ->
 search.py (enumerate, prune, rank) -> report.py (table, JSON). calibrate.py measures this
 machine; hetero.py places stages on clusters with mixed NICs; auto.py serves
-``parallel.layout = "auto"``; command.py is the ``plait plan`` command line.
+``parallel.layout = "auto"``; command.py is the ``plait plan`` command line. The candidate layout,
+its rules and the pipeline schedules table (bubble, micro-batches in flight) are plait/layout.py:
+the planner ranks only layouts ``plait train`` accepts.
 """
