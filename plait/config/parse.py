@@ -1,6 +1,6 @@
 """TOML file + dotted command-line overrides -> typed sections, with one set of range checks.
 
-The parser works on any dataclass whose fields are sections (``JobConfig`` for ``plait train``,
+The parser works on any root dataclass whose fields are sections (``JobConfig`` for ``plait train``,
 the planner's request for ``plait plan``), so both commands share coercion, limits and messages.
 """
 
@@ -24,12 +24,23 @@ from plait.config.sections import JobConfig
 from plait.errors import ConfigError, UsageError
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(JobConfig)}
-_SECTION_TYPES = typing.get_type_hints(JobConfig)
+def sections_of(root: Any) -> dict[str, type]:
+    """A root dataclass's (or instance's) section types by name: ``model`` -> ModelConfig, ..."""
+    hints = typing.get_type_hints(root if isinstance(root, type) else type(root))
+    return {f.name: hints[f.name] for f in dataclasses.fields(root)}
 
 
-def section_fields(section: str) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(_SECTION_TYPES[section])}
+SECTIONS: dict[str, type] = sections_of(JobConfig)
+
+
+def section_fields(section: str, root: Any = JobConfig) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(sections_of(root)[section])}
+
+
+def has_key(root: Any, dotted: str) -> bool:
+    """Whether ``section.field`` names a field of one of ``root``'s sections."""
+    section, _, name = dotted.partition(".")
+    return section in sections_of(root) and name in section_fields(section, root)
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -78,25 +89,49 @@ def _coerce(key: str, raw: Any, hint: Any, from_cli: bool) -> Any:
     raise ConfigError(f"{key}: unsupported field type {hint}")  # pragma: no cover
 
 
-def _set(cfg: JobConfig, dotted: str, raw: Any, from_cli: bool) -> None:
-    section, _, name = dotted.partition(".")
-    if section not in SECTIONS or not name:
-        options = [f"{s}.{n}" for s in SECTIONS for n in section_fields(s)]
-        raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, options)}")
-    fields = section_fields(section)
-    if name not in fields:
-        options = [f"{section}.{n}" for n in fields]
-        raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, options)}")
-    hint = typing.get_type_hints(type(getattr(cfg, section)))[name]
-    value = _coerce(dotted, raw, hint, from_cli)
-    meta = fields[name].metadata
+def _check_range(dotted: str, value: Any, meta: Any) -> None:
+    """The field's declared limits (``min``/``max``/``gt`` in its metadata)."""
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{dotted} = {value!r} is out of range; it must be >= {meta['min']}")
     if "max" in meta and value > meta["max"]:
         raise ConfigError(f"{dotted} = {value!r} is out of range; it must be <= {meta['max']}")
     if "gt" in meta and value <= meta["gt"]:
         raise ConfigError(f"{dotted} = {value!r} is out of range; it must be > {meta['gt']}")
-    setattr(getattr(cfg, section), name, value)
+
+
+def set_key(root: Any, dotted: str, raw: Any, from_cli: bool) -> None:
+    """Coerce ``raw`` to the field's type, check its limits and set ``root.section.field``."""
+    section, _, name = dotted.partition(".")
+    sections = sections_of(root)
+    if not has_key(root, dotted):
+        scope = [section] if section in sections and name else list(sections)
+        options = [f"{s}.{n}" for s in scope for n in section_fields(s, root)]
+        raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, options)}")
+    body = getattr(root, section)
+    value = _coerce(dotted, raw, typing.get_type_hints(type(body))[name], from_cli)
+    _check_range(dotted, value, section_fields(section, root)[name].metadata)
+    setattr(body, name, value)
+
+
+def apply_toml(root: Any, path: str, known_only: bool = False) -> set[str]:
+    """The TOML file's fields onto ``root``; returns the dotted keys it set. ``known_only``: fields
+    and sections that ``root`` lacks are skipped (``plait plan`` reading a trainer TOML)."""
+    given: set[str] = set()
+    sections = sections_of(root)
+    for section, body in load_toml(path).items():
+        if known_only and section not in sections:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(
+                f"'{section}' in {path} must be a [section] table{_closest(section, list(sections))}"
+            )
+        for name, raw in body.items():
+            dotted = f"{section}.{name}"
+            if known_only and not has_key(root, dotted):
+                continue
+            set_key(root, dotted, raw, from_cli=False)
+            given.add(dotted)
+    return given
 
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -120,18 +155,11 @@ def build_config(
     """
     cfg = JobConfig()
     if path is not None:
-        for section, body in load_toml(path).items():
-            if not isinstance(body, dict):
-                raise ConfigError(
-                    f"'{section}' in {path} must be a [section] table"
-                    f"{_closest(section, list(SECTIONS))}"
-                )
-            for name, raw in body.items():
-                _set(cfg, f"{section}.{name}", raw, from_cli=False)
+        apply_toml(cfg, path)
     for dotted, raw in (values or {}).items():
-        _set(cfg, dotted, raw, from_cli=False)
+        set_key(cfg, dotted, raw, from_cli=False)
     for dotted, raw in overrides or []:
-        _set(cfg, dotted, raw, from_cli=True)
+        set_key(cfg, dotted, raw, from_cli=True)
     validate(cfg)
     return cfg
 
@@ -156,8 +184,8 @@ def to_toml(cfg: JobConfig) -> str:
 def reference_markdown() -> str:
     """The config reference table of the README, generated from the dataclasses above."""
     rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
-    for section in SECTIONS:
-        hints = typing.get_type_hints(_SECTION_TYPES[section])
+    for section, kind in SECTIONS.items():
+        hints = typing.get_type_hints(kind)
         for name, fld in section_fields(section).items():
             hint = hints[name]
             if typing.get_origin(hint) is Literal:

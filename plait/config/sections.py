@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from plait.errors import ConfigError
+
 
 def field_spec(default: Any, doc: str, **limits: Any) -> Any:
     """A config field with its one-line doc and optional ``min``/``max``/``gt`` limits."""
@@ -54,6 +56,19 @@ class ModelConfig:
         "dropless", "dropless: every token reaches its experts; capacity: at most capacity_factor x fair share"
     )
     moe_capacity_factor: float = field_spec(1.25, "capacity dispatch: tokens per expert = factor x tokens x top_k / experts", gt=0)
+
+    def check_shape(self) -> None:
+        """The rules between model fields that ``plait train`` and ``plait plan`` share: heads divide
+        the hidden size, key/value heads divide the heads, top-k fits in the experts."""
+        kv = self.n_kv_heads or self.n_heads
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim = {self.dim} is not divisible by model.n_heads = {self.n_heads}")
+        if self.n_heads % kv:
+            raise ConfigError(f"model.n_heads = {self.n_heads} is not divisible by model.n_kv_heads = {kv}")
+        if self.moe_experts and self.moe_top_k > self.moe_experts:
+            raise ConfigError(
+                f"model.moe_top_k = {self.moe_top_k} is larger than model.moe_experts = {self.moe_experts}"
+            )
 
 
 @dataclass

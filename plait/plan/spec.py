@@ -1,9 +1,11 @@
 """What the planner is asked about: the model, the cluster and the training job, as typed sections.
 
-The field names are the trainer's (``model.dim``, ``train.seq_len``) so one TOML file serves both
-``plait train`` and ``plait plan``; the planner adds what only it needs (``model.mlp``, the
-``cluster`` section, how kernels and overlap behave in ``train``). A trainer TOML's other
-sections and fields are ignored; on the command line every key must be one of these.
+``PlanModel`` and ``PlanTrain`` are the trainer's ``ModelConfig`` and ``TrainConfig`` (same fields,
+defaults, limits and docs) plus what only the planner needs (``model.mlp``, how kernels and overlap
+behave in ``train``, fp8 in ``train.dtype``); ``cluster`` is the planner's own section. One TOML file
+serves both ``plait train`` and ``plait plan``, read by the one parser (``plait.config.parse``): a
+trainer TOML's other sections and fields are ignored; on the command line every key must be one of
+these.
 """
 
 from __future__ import annotations
@@ -11,36 +13,25 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
-from plait.config import field_spec as _f, load_toml
-from plait.config.parse import _coerce
+from plait.config import ModelConfig, ParallelConfig, TrainConfig, field_spec as _f
+from plait.config.parse import apply_toml, has_key, sections_of, set_key
 from plait.errors import ConfigError
-from plait.layout import PP_SCHEDULES  # noqa: F401
 from plait.plan.hardware import (
     DEFAULT_LINKS, GIGA, Cluster, default_profile_path, load_profile, lookup_gpu, lookup_link,
     parse_node_groups,
 )
 
+_SCHEDULES = typing.get_type_hints(ParallelConfig)["pp_schedule"]  # the trainer's pipeline schedules
 
 
 @dataclass
-class PlanModel:
-    """The transformer's shape. 0 in a required field means "not given"."""
+class PlanModel(ModelConfig):
+    """The trainer's model section, plus the MLP kind, with the sizes the cost model counts."""
 
-    n_layers: int = _f(0, "transformer blocks (required)", min=0)
-    dim: int = _f(0, "hidden size (required)", min=0)
-    n_heads: int = _f(0, "attention heads (required)", min=0)
-    n_kv_heads: int = _f(0, "key/value heads; 0 means n_heads", min=0)
-    ffn_dim: int = _f(0, "MLP hidden size (required)", min=0)
-    vocab_size: int = _f(0, "vocabulary size (required)", min=0)
     mlp: Literal["swiglu", "gelu"] = _f("swiglu", "gated SwiGLU (3 matrices) or GELU (2 matrices)")
-    tie_embeddings: bool = _f(False, "output layer shares the embedding matrix")
-    moe_experts: int = _f(0, "routed experts per block; 0 = dense", min=0)
-    moe_top_k: int = _f(2, "experts each token is routed to", min=1)
-    moe_ffn_dim: int = _f(0, "hidden size of each routed expert; 0 = ffn_dim", min=0)
-    moe_shared_ffn_dim: int = _f(0, "hidden size of an always-on shared expert; 0 = none", min=0)
 
     @property
     def kv_heads(self) -> int:
@@ -95,7 +86,7 @@ class PlanModel:
 @dataclass
 class PlanCluster:
     gpu: str = _f("", "GPU type from the catalog (required): " + ", ".join(DEFAULT_LINKS))
-    gpus: int = _f(0, "GPUs in all (required)", min=0)
+    gpus: int = _f(0, "GPUs in all (required)", min=1)
     gpus_per_node: int = _f(8, "GPUs per node (all of them if fewer)", min=1)
     intra_link: str = _f("", "link inside a node; empty = the GPU's usual one")
     inter_link: str = _f("", "link between nodes, per GPU; empty = the GPU's usual one")
@@ -107,9 +98,10 @@ class PlanCluster:
 
 
 @dataclass
-class PlanTrain:
-    global_batch: int = _f(0, "sequences per optimizer step (required)", min=0)
-    seq_len: int = _f(0, "tokens per sequence (required)", min=0)
+class PlanTrain(TrainConfig):
+    """The trainer's train section, plus how the framework runs the layout. ``dtype`` is the
+    planner's own: it also prices fp8, and defaults to bf16 (the usual precision at scale)."""
+
     dtype: Literal["bf16", "fp8", "fp32"] = _f("bf16", "matmul precision; bf16/fp8 keep fp32 master weights")
     attention: Literal["flash", "eager"] = _f("flash", "fused (flash) attention, or scores materialized")
     kernels: Literal["fused", "eager"] = _f(
@@ -118,12 +110,18 @@ class PlanTrain:
     sequence_parallel: bool = _f(True, "tensor parallel also splits norms and activations between blocks")
     overlap_grad_reduce: bool = _f(True, "gradient reduction overlaps the last backward (DDP buckets, FSDP)")
     dropout: bool = _f(False, "the model applies dropout (masks stored, extra element-wise passes)")
-    pp_schedule: Literal["auto", "gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble",
-                         "zbv", "dualpipev"] = _f("auto", "pipeline schedule; auto = 1f1b, interleaved_1f1b when vpp > 1")
+    pp_schedule: Literal["auto", _SCHEDULES] = _f("auto", "pipeline schedule; auto = 1f1b, interleaved_1f1b when vpp > 1")
     cp_mode: Literal["ring", "ulysses"] = _f("ring", "context-parallel attention")
 
 
-SECTIONS: dict[str, type] = {"model": PlanModel, "cluster": PlanCluster, "train": PlanTrain}
+@dataclass
+class PlanRequest:
+    model: PlanModel = field(default_factory=PlanModel)
+    cluster: PlanCluster = field(default_factory=PlanCluster)
+    train: PlanTrain = field(default_factory=PlanTrain)
+
+
+# Given in the TOML file or on the command line: the trainer's defaults are no model to plan for.
 REQUIRED = {
     "model": ("n_layers", "dim", "n_heads", "ffn_dim", "vocab_size"),
     "cluster": ("gpu", "gpus"),
@@ -131,43 +129,19 @@ REQUIRED = {
 }
 
 
-@dataclass
-class PlanRequest:
-    model: PlanModel
-    cluster: PlanCluster
-    train: PlanTrain
-
-
-def _set(request: PlanRequest, dotted: str, raw: Any, from_cli: bool) -> None:
-    section, _, name = dotted.partition(".")
-    body = getattr(request, section, None) if section in SECTIONS else None
-    names = {f.name: f for f in dataclasses.fields(SECTIONS[section])} if body is not None else {}
-    if name not in names:
-        if not from_cli:
-            return  # a trainer TOML's own fields (train.lr, model.rope_theta, ...) are not the planner's
-        known = ", ".join(f"{s}.*" for s in SECTIONS)
-        raise ConfigError(f"unknown plan key '{dotted}'; plait plan takes {known} (see 'plait plan --help')")
-    hint = typing.get_type_hints(SECTIONS[section])[name]
-    value = _coerce(dotted, raw, hint, from_cli)
-    meta = names[name].metadata
-    if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{dotted} = {value!r} is out of range; it must be >= {meta['min']}")
-    setattr(body, name, value)
-
-
 def build_request(path: str | None, overrides: list[tuple[str, str]]) -> PlanRequest:
     """Defaults, then the TOML file's model/cluster/train fields, then command-line overrides.
     Raises ConfigError naming the first missing or inconsistent field."""
-    request = PlanRequest(PlanModel(), PlanCluster(), PlanTrain())
-    if path is not None:
-        for section, body in load_toml(path).items():
-            if section in SECTIONS and isinstance(body, dict):
-                for name, raw in body.items():
-                    _set(request, f"{section}.{name}", raw, from_cli=False)
+    request = PlanRequest()
+    given = apply_toml(request, path, known_only=True) if path is not None else set()
     for dotted, raw in overrides:
-        _set(request, dotted, raw, from_cli=True)
+        if not has_key(request, dotted):
+            known = ", ".join(f"{s}.*" for s in sections_of(request))
+            raise ConfigError(f"unknown plan key '{dotted}'; plait plan takes {known} (see 'plait plan --help')")
+        set_key(request, dotted, raw, from_cli=True)
+        given.add(dotted)
     for section, names in REQUIRED.items():
-        missing = [f"{section}.{n}" for n in names if not getattr(getattr(request, section), n)]
+        missing = [f"{section}.{n}" for n in names if f"{section}.{n}" not in given]
         if missing:
             raise ConfigError(f"{', '.join(missing)} missing: plait plan needs them (in CONFIG.toml or as --{missing[0]} N)")
     validate_model(request.model)
@@ -175,12 +149,10 @@ def build_request(path: str | None, overrides: list[tuple[str, str]]) -> PlanReq
 
 
 def validate_model(m: PlanModel) -> None:
-    if m.dim % m.n_heads:
-        raise ConfigError(f"model.dim = {m.dim} is not divisible by model.n_heads = {m.n_heads}")
-    if m.n_heads % m.kv_heads:
-        raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by model.n_kv_heads = {m.kv_heads}")
-    if m.moe_experts and m.moe_top_k > m.moe_experts:
-        raise ConfigError(f"model.moe_top_k = {m.moe_top_k} is larger than model.moe_experts = {m.moe_experts}")
+    """The trainer's model rules, and a vocabulary the planner can count."""
+    m.check_shape()
+    if not m.vocab_size:
+        raise ConfigError("model.vocab_size = 0 takes the tokenizer's in plait train; plait plan needs the number")
 
 
 def build_cluster(c: PlanCluster) -> Cluster:
