@@ -62,26 +62,17 @@ def _coerce(key: str, raw: Any, hint: Any, from_cli: bool) -> Any:
         if from_cli and isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
             return raw.lower() in ("true", "1")
         raise ConfigError(f"{key} = {raw!r} is not a boolean; use true or false")
-    if hint is int:
-        if isinstance(raw, bool):
-            raise ConfigError(f"{key} = {raw!r} is not an integer")
-        if isinstance(raw, int):
-            return raw
+    if hint in (int, float):
+        word = "an integer" if hint is int else "a number"
+        accepted = (int,) if hint is int else (int, float)
+        if isinstance(raw, accepted) and not isinstance(raw, bool):
+            return hint(raw)
         if from_cli and isinstance(raw, str):
             try:
-                return int(raw)
+                return hint(raw)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} = {raw!r} is not an integer")
-    if hint is float:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        if from_cli and isinstance(raw, str):
-            try:
-                return float(raw)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} = {raw!r} is not a number")
+        raise ConfigError(f"{key} = {raw!r} is not {word}")
     if hint is str:
         if isinstance(raw, str):
             return raw
