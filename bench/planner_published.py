@@ -15,7 +15,7 @@ import json
 
 from plait.plan.estimate import estimate
 from plait.layout import Layout
-from plait.plan.schedule import resolve_schedule
+from plait.layout import resolve_schedule
 from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
 
 # params (B), heads, hidden, layers, TP, PP, GPUs, global batch, micro-batch, layers per virtual

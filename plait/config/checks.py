@@ -8,9 +8,10 @@ import os
 
 from plait.config.injection import parse_injection
 from plait.config.links import link_emulation
-from plait.config.rules import validate_model_parallel
+from plait.config.rules import resolve_dp, validate_model_parallel, workload
 from plait.config.sections import JobConfig
 from plait.errors import ConfigError
+from plait.layout import check_batch
 
 
 def validate(cfg: JobConfig, world_size: int | None = None) -> None:
@@ -47,11 +48,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     dp = resolve_dp(cfg, world)
     validate_model_parallel(cfg, dp)
     validate_lowbw(cfg)
-    if t.global_batch % (t.micro_batch * dp):
-        raise ConfigError(
-            f"train.global_batch = {t.global_batch} must be a multiple of train.micro_batch "
-            f"({t.micro_batch}) x data-parallel degree ({dp})"
-        )
+    check_batch(workload(cfg), dp)
 
 
 def validate_lowbw(cfg: JobConfig) -> None:
@@ -90,30 +87,3 @@ def torchrun_world_size() -> int | None:
 def job_world_size(cfg: JobConfig) -> int:
     """Ranks the job will run on: torchrun's world when launched by it, else parallel.nproc."""
     return torchrun_world_size() or cfg.parallel.nproc
-
-
-def resolve_dp(cfg: JobConfig, world: int) -> int:
-    """The data-parallel degree for ``world`` ranks (world / (tp x pp x cp)); raises ConfigError
-    if the layout does not fill the world exactly."""
-    p = cfg.parallel
-    if p.dp_shard == 0:
-        raise ConfigError("parallel.dp_shard = 0 is out of range; use -1 (fill) or >= 1")
-    model_parallel = p.tp * p.pp * p.cp
-    if world % model_parallel:
-        raise ConfigError(
-            f"world size {world} is not divisible by parallel.tp x pp x cp = {p.tp} x {p.pp} x {p.cp}"
-        )
-    dp_world = world // model_parallel
-    if p.dp_shard == -1:
-        if dp_world % p.dp_replicate:
-            raise ConfigError(
-                f"world size {world} / (tp x pp x cp = {model_parallel}) = {dp_world} is not divisible by "
-                f"parallel.dp_replicate = {p.dp_replicate}"
-            )
-        return dp_world
-    if p.dp_replicate * p.dp_shard * model_parallel != world:
-        raise ConfigError(
-            f"layout parallel.dp_replicate x dp_shard x tp x pp x cp = {p.dp_replicate} x {p.dp_shard} x "
-            f"{p.tp} x {p.pp} x {p.cp} = {p.dp_replicate * p.dp_shard * model_parallel} does not match the world size {world}"
-        )
-    return dp_world

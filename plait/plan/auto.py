@@ -1,8 +1,8 @@
 """``parallel.layout = "auto"``: ask the planner for the fastest layout plait can run on this world.
 
-The planner ranks every layout; the first one that plait's own validation accepts (its layouts
-have rules the planner's general model does not: TP with sharded data parallelism, EP inside
-dp_shard, the schedules' micro-batch counts) is written into the config and explained on stdout.
+The planner ranks only layouts plait's own rules accept (plait.layout, the ones config validation
+runs), so the first one is written into the config and explained on stdout; validating the
+result is a safety net.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from plait.config import JobConfig, job_world_size, validate
 from plait.errors import ConfigError
 from plait.plan.estimate import Estimate
 from plait.plan.hardware import GIB
-from plait.plan.search import search
+from plait.plan.search import PLAIT_RECOMPUTE, search
 from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
 from plait.launch import preflight
 
@@ -25,7 +25,7 @@ DEVICE_NAMES = (("H200", "h200"), ("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm
                 ("A100-SXM4-40GB", "a100-40gb"), ("A100-PCIE-40GB", "a100-40gb"), ("A100", "a100-80gb"),
                 ("MI250X", "mi250x-gcd"))
 # plait's activation_checkpointing values for the planner's recompute modes it implements.
-RECOMPUTE_TO_PLAIT = {"none": "none", "full": "full"}
+RECOMPUTE_TO_PLAIT = PLAIT_RECOMPUTE
 
 
 def catalog_gpu(cfg: JobConfig) -> str:
@@ -66,29 +66,35 @@ def with_layout(cfg: JobConfig, est: Estimate) -> JobConfig:
     return out
 
 
+def trainer_settings(cfg: JobConfig) -> dict:
+    """The job's settings that plait's layout rules read and the planner does not model."""
+    p = cfg.parallel
+    return {"cp_mode": p.cp_mode, "cp_ulysses": p.cp_ulysses, "cp_shard": p.cp_shard,
+            "moe_balance_scope": cfg.moe.balance_scope, "profile_pipeline": cfg.metrics.profile_pipeline}
+
+
 def apply_auto_layout(cfg: JobConfig) -> JobConfig:
     """The config with the planner's best runnable layout for this world; prints the choice."""
     world = job_world_size(cfg)
     if not cfg.model.vocab_size:
         cfg = preflight(cfg, world)  # the tokenizer decides the vocabulary, and so the output layer
     model, train, cluster_spec = plan_inputs(cfg, world)
-    result = search(model, train, build_cluster(cluster_spec), {"recompute": "none"})
+    cluster, job = build_cluster(cluster_spec), trainer_settings(cfg)
+    result = search(model, train, cluster, {"recompute": "none"}, job=job)
     if not result.ranked:
-        result = search(model, train, build_cluster(cluster_spec), {"recompute": "full"})
-    for i, est in enumerate(result.ranked):
-        candidate = with_layout(cfg, est)
-        try:
-            validate(candidate, world)
-        except ConfigError:
-            continue
-        runner_up = next((e for e in result.ranked[i + 1:] if e.layout != est.layout), None)
-        print(f"plait: parallel.layout = auto on {world} x {cluster_spec.gpu}: {est.layout.text()} "
-              f"(schedule {est.layout.schedule}), predicted {est.step_time_s:.3g} s per step, "
-              f"{est.memory.total / GIB:.2f} GiB per rank", flush=True)
-        if runner_up is not None:
-            print(f"plait: next best {runner_up.layout.text()}, {runner_up.step_time_s:.3g} s; "
-                  f"{len(result.ranked)} layouts fit, the first {i} were not runnable by plait", flush=True)
-        for line in result.why_lost(i + 1, limit=3):
-            print(f"plait:   lost: {line}", flush=True)
-        return candidate
-    raise ConfigError(f"parallel.layout = 'auto': no layout plait can run fits {world} x {cluster_spec.gpu}")
+        result = search(model, train, cluster, {"recompute": "full"}, job=job)
+    if not result.ranked:
+        raise ConfigError(f"parallel.layout = 'auto': no layout plait can run fits {world} x {cluster_spec.gpu}")
+    est = result.ranked[0]
+    chosen = with_layout(cfg, est)
+    validate(chosen, world)  # safety net: the planner ranks only layouts these rules accept
+    runner_up = next((e for e in result.ranked[1:] if e.layout != est.layout), None)
+    print(f"plait: parallel.layout = auto on {world} x {cluster_spec.gpu}: {est.layout.text()} "
+          f"(schedule {est.layout.schedule}), predicted {est.step_time_s:.3g} s per step, "
+          f"{est.memory.total / GIB:.2f} GiB per rank", flush=True)
+    if runner_up is not None:
+        print(f"plait: next best {runner_up.layout.text()}, {runner_up.step_time_s:.3g} s; "
+              f"{len(result.ranked)} layouts fit", flush=True)
+    for line in result.why_lost(1, limit=3):
+        print(f"plait:   lost: {line}", flush=True)
+    return chosen

@@ -22,7 +22,7 @@ from plait.plan.flops import (
 from plait.plan.hardware import Cluster
 from plait.layout import Layout
 from plait.plan.memory import Memory, memory_per_gpu, stage_params
-from plait.plan.schedule import bubble_seconds
+from plait.layout import bubble_seconds
 from plait.plan.spec import PlanModel, PlanTrain
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from plait.plan.flops import DTYPE_BYTES, tokens_per_gpu
 from plait.plan.hardware import GIB, GpuSpec
 from plait.layout import Layout
-from plait.plan.schedule import micro_batches_in_flight
+from plait.layout import micro_batches_in_flight
 from plait.plan.spec import PlanModel, PlanTrain
 
 # Allocator fragmentation: caching allocators keep freed blocks of the wrong size around; about

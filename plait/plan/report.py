@@ -9,9 +9,11 @@ from plait.plan.hardware import GIB
 from plait.plan.search import SearchResult
 
 
-def layout_record(est: Estimate, placement=None) -> dict:
+def layout_record(est: Estimate, placement=None, refused: str | None = None) -> dict:
     """One entry of the JSON contract's ``layouts`` list; with a NIC-aware placement (mixed-NIC
-    clusters) its step time is the placed one and ``placement`` tells stages, layers and gain."""
+    clusters) its step time is the placed one and ``placement`` tells stages, layers and gain.
+    ``plait_train`` is "ok", or "refused: <reason>" for a layout fixed by --layout that plait
+    train does not run."""
     lo = est.layout
     record = {
         "tp": lo.tp, "pp": lo.pp, "vpp": lo.vpp, "dp": lo.dp, "cp": lo.cp, "ep": lo.ep,
@@ -23,6 +25,7 @@ def layout_record(est: Estimate, placement=None) -> dict:
         "memory_gib_per_gpu": round(est.memory.total / GIB, 3),
         "fits": est.fits,
         "breakdown": est.breakdown(),
+        "plait_train": f"refused: {refused}" if refused else "ok",
     }
     if placement is not None:
         record["step_time_s"] = round(placement.step_time_s, 6)
@@ -32,7 +35,8 @@ def layout_record(est: Estimate, placement=None) -> dict:
 
 def to_json(result: SearchResult, top: int) -> str:
     shown = result.ranked[:top] or sorted(result.too_big, key=lambda e: e.memory.total)[:top]
-    return json.dumps({"layouts": [layout_record(e, result.placements.get(e.layout)) for e in shown], "why_others_lost": result.why_lost(len(shown)),
+    return json.dumps({"layouts": [layout_record(e, result.placements.get(e.layout), result.refused.get(e.layout))
+                                   for e in shown], "why_others_lost": result.why_lost(len(shown)),
                        "searched": len(result.ranked) + result.too_big_count, "fitting": len(result.ranked)}, indent=1)
 
 
@@ -60,6 +64,8 @@ def to_table(result: SearchResult, top: int, gpu_memory_gib: float) -> str:
         lines.append(f"#{i} {est.layout.schedule}: compute {est.compute_s:.4g} s, bubble {est.bubble_s:.3g} s, "
                      f"optimizer {est.optimizer_s:.3g} s, exposed communication (s): {comm}")
         lines.append(f"   memory GiB: {mem}")
+        if est.layout in result.refused:
+            lines.append(f"   plait train refuses this layout: {result.refused[est.layout]}")
         placement = result.placements.get(est.layout)
         if placement is not None:
             stages = ", ".join(f"{k}@{link}" for k, link in zip(placement.stage_layers, placement.stage_links))

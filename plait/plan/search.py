@@ -4,30 +4,37 @@ The space is every (tp, cp, pp, vpp, dp, ep, micro-batch, ZeRO stage, recompute)
 batch allow, with tp kept inside one node (a tensor-parallel all-reduce per block over the
 network is never the fast choice) and ZeRO stages collapsed when there is nothing to shard.
 Fields fixed by ``--layout`` are not searched.
+
+Only layouts ``plait train`` accepts are ranked: each candidate goes through plait.layout's rules,
+the ones the trainer's config validation runs. A layout fixed in full by ``--layout`` (or with
+recompute = selective, Megatron's attention-core recompute, which plait does not implement) is
+still estimated, and ``SearchResult.refused`` says why plait would not run it.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from plait.errors import ConfigError
 from plait.plan.estimate import Estimate, estimate
 from plait.plan.hardware import GIB, Cluster
-from plait.layout import RECOMPUTE, Layout
+from plait.layout import INT_FIELDS, Degrees, Layout, Workload, resolve_schedule
+from plait.layout import layout_problem as trainer_problem
 from plait.plan.memory import memory_per_gpu
-from plait.plan.schedule import resolve_schedule
 from plait.plan.spec import PlanModel, PlanTrain
 
-MULTI_STAGE = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv", "dualpipev")
+SEARCHED_RECOMPUTE = ("none", "full")  # "selective" (attention core) only when --layout asks for it
+PLAIT_RECOMPUTE = {"none": "none", "full": "full"}  # planner recompute -> train.activation_checkpointing
+DEGREE_FIELDS = frozenset(f.name for f in fields(Degrees))
 
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layout_problem(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layout) -> str | None:
-    """Why ``layout`` cannot run this model on this cluster, or None when it can."""
+def model_problem(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layout) -> str | None:
+    """Why the cost model cannot estimate ``layout`` on this cluster, or None when it can."""
     lo = layout
     if lo.gpus != cluster.gpus:
         return (f"layout tp x pp x dp x cp = {lo.tp} x {lo.pp} x {lo.dp} x {lo.cp} = {lo.gpus} "
@@ -35,28 +42,37 @@ def layout_problem(model: PlanModel, train: PlanTrain, cluster: Cluster, layout:
     if model.n_heads % lo.tp or model.kv_heads % lo.tp or model.ffn_dim % lo.tp:
         return (f"tp = {lo.tp} must divide model.n_heads = {model.n_heads}, the KV heads ({model.kv_heads}) "
                 f"and model.ffn_dim = {model.ffn_dim}")
-    if model.n_layers % (lo.pp * lo.vpp):
+    if model.n_layers % (lo.pp * lo.vpp):  # the estimate gives every stage the same layers
         return f"pp x vpp = {lo.pp} x {lo.vpp} must divide model.n_layers = {model.n_layers}"
-    if lo.vpp > 1 and lo.schedule not in MULTI_STAGE:
-        return f"vpp = {lo.vpp} needs a multi-stage schedule ({', '.join(MULTI_STAGE)}), not {lo.schedule}"
-    if lo.schedule in ("zbv", "dualpipev") and lo.pp > 1 and lo.vpp != 2:
-        return f"schedule {lo.schedule} runs exactly 2 stages per rank (vpp = 2)"
     if train.global_batch % (lo.dp * lo.micro_batch):
         return (f"train.global_batch = {train.global_batch} is not a multiple of dp x micro-batch = "
                 f"{lo.dp} x {lo.micro_batch}")
-    m = lo.micro_batches(train.global_batch)
-    if lo.pp > 1 and lo.schedule in ("interleaved_1f1b", "interleaved_zero_bubble") and m % lo.pp:
-        return f"schedule {lo.schedule} needs the micro-batches per step ({m}) to be a multiple of pp = {lo.pp}"
-    if lo.pp > 1 and lo.schedule == "dualpipev" and m < 2 * lo.pp:
-        return f"schedule dualpipev needs at least 2 x pp = {2 * lo.pp} micro-batches per step (got {m})"
-    chunks = 2 * lo.cp if train.cp_mode == "ring" and lo.cp > 1 else lo.cp
-    if train.seq_len % (chunks * lo.tp):
-        return f"train.seq_len = {train.seq_len} must be a multiple of {chunks * lo.tp} for cp = {lo.cp}, tp = {lo.tp}"
-    if train.cp_mode == "ulysses" and (model.n_heads // lo.tp) % lo.cp:
-        return f"Ulysses cp = {lo.cp} must divide the heads per tp rank ({model.n_heads // lo.tp})"
-    if lo.ep > 1 and (not model.moe_experts or model.moe_experts % lo.ep or (lo.dp * lo.cp) % lo.ep):
-        return f"ep = {lo.ep} needs a mixture-of-experts model whose experts and dp x cp it divides"
     return None
+
+
+def plait_problem(model: PlanModel, train: PlanTrain, layout: Layout, job: dict | None = None) -> str | None:
+    """Why ``plait train`` would refuse ``layout`` (plait.layout's rules, the trainer's own), or
+    None when it runs it. ``job``: the trainer's own settings the planner does not model, by
+    plait.layout.Degrees / Workload field name (moe_balance_scope, profile_pipeline, cp_mode, ...);
+    left out, the trainer's defaults."""
+    if layout.recompute not in PLAIT_RECOMPUTE:
+        return f"recompute = '{layout.recompute}' (attention-core recompute) has no plait equivalent"
+    work = Workload(n_layers=model.n_layers, n_heads=model.n_heads, n_kv_heads=model.n_kv_heads,
+                    ffn_dim=model.ffn_dim, seq_len=train.seq_len, global_batch=train.global_batch,
+                    micro_batch=layout.micro_batch, moe_experts=model.moe_experts, moe_top_k=model.moe_top_k,
+                    tie_embeddings=model.tie_embeddings, activation_checkpointing=PLAIT_RECOMPUTE[layout.recompute])
+    degrees = layout.degrees(train.cp_mode)
+    if job:
+        degrees = replace(degrees, **{k: v for k, v in job.items() if k in DEGREE_FIELDS})
+        work = replace(work, **{k: v for k, v in job.items() if k not in DEGREE_FIELDS})
+    return trainer_problem(degrees, work)
+
+
+def layout_problem(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layout,
+                   job: dict | None = None) -> str | None:
+    """Why ``layout`` cannot run this model on this cluster (the cost model's restrictions, then
+    plait's rules), or None when it can."""
+    return model_problem(model, train, cluster, layout) or plait_problem(model, train, layout, job)
 
 
 @dataclass
@@ -66,6 +82,7 @@ class SearchResult:
     too_big_count: int
     invalid: int  # combinations that do not divide the cluster or the model
     placements: dict = field(default_factory=dict)  # Layout -> hetero.HeteroPlacement (mixed NICs)
+    refused: dict = field(default_factory=dict)  # Layout -> why plait train refuses it (layouts fixed by --layout)
 
     def why_lost(self, shown: int, limit: int = 6) -> list[str]:
         """One line for each family (tp, pp, cp) that did not make the top ``shown``: what made its
@@ -113,16 +130,20 @@ def _options(fixed: dict, key: str, values: list) -> list:
 
 
 def search(model: PlanModel, train: PlanTrain, cluster: Cluster, fixed: dict | None = None,
-           max_micro_batch: bool = False) -> SearchResult:
-    """Every layout allowed by ``fixed`` (from ``--layout``), estimated; fitting ones ranked by step
-    time. With ``max_micro_batch`` only the largest fitting micro-batch of each layout is kept."""
+           max_micro_batch: bool = False, job: dict | None = None) -> SearchResult:
+    """Every layout allowed by ``fixed`` (from ``--layout``) that plait can run, estimated; fitting
+    ones ranked by step time. With ``max_micro_batch`` only the largest fitting micro-batch of each
+    layout is kept; ``job`` as for ``plait_problem``. A layout ``fixed`` names in full (or with
+    recompute = selective) is kept even when plait would refuse it, with the reason in ``refused``."""
     fixed = fixed or {}
+    keep_refused = all(k in fixed for k in INT_FIELDS + ("recompute",)) or fixed.get("recompute") == "selective"
+    refused: dict[Layout, str] = {}
     n = cluster.gpus
     tps = _options(fixed, "tp", [d for d in divisors(min(n, cluster.gpus_per_node)) if model.n_heads % d == 0])
     cps = _options(fixed, "cp", [d for d in divisors(n) if d <= 16])
     pps = _options(fixed, "pp", [d for d in divisors(n) if model.n_layers % d == 0])
     zeros = _options(fixed, "zero", [0, 1, 2, 3])
-    recomputes = _options(fixed, "recompute", list(RECOMPUTE))
+    recomputes = _options(fixed, "recompute", list(SEARCHED_RECOMPUTE))
     ranked, too_big, too_big_count, invalid = [], [], 0, 0
     for tp, cp, pp in itertools.product(tps, cps, pps):
         if n % (tp * cp * pp):
@@ -144,9 +165,15 @@ def search(model: PlanModel, train: PlanTrain, cluster: Cluster, fixed: dict | N
                 fitting: list[Estimate] = []
                 for mbs in mbss:
                     layout = Layout(tp, pp, vpp, dp, cp, ep, mbs, zero, recompute, schedule)
-                    if layout_problem(model, train, cluster, layout):
+                    if model_problem(model, train, cluster, layout):
                         invalid += 1
                         continue
+                    refusal = plait_problem(model, train, layout, job)
+                    if refusal and not keep_refused:
+                        invalid += 1
+                        continue
+                    if refusal:
+                        refused[layout] = refusal
                     if memory_per_gpu(model, train, layout, cluster.gpu).total > cluster.gpu.memory_bytes:
                         too_big_count += 1
                         if len(too_big) < 4096:  # enough to say how far each family is from fitting
@@ -157,7 +184,7 @@ def search(model: PlanModel, train: PlanTrain, cluster: Cluster, fixed: dict | N
                     fitting = [max(fitting, key=lambda e: e.layout.micro_batch)]
                 ranked.extend(fitting)
     ranked.sort(key=lambda e: e.step_time_s)
-    return SearchResult(ranked, too_big, too_big_count, invalid)
+    return SearchResult(ranked, too_big, too_big_count, invalid, refused=refused)
 
 
 def evaluate_fixed(model: PlanModel, train: PlanTrain, cluster: Cluster, fixed: dict,

@@ -47,14 +47,16 @@ from typing import Any, Iterable
 
 import torch.distributed as dist
 
+from plait.layout import SCHEDULES
+
 KINDS = ("F", "B", "W")
 _WRAPPED = {"forward_one_chunk": "F", "backward_one_chunk": "B", "backward_weight_one_chunk": "W"}
 _LOSS_HOOK = "_maybe_compute_loss"
 
 # Schedules whose ranks hold v stages (looped), and the zero-bubble ones among them.
-_INTERLEAVED = ("interleaved_1f1b", "looped_bfs")
-_ZERO_BUBBLE = ("interleaved_zero_bubble", "zbv", "dualpipev")
-_SINGLE = ("gpipe", "1f1b")
+_INTERLEAVED = tuple(s.name for s in SCHEDULES.values() if s.multi_stage and not s.zero_bubble)
+_ZERO_BUBBLE = tuple(s.name for s in SCHEDULES.values() if s.zero_bubble)
+_SINGLE = tuple(s.name for s in SCHEDULES.values() if not s.multi_stage)
 
 
 def theory_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:

@@ -20,7 +20,7 @@ from plait.plan.flops import block_cost, gemm_efficiency, gemm_seconds, model_fl
 from plait.plan.hardware import GIB, GPUS, LINKS, Cluster, parse_node_groups
 from plait.layout import Layout, parse_layout
 from plait.plan.memory import block_activation_bytes, model_state_bytes, stage_params
-from plait.plan.schedule import bubble_seconds, micro_batches_in_flight
+from plait.layout import bubble_seconds, micro_batches_in_flight
 from plait.plan.search import evaluate_fixed, layout_problem, search
 from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
 
