@@ -150,7 +150,6 @@ class Workload:
     global_batch: int
     micro_batch: int
     moe_experts: int = 0
-    moe_top_k: int = 2
     tie_embeddings: bool = False
     activation_checkpointing: str = "none"
     moe_balance_scope: str = "global_batch"
@@ -283,8 +282,6 @@ def check_experts(d: Degrees, w: Workload, dp_shard: int) -> None:
         if d.ep > 1:
             raise ConfigError(f"parallel.ep = {d.ep} needs a mixture-of-experts model (model.moe_experts > 0)")
         return
-    if w.moe_top_k > w.moe_experts:
-        raise ConfigError(f"model.moe_top_k = {w.moe_top_k} is larger than model.moe_experts = {w.moe_experts}")
     if d.cp > 1:
         raise ConfigError("mixture-of-experts models (model.moe_experts > 0) do not support parallel.cp > 1 yet")
     if w.moe_balance_scope == "global_batch" and w.activation_checkpointing != "none":

@@ -17,15 +17,9 @@ from plait.layout import check_batch
 def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     """Cross-field checks: the layout matches the world, batches and heads divide evenly."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    kv = m.n_kv_heads or m.n_heads
-    if m.dim % m.n_heads:
-        raise ConfigError(f"model.dim = {m.dim} is not divisible by model.n_heads = {m.n_heads}")
+    m.check_shape()  # the rules plait plan shares
     if (m.dim // m.n_heads) % 2:
         raise ConfigError(f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (RoPE)")
-    if m.n_heads % kv:
-        raise ConfigError(
-            f"model.n_heads = {m.n_heads} is not divisible by model.n_kv_heads = {kv}"
-        )
     if t.seq_len > m.max_seq_len:
         raise ConfigError(
             f"train.seq_len = {t.seq_len} is above the model's limit model.max_seq_len = "

@@ -59,7 +59,7 @@ def plait_problem(model: PlanModel, train: PlanTrain, layout: Layout, job: dict 
         return f"recompute = '{layout.recompute}' (attention-core recompute) has no plait equivalent"
     work = Workload(n_layers=model.n_layers, n_heads=model.n_heads, n_kv_heads=model.n_kv_heads,
                     ffn_dim=model.ffn_dim, seq_len=train.seq_len, global_batch=train.global_batch,
-                    micro_batch=layout.micro_batch, moe_experts=model.moe_experts, moe_top_k=model.moe_top_k,
+                    micro_batch=layout.micro_batch, moe_experts=model.moe_experts,
                     tie_embeddings=model.tie_embeddings, activation_checkpointing=PLAIT_RECOMPUTE[layout.recompute])
     degrees = layout.degrees(train.cp_mode)
     if job:
