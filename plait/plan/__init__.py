@@ -1,7 +1,7 @@
 """``plait plan``: predict step time and memory per GPU for any layout on any cluster, and search.
 
 The files follow one estimate through: hardware.py (GPUs, links, clusters) -> spec.py (the model
-and the training job as the planner sees them) -> flops.py (compute time) -> memory.py (bytes per GPU)
+and the training job as the planner sees them) -> compute.py (compute time) -> memory.py (bytes per GPU)
 -> comm.py (collective times on the links the groups cross) -> estimate.py (the step) ->
 search.py (enumerate, prune, rank) -> report.py (table, JSON). calibrate.py measures this
 machine; hetero.py places stages on clusters with mixed NICs; auto.py serves

@@ -38,7 +38,7 @@ from plait.config import build_config
 from plait.launch import spawn, usable_cores
 from plait.models.llama import Llama
 from plait.parallel.tensor_parallel import apply_tensor_parallel
-from plait.plan.flops import DTENSOR_OPS_PER_BLOCK, OPS_PER_BLOCK
+from plait.plan.compute import DTENSOR_OPS_PER_BLOCK, OPS_PER_BLOCK
 from plait.plan.hardware import default_profile_path
 from plait.train.loss import token_loss_sum
 

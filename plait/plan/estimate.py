@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from plait.plan import comm
-from plait.plan.flops import (
+from plait.plan.compute import (
     DTYPE_BYTES, PARAM_TENSORS_PER_BLOCK, block_cost, head_cost, model_flops_per_step, optimizer_seconds, tokens_per_gpu,
 )
 from plait.plan.hardware import Cluster

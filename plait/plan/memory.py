@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plait.plan.flops import DTYPE_BYTES, tokens_per_gpu
+from plait.plan.compute import DTYPE_BYTES, tokens_per_gpu
 from plait.plan.hardware import GIB, GpuSpec
 from plait.layout import Layout
 from plait.layout import micro_batches_in_flight
