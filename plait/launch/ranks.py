@@ -94,6 +94,51 @@ def start_ranks(fn: Callable, nproc: int, args: tuple, backend: str, env: dict[s
     return procs, results
 
 
+def collect_results(procs: list, results, check: Callable[[list[int | None]], None], poll_s: float = 0.2) -> list[Any]:
+    """Wait for every rank's return value, in rank order. Between polls ``check(exit codes)``
+    runs and may raise to stop waiting (a failed rank, a fault the monitor names)."""
+    outputs: dict[int, Any] = {}
+    while len(outputs) < len(procs):
+        try:
+            rank, out = results.get(timeout=poll_s)
+            outputs[rank] = out
+            continue
+        except queue.Empty:
+            pass
+        codes = [proc.exitcode for proc in procs]
+        check(codes)
+        if all(code == 0 for code in codes):
+            time.sleep(0.2)  # results may still be in flight in the queue's feeder thread
+            while not results.empty():
+                rank, out = results.get()
+                outputs[rank] = out
+            if len(outputs) < len(procs):
+                raise RuntimeError("a rank exited without returning its result")
+    for proc in procs:
+        proc.join()
+    return [outputs[r] for r in range(len(procs))]
+
+
+def stop_ranks(procs: list, graceful: bool = True) -> None:
+    """End every rank still alive and reap them all: SIGTERM first when ``graceful``, SIGKILL
+    otherwise (SIGKILL also ends a stopped process) and for any rank that outlives the grace."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate() if graceful else proc.kill()
+    for proc in procs:
+        proc.join(timeout=5 if graceful else 10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
+
+
+def raise_on_failure(codes: list[int | None]) -> None:
+    """``collect_results``' check for plain spawns: the first rank that exited non-zero."""
+    for rank, code in enumerate(codes):
+        if code not in (None, 0):
+            raise RankFailed(rank, code)
+
+
 def spawn(fn: Callable, nproc: int, args: tuple = (), backend: str = "gloo") -> list[Any]:
     """Run ``fn(*args)`` on ``nproc`` local ranks joined in one process group (127.0.0.1).
 
@@ -101,33 +146,7 @@ def spawn(fn: Callable, nproc: int, args: tuple = (), backend: str = "gloo") -> 
     RankFailed is raised: no rank is left running.
     """
     procs, results = start_ranks(fn, nproc, args, backend)
-    outputs: dict[int, Any] = {}
     try:
-        while len(outputs) < nproc:
-            try:
-                rank, out = results.get(timeout=0.2)
-                outputs[rank] = out
-                continue
-            except queue.Empty:
-                pass
-            for rank, proc in enumerate(procs):
-                if proc.exitcode not in (None, 0):
-                    raise RankFailed(rank, proc.exitcode)
-            if all(p.exitcode == 0 for p in procs) and len(outputs) < nproc:
-                time.sleep(0.2)  # results may still be in flight in the queue's feeder thread
-                while not results.empty():
-                    rank, out = results.get()
-                    outputs[rank] = out
-                if len(outputs) < nproc:
-                    raise RuntimeError("a rank exited without returning its result")
-        for proc in procs:
-            proc.join()
+        return collect_results(procs, results, raise_on_failure)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-    return [outputs[r] for r in range(nproc)]
+        stop_ranks(procs)

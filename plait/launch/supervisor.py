@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import queue
 import time
 from typing import Any
 
@@ -15,13 +14,13 @@ import torch.distributed as dist
 
 from plait.checkpoint import store as ckpt
 from plait.config import JobConfig
-from plait.launch.ranks import RankFailed, start_ranks
+from plait.launch.ranks import RankFailed, collect_results, start_ranks, stop_ranks
 from plait.resilience.events import log_event
 from plait.resilience.monitor import Fault, Monitor
 from plait.resilience.watchdog import ATTEMPT_ENV, MONITOR_ENV
 
 POLL_S = 0.1
-USER_ERROR = 2  # a rank's exit code for a PlaitError (see plait.launch._worker)
+USER_ERROR = 2  # a rank's exit code for a PlaitError (see plait.launch.ranks._worker)
 
 
 class JobFailed(RuntimeError):
@@ -32,13 +31,12 @@ def _with_resume(cfg: JobConfig, resume: bool) -> JobConfig:
     return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=resume))
 
 
-def _stop_all(procs: list) -> None:
-    """SIGKILL every rank still alive (it also ends stopped ones) and reap them."""
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-    for proc in procs:
-        proc.join(timeout=10)
+class _FatalFault(Exception):
+    """Raised inside the wait for results to stop it: the monitor named a fatal fault."""
+
+    def __init__(self, fault: Fault):
+        super().__init__(fault.detail)
+        self.fault = fault
 
 
 def run_once(fn, cfg: JobConfig, attempt: int, backend: str) -> tuple[list[Any] | None, Fault | None]:
@@ -49,31 +47,26 @@ def run_once(fn, cfg: JobConfig, attempt: int, backend: str) -> tuple[list[Any] 
     env = {MONITOR_ENV: f"127.0.0.1:{store.port}", ATTEMPT_ENV: str(attempt)}
     monitor = Monitor(store, nproc, cfg.resilience)
     procs, results = start_ranks(fn, nproc, (cfg,), backend, env)
-    outputs: dict[int, Any] = {}
+
+    def check(codes: list[int | None]) -> None:
+        if USER_ERROR in codes:  # bad input met inside a rank: restarting cannot help
+            raise RankFailed(codes.index(USER_ERROR), USER_ERROR)
+        fault = monitor.check(codes)
+        if fault is None:
+            return
+        log_event(cfg.run.dir, fault.kind, rank=fault.ranks[0] if fault.ranks else None,
+                  pid=procs[fault.ranks[0]].pid if fault.ranks else None, step=fault.step,
+                  detail=fault.detail, ranks=fault.ranks, fatal=fault.fatal, **fault.extra)
+        print(f"plait: {fault.kind} detected: rank(s) {fault.ranks or 'unknown'}: {fault.detail}", flush=True)
+        if fault.fatal:
+            raise _FatalFault(fault)
+
     try:
-        while len(outputs) < nproc:
-            try:
-                rank, out = results.get(timeout=POLL_S)
-                outputs[rank] = out
-                continue
-            except queue.Empty:
-                pass
-            codes = [p.exitcode for p in procs]
-            if USER_ERROR in codes:  # bad input met inside a rank: restarting cannot help
-                raise RankFailed(codes.index(USER_ERROR), USER_ERROR)
-            fault = monitor.check(codes)
-            if fault is not None:
-                log_event(cfg.run.dir, fault.kind, rank=fault.ranks[0] if fault.ranks else None,
-                          pid=procs[fault.ranks[0]].pid if fault.ranks else None, step=fault.step,
-                          detail=fault.detail, ranks=fault.ranks, fatal=fault.fatal, **fault.extra)
-                print(f"plait: {fault.kind} detected: rank(s) {fault.ranks or 'unknown'}: {fault.detail}", flush=True)
-                if fault.fatal:
-                    return None, fault
-        for proc in procs:
-            proc.join()
-        return [outputs[r] for r in range(nproc)], None
+        return collect_results(procs, results, check, POLL_S), None
+    except _FatalFault as stop:
+        return None, stop.fault
     finally:
-        _stop_all(procs)
+        stop_ranks(procs, graceful=False)
 
 
 def supervise(fn, cfg: JobConfig, backend: str) -> list[Any]:
