@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from plait.config import ModelConfig
-from plait.models.llama import block_matmul_params
+from plait.models.flops import forward_coefficients
 
 Piece = tuple[int, int, int]  # (doc_index, start token, length in tokens)
 
@@ -36,19 +36,9 @@ def coefficients(
 
 
 def model_coefficients(model: ModelConfig) -> tuple[float, float]:
-    """(attn_coef, linear_coef) of a Llama model, in forward FLOPs (n_kv_heads 0 means n_heads).
-
-    linear_coef: FLOPs per token, ``2 * (dim * (2 dim + 2 kv_dim) + 3 dim ffn_dim)`` per layer
-    (q/o projections dim x dim, k/v projections dim x kv_dim, SwiGLU's three dim x ffn matmuls;
-    2 FLOPs per multiply-add). attn_coef: FLOPs per squared token of one document: causal
-    attention has ~s**2/2 (query, key) pairs, each costing 2 dim for Q.K and 2 dim for P.V, so
-    ``2 dim s**2`` per layer. Embedding, LM head and norms are left out (they are per token, so
-    they only scale linear_coef a little). Backward is ~2x forward for both, so the ratio, the
-    only thing balancing depends on, is the same for training.
-    """
-    linear = 2.0 * block_matmul_params(model) * model.n_layers
-    attn = 2.0 * model.dim * model.n_layers
-    return attn, linear
+    """(attn_coef, linear_coef) of a Llama model, in forward FLOPs (n_kv_heads 0 means n_heads):
+    ``plait.models.flops.forward_coefficients``. Their ratio is all balancing depends on."""
+    return forward_coefficients(model)
 
 
 def work(lengths: Sequence[int], attn_coef: float, linear_coef: float) -> float:

@@ -257,5 +257,5 @@ def build_outer_loop(cfg: LowBWConfig, parts: list[nn.Module], dims, device: tor
     check = None
     if sync is not None:
         comm.register_group(sync, "dp_replicate")  # counted (and emulated) as the workers' link
-        check = dims.mesh["dp_replicate"].get_group()
+        check = dims.group("dp_replicate")
     return OuterLoop(cfg, parts, sync, worker, device, injector, check)

@@ -263,19 +263,6 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
     return model
 
 
-def block_matmul_params(cfg: ModelConfig) -> int:
-    """Weights one transformer block multiplies each token by: q/o (dim x dim), k/v
-    (dim x kv_dim) and SwiGLU's three dim x ffn_dim matrices; with experts, the router, the
-    top-k experts' SwiGLUs and the shared expert instead. FLOPs per token = 2x this."""
-    kv_dim = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
-    attention = cfg.dim * (2 * cfg.dim + 2 * kv_dim)
-    if not cfg.moe_experts:
-        return attention + 3 * cfg.dim * cfg.ffn_dim
-    experts = cfg.moe_top_k * 3 * cfg.dim * (cfg.moe_ffn_dim or cfg.ffn_dim)
-    shared = 3 * cfg.dim * cfg.moe_shared_ffn_dim + (cfg.dim if cfg.moe_shared_gate else 0)
-    return attention + cfg.dim * cfg.moe_experts + experts + shared
-
-
 def count_params(model: nn.Module, include_embedding: bool = True) -> int:
     """Number of parameters (elements); tied weights counted once."""
     total = sum(p.numel() for p in model.parameters())

@@ -119,15 +119,15 @@ def apply_context_parallel(model: nn.Module, dims: ParallelDims, cfg: JobConfig)
     """Make ``model`` (a Llama or a pipeline stage of one, before activation checkpointing
     wraps its blocks) attend across the cp ranks; it then takes this rank's tokens only."""
     layout = sequence_layout(cfg)
-    cp_group = dims.cp_mesh.get_group()
+    cp_group = dims.group("cp")
     ring_group = ulysses_group = None
     if dims.cp_ulysses == 1:
         ring_group = cp_group
     elif dims.cp_ring == 1:
         ulysses_group = cp_group
     else:
-        ring_group, ulysses_group = dims.mesh["cp_ring"].get_group(), dims.mesh["cp_ulysses"].get_group()
-    core = ContextParallelAttention(layout, dims.cp_rank(), dims.cp_ring, dims.cp_ulysses, ring_group, ulysses_group)
+        ring_group, ulysses_group = dims.group("cp_ring"), dims.group("cp_ulysses")
+    core = ContextParallelAttention(layout, dims.local_rank("cp"), dims.cp_ring, dims.cp_ulysses, ring_group, ulysses_group)
     model.attention_mask = DocumentKeys(layout, cp_group)
     for block in model.layers.values():
         block.attention.core = core

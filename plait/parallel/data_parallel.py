@@ -5,7 +5,7 @@ What each shards and sends per step, for Ψ parameters:
 - FSDP2: parameters, gradients and optimizer state sharded over ``dp_shard``; all-gather of
   parameters in forward and again in backward, reduce-scatter of gradients: 3(n-1)/n·Ψ.
 - HSDP: FSDP2 inside ``dp_shard``, gradients all-reduced across ``dp_replicate``.
-Context-parallel ranks join in (``dims.fsdp_mesh`` and ``dims.grad_mesh`` include cp): they
+Context-parallel ranks join in (``dims.submesh("shard")`` and ``dims.submesh("grad")`` include cp): they
 hold the same weights and each computes gradients from its part of the sequences.
 """
 
@@ -23,10 +23,10 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, blocks: list[nn.Mo
     """Wrap ``model`` in place for the layout in ``dims`` and the ZeRO stage ``zero`` (see
     plait/parallel/zero.py); ``blocks`` are sharded one by one so only one block's full
     parameters are live at a time under ZeRO-3. Returns the model."""
-    if dims.mesh is None or dims.grad_degree == 1:
+    if dims.group("grad") is None:
         return model
     if dims.fsdp_enabled and zero >= 2:
-        mesh = dims.fsdp_mesh
+        mesh = dims.submesh("shard")
         # Parameters stay fp32 (bf16 compute comes from autocast), so the reduction is exact fp32.
         policy = MixedPrecisionPolicy()
         for index, block in enumerate(blocks):
@@ -39,7 +39,7 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, blocks: list[nn.Mo
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     else:
         # DDP over every data-parallel rank (ZeRO-1 adds its sharded optimizer separately).
-        replicate(model, device_mesh=dims.grad_mesh)
+        replicate(model, device_mesh=dims.submesh("grad"))
     return model
 
 
@@ -48,8 +48,8 @@ def _shard_experts(moe: MoE, dims: ParallelDims, policy: MixedPrecisionPolicy, r
     of the block DTensors). With expert parallelism its experts are one more, sharded over
     edp (and replicated over dp_replicate) only: the ranks that hold the same experts."""
     if dims.ep > 1:
-        fully_shard(moe.experts, mesh=dims.expert_fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(moe, mesh=dims.fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(moe.experts, mesh=dims.submesh("expert_shard"), mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(moe, mesh=dims.submesh("shard"), mp_policy=policy, reshard_after_forward=reshard)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

@@ -5,8 +5,9 @@ tensor parallel, the chattiest dimension, gets neighbouring ranks (the same node
 cluster); pipeline parallel, which only sends activations between stages, gets the farthest.
 Context parallelism (cp = cp_ring × cp_ulysses) sits next to tp because it too moves
 activations every layer; Ulysses' all-to-all is the heavier of its two, so it is inner. Every
-parallel component asks this object (``dims.tp_enabled``, ``dims.mesh["tp"]``,
-``dims.dp_mesh``) instead of keeping process groups of its own.
+parallel component asks this object (``dims.tp_enabled``, ``dims.group("tp")``,
+``dims.submesh("shard")``, ``dims.local_rank("pp")``) instead of keeping process groups of its
+own or indexing the mesh by name.
 
 Context-parallel ranks hold the same weights and see different tokens of the same sequences,
 so for gradients they are data-parallel ranks: gradients are reduced over ``dp × cp``
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from plait.config import JobConfig, cp_degrees, resolve_dp
+from plait import layout
+from plait.config import JobConfig, degrees
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp_ring", "cp_ulysses", "tp")
 
@@ -49,12 +51,11 @@ class ParallelDims:
     @classmethod
     def from_config(cls, cfg: JobConfig, world_size: int) -> "ParallelDims":
         """Resolve ``dp_shard = -1`` against the world; raises ConfigError if it does not fit."""
-        dp = resolve_dp(cfg, world_size)
-        p = cfg.parallel
-        shard = dp // p.dp_replicate if p.dp_shard == -1 else p.dp_shard
-        ring, ulysses = cp_degrees(cfg)
-        return cls(dp_replicate=p.dp_replicate, dp_shard=shard, world_size=world_size, tp=p.tp, pp=p.pp,
-                   cp_ring=ring, cp_ulysses=ulysses, ep=p.ep, workers=cfg.lowbw.method != "none")
+        d = degrees(cfg, world_size)
+        dp = layout.resolve_dp(d)
+        ring, ulysses = layout.cp_degrees(d)
+        return cls(dp_replicate=d.dp_replicate, dp_shard=layout.shard_degree(d, dp), world_size=world_size, tp=d.tp,
+                   pp=d.pp, cp_ring=ring, cp_ulysses=ulysses, ep=d.ep, workers=d.workers)
 
     @property
     def cp(self) -> int:
@@ -185,17 +186,66 @@ class ParallelDims:
         worker, _ = dist.new_subgroups_by_enumeration(within)
         return sync, worker
 
+    def _degree(self, name: str) -> int:
+        degrees = {
+            "pp": self.pp, "tp": self.tp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard,
+            "cp_ring": self.cp_ring, "cp_ulysses": self.cp_ulysses, "cp": self.cp, "dp": self.dp,
+            "grad": self.grad_degree, "shard": self.shard_degree, "ep": self.ep,
+            "expert_shard": self.dp_replicate * self.dp_shard // self.ep,
+        }
+        if name not in degrees:
+            raise KeyError(f"no parallel dimension named {name!r}; known: {', '.join(degrees)}")
+        return degrees[name]
+
+    def submesh(self, name: str) -> DeviceMesh | None:
+        """The DeviceMesh of a named dimension, for torch APIs that take a mesh (DTensor,
+        fully_shard, replicate); None when the dimension is off (degree 1) or there is no mesh.
+
+        Names: the mesh dims (``pp``, ``dp_replicate``, ``dp_shard``, ``cp_ring``,
+        ``cp_ulysses``, ``tp``), ``cp`` (ring x ulysses), ``dp`` (every data-parallel rank),
+        ``grad`` (the ranks gradients are summed over: dp x cp, one worker's with lowbw),
+        ``shard`` (what FSDP / ZeRO-1 shard over; 2-D under HSDP), ``ep`` (experts split over
+        it) and ``expert_shard`` (what experts are FSDP-sharded over: present whenever ep > 1)."""
+        # Experts are an FSDP unit of their own whenever they are split, even over one rank.
+        off = self._degree(name) == 1 and not (name == "expert_shard" and self.ep > 1)
+        if self.mesh is None or off:
+            return None
+        flattened = {"dp": self.dp_mesh, "grad": self.grad_mesh, "shard": self.fsdp_mesh, "cp": self.cp_mesh,
+                     "ep": self.ep_mesh, "expert_shard": self.expert_fsdp_mesh}
+        return flattened[name] if name in flattened else self.mesh[name]
+
+    def group(self, name: str) -> dist.ProcessGroup | None:
+        """The process group of a named dimension (see ``submesh``), None when it is off or
+        there is no mesh. For ``shard`` and ``expert_shard`` it is the group sharded over,
+        without dp_replicate."""
+        mesh = self.submesh(name)
+        return None if mesh is None else mesh.get_group(mesh.ndim - 1)
+
+    def local_rank(self, name: str) -> int:
+        """This rank's index along a named dimension (0 when it is off or there is no mesh)."""
+        mesh = self.submesh(name)
+        return 0 if mesh is None else mesh.get_local_rank(mesh.ndim - 1)
+
+    def labelled_groups(self) -> list[tuple[dist.ProcessGroup, str]]:
+        """Every process group of the mesh with the name its collectives are counted under, in
+        the order to register them (a later name for the same group wins): ``dp``, each mesh
+        dim, then the other flattened meshes. Empty without a mesh."""
+        if self.mesh is None:
+            return []
+        dims = [(self.mesh.get_group(index), name) for index, name in enumerate(self.mesh.mesh_dim_names)]
+        return [(self.dp_mesh.get_group(), "dp"), *dims, *self.named_groups]
+
     def shard_group(self) -> dist.ProcessGroup:
         """The group FSDP / ZeRO-1 shard over (dp_shard x cp), without dp_replicate."""
         return self.fsdp_mesh.get_group(self.fsdp_mesh.ndim - 1)
 
     def cp_rank(self) -> int:
         """This rank's index among the context-parallel ranks (0 without cp)."""
-        return 0 if self.cp_mesh is None else self.cp_mesh.get_local_rank()
+        return self.local_rank("cp")
 
     def dp_rank(self) -> int:
         """This rank's index among the data-parallel ranks (0 without a mesh)."""
-        return 0 if self.dp_mesh is None else self.dp_mesh.get_local_rank()
+        return self.local_rank("dp")
 
     def pp_rank(self) -> int:
-        return 0 if self.mesh is None else self.mesh["pp"].get_local_rank()
+        return self.local_rank("pp")

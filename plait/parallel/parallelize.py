@@ -26,14 +26,14 @@ def parallelize_llama(
     pipeline parallelism) and their global stage ids.
     """
     if dims.pp_enabled:
-        parts, ids = build_pipeline(model, cfg, dims.pp_rank(), dims.mesh["pp"].get_group(), device)
+        parts, ids = build_pipeline(model, cfg, dims.local_rank("pp"), dims.group("pp"), device)
     else:
         parts, ids = [model], [0]
     for part in parts:
         if dims.tp_enabled:
-            apply_tensor_parallel(part, dims.mesh["tp"], loss_parallel=True)
+            apply_tensor_parallel(part, dims.submesh("tp"), loss_parallel=True)
         if dims.ep > 1:
-            apply_expert_parallel(part, dims.ep_mesh)
+            apply_expert_parallel(part, dims.submesh("ep"))
         if dims.cp_enabled:
             apply_context_parallel(part, dims, cfg)
         apply_activation_checkpointing(part, cfg.train.activation_checkpointing, cfg.train.ac_every)

@@ -19,28 +19,17 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as pp_schedules
 
 from plait.config import PP_MULTI_STAGE, PP_V_SHAPED, JobConfig, pp_stage_layers
-from plait.models.llama import block_matmul_params
+from plait.layout import SCHEDULES as LAYOUT_SCHEDULES
+from plait.models import flops
 
-SCHEDULES = {
-    "gpipe": "ScheduleGPipe",
-    "1f1b": "Schedule1F1B",
-    "interleaved_1f1b": "ScheduleInterleaved1F1B",
-    "looped_bfs": "ScheduleLoopedBFS",
-    "interleaved_zero_bubble": "ScheduleInterleavedZeroBubble",
-    "zbv": "ScheduleZBVZeroBubble",
-    "dualpipev": "ScheduleDualPipeV",
-}
+# parallel.pp_schedule -> class name in torch.distributed.pipelining.schedules (plait.layout's table).
+SCHEDULES = {name: sched.torch_class for name, sched in LAYOUT_SCHEDULES.items()}
 
 
 def layer_costs(cfg: JobConfig) -> tuple[list[float], float, float]:
-    """Relative compute cost of each block, of the embedding and of the norm + output layer.
-
-    Cost ∝ multiply-adds per token: a block's matrices plus its attention over the sequence;
-    the output layer dim·vocab; the embedding is a lookup and costs ~nothing.
-    """
-    m = cfg.model
-    block = block_matmul_params(m) + 2 * cfg.train.seq_len * m.dim
-    return [float(block)] * m.n_layers, 0.0, float(m.dim * m.vocab_size)
+    """Relative compute cost of each block, of the embedding and of the norm + output layer
+    (multiply-adds per token: ``plait.models.flops.layer_costs``)."""
+    return flops.layer_costs(cfg.model, cfg.train.seq_len)
 
 
 def split_layers(cfg: JobConfig) -> list[list[int]]:

@@ -18,16 +18,55 @@ from typing import Any
 
 import torch
 
-from plait.config import JobConfig, ModelConfig
-from plait.models.llama import block_matmul_params
+from plait.config import JobConfig
+from plait.models.flops import flops_per_token  # the MFU's count (bench/gpu.py imports it from here)
+from plait.telemetry import collectives as comm
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward, no recompute): 6 per weight multiply-add
-    of every matrix including the output layer, plus attention's 6·2·layers·seq·dim (half of
-    it for causal masking is not subtracted: this is the usual PaLM-style count)."""
-    matmul_params = cfg.n_layers * block_matmul_params(cfg) + cfg.dim * cfg.vocab_size
-    return 6.0 * matmul_params + 12.0 * cfg.n_layers * seq_len * cfg.dim
+class StepClock:
+    """A step's wall time, split into compute and waiting: blocked in counted collectives
+    (``comm.step_summary``) or in the trainer's uncounted bookkeeping reductions, which it adds
+    to ``bookkeeping_s``."""
+
+    def __init__(self) -> None:
+        self.begin, self.bookkeeping_s = time.perf_counter(), 0.0
+
+    def start(self) -> None:
+        comm.reset()  # drop validation/checkpoint traffic of the previous step
+        self.begin, self.bookkeeping_s = time.perf_counter(), 0.0
+
+    def compute_s(self) -> float:
+        """Seconds computed so far this step."""
+        waited = comm.step_summary(reset=False)["comm_s"] + self.bookkeeping_s
+        return time.perf_counter() - self.begin - waited
+
+    def stop(self) -> tuple[float, float, dict[str, Any]]:
+        """(wall seconds, compute seconds, this step's traffic) of the step; resets the counts."""
+        elapsed = time.perf_counter() - self.begin
+        traffic = comm.step_summary()
+        return elapsed, max(elapsed - traffic["comm_s"] - self.bookkeeping_s, 0.0), traffic
+
+
+def step_record(cfg: JobConfig, step: int, loss: float, lr: float, grad_norm: float, elapsed: float,
+                traffic: dict[str, Any], data_stats, world: int, device: torch.device) -> dict[str, Any]:
+    """The metrics.jsonl record of a training step (see the module's docstring)."""
+    t = cfg.train
+    tokens_per_step = t.global_batch * t.seq_len
+    return {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": step * tokens_per_step,
+        "tokens_per_s": tokens_per_step / elapsed,
+        "mfu": flops_per_token(cfg.model, t.seq_len) * tokens_per_step / elapsed / (cfg.metrics.peak_tflops * 1e12 * world),
+        "mem_gib": peak_memory_gib(device),
+        "step_s": elapsed,
+        "comm_bytes": traffic["comm_bytes"],
+        "comm_s": traffic["comm_s"],
+        "imbalance": data_stats.imbalance,
+        "padding": data_stats.padding,
+    }
 
 
 def peak_memory_gib(device: torch.device) -> float:

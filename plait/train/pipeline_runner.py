@@ -24,8 +24,8 @@ class PipelineRunner:
         self.parts, self.ids, self.cfg, self.device = parts, ids, cfg, device
         self.loss_sum = loss_sum
         self.n_stages = cfg.parallel.pp * cfg.parallel.pp_virtual_stages
-        self.group = dims.mesh["pp"].get_group()
-        self.pp_rank = dims.pp_rank()
+        self.group = dims.group("pp")
+        self.pp_rank = dims.local_rank("pp")
         self.scale = 1.0
         self.schedule, self.stages = build_schedule(
             parts, ids, cfg, n_microbatches, self._scaled_loss, self.group, device
@@ -37,6 +37,11 @@ class PipelineRunner:
 
     def _scaled_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_sum(logits, labels) * self.scale
+
+    @property
+    def holds_loss(self) -> bool:
+        """Whether this rank holds the last stage, where the losses are computed."""
+        return self.n_stages - 1 in self.ids
 
     def _peer(self, stage: int) -> int:
         return dist.get_global_rank(self.group, stage_owner(stage, self.cfg))

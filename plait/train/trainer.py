@@ -1,9 +1,11 @@
-"""The training loop: one function every rank runs, single process or under a process group.
+"""The training loop: one recipe every rank runs, single process or under a process group.
 
-A step: take this rank's micro-batches, forward/backward each (gradient reduction only on the
-last), clip, AdamW, schedule; then maybe validate, checkpoint and log. The loss is the sum of
-token losses over the whole global batch divided by its token count, so every layout computes
-the same number as the single-process reference.
+``Trainer`` builds the layout (mesh), the step guard (fault watching and injection, see
+guard.py), the data, the model and its parallel wrapping, the optimizer, the lowbw outer loop
+and the loader; ``run`` then loops step -> validate -> checkpoint -> log. A step: take this
+rank's micro-batches, forward/backward each (gradient reduction only on the last), clip, AdamW,
+schedule. The loss is the sum of token losses over the whole global batch divided by its token
+count, so every layout computes the same number as the single-process reference.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
 from plait.config import JobConfig, link_emulation, to_toml
-from plait.errors import CheckpointError, NonFiniteError
+from plait.errors import CheckpointError
 from plait.data import prepare_data, train_loader, DataBundle
 from plait.data.loader import val_batches
 from plait.infer.generate import generate
@@ -37,10 +39,9 @@ from plait.train.loss import plain, token_loss_sum
 from plait.train.pipeline_runner import PipelineRunner
 from plait.checkpoint import store as ckpt
 from plait.resilience.events import log_event
-from plait.resilience.inject import Injector, parse_injection
-from plait.resilience.watchdog import PROGRESS, Watchdog, attempt, monitor_store
+from plait.train.guard import StepGuard
 from plait.train.moe_control import MoEControl
-from plait.train.metrics import MetricsLogger, flops_per_token, peak_memory_gib
+from plait.train.metrics import MetricsLogger, StepClock, step_record
 from plait.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 
 
@@ -97,61 +98,32 @@ def with_vocab(cfg: JobConfig, vocab_size: int) -> JobConfig:
 
 
 class Trainer:
+    """Builds everything a run needs from ``cfg``, in order; ``run`` trains."""
+
     def __init__(self, cfg: JobConfig):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.device = resolve_device(cfg)
-        self.dims = ParallelDims.from_config(cfg, self.world)
-        self.dims.build_mesh(self.device.type)
-        if self.dims.mesh is not None:
-            # Count every collective from here on (ours, FSDP2's, DTensor's, pipelining's),
-            # named by the mesh dimension it runs on.
-            comm.install()
-            comm.register_group(self.dims.dp_mesh.get_group(), "dp")
-            comm.register_mesh(self.dims.mesh)
-            for group, name in self.dims.named_groups:
-                comm.register_group(group, name)
-        comm.configure_emulation(*link_emulation(cfg))  # slow links (comm.emulate_*); else off
-        # Fault handling: injected faults (tests, demos) and the watchdog the supervisor reads.
-        PROGRESS.reset()
-        self.bookkeeping_s = 0.0  # seconds in _reduce's uncounted collectives this step
-        self.injector = Injector(parse_injection(cfg.resilience.inject), self.rank, attempt(), cfg.run.dir)
-        store = monitor_store() if cfg.resilience.watch else None
-        self.watchdog = Watchdog(store, self.rank, cfg.resilience.heartbeat_s) if store is not None else None
-        if self.watchdog is not None:
-            self.watchdog.start()
-        log_event(cfg.run.dir, "start", rank=self.rank, detail=f"attempt {attempt()}")
+        self.dims = self._build_layout(cfg)
+        self.guard = StepGuard(cfg, self.rank)  # fault watching and injection (tests, demos)
+        self.clock = StepClock()
         self.data = load_data(cfg)
         self.cfg = cfg = with_vocab(cfg, self.data.tokenizer.vocab_size)
-        model = build_model(cfg.model, self.device, seed=cfg.train.seed)
-        self.n_params = count_params(model)
-        self.parts, stage_ids = parallelize_llama(model, self.dims, cfg, self.device)
-        self.model = self.parts[0]
-        del model
-        if self.dims.fsdp_enabled and cfg.parallel.zero == 1:
-            self.optimizer = build_zero1_optimizer(self.parts, cfg.train, self.dims.shard_group())
-        else:
-            self.optimizer = build_optimizer(self.parts, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        stage_ids = self._build_model(cfg)
+        self.optimizer, self.scheduler = self._build_optimizer(cfg)
         if cfg.checkpoint.init_from and not cfg.checkpoint.resume:
             # Before the outer loop copies the weights its workers start from.
             ckpt.load_model_weights(ckpt.initial_weights(cfg.checkpoint.init_from, cfg.model), self.parts)
         # DiLoCo family: the outer loop around the inner steps (workers = dp_replicate groups).
-        self.outer = build_outer_loop(cfg.lowbw, self.parts, self.dims, self.device, self.injector)
+        self.outer = build_outer_loop(cfg.lowbw, self.parts, self.dims, self.device, self.guard.injector)
         n_micro = cfg.train.global_batch // (cfg.train.micro_batch * self.dims.dp)
-        dp_group = self.dims.grad_mesh.get_group() if self.dims.mesh is not None else None
-        pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp_enabled else None
-        self.moe = MoEControl(self.parts, cfg, n_micro, dp_group, pp_group, self.device) if cfg.model.moe_experts else None
+        self.moe = (MoEControl(self.parts, cfg, n_micro, self.dims.group("grad"), self.dims.group("pp"), self.device)
+                    if cfg.model.moe_experts else None)
         self.pipeline = (
             PipelineRunner(self.parts, stage_ids, cfg, self.dims, self.device, token_loss_sum, n_micro)
             if self.dims.pp_enabled else None
         )
-        dp_rank, dp = self.dims.dp_rank(), self.dims.dp
-        self.loader = train_loader(cfg, self.data.train, dp_rank, dp)
-        # Context-parallel ranks of one data-parallel rank read the same batches and keep
-        # their own tokens of each sequence.
-        self.cp_layout, self.cp_rank = sequence_layout(cfg), self.dims.cp_rank()
-        self.val = [self._local(mb) for mb in validation_batches(cfg, self.data, dp_rank, dp)]
+        self._build_data(cfg)
         self.start_step = 0
         self.model_state_bytes: dict[str, int] = {}
         if cfg.checkpoint.resume:
@@ -160,40 +132,43 @@ class Trainer:
             torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else nullcontext()
         )
 
-    def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's tokens of a micro-batch: all of them without context parallelism."""
-        if not self.dims.cp_enabled:
-            return batch
-        return {key: self.cp_layout.shard(value, self.cp_rank) for key, value in batch.items()}
+    # ---- building
 
-    def _reduce(self, value: torch.Tensor, op=dist.ReduceOp.SUM, over_pp: bool = False,
-                over_workers: bool = False) -> torch.Tensor:
-        """Reduce a scalar over the data- and context-parallel ranks (of one lowbw worker), over
-        the pipeline ranks with ``over_pp`` (losses live on the last stage only) and over the
-        workers with ``over_workers``; identity on one process."""
-        if self.dims.mesh is None:
-            return value
-        value = value.to(self.device)
-        begin = time.perf_counter()
-        with comm.paused():  # bookkeeping, not training traffic
-            dist.all_reduce(value, op=op, group=self.dims.grad_mesh.get_group())
-            if over_pp and self.dims.pp_enabled:
-                dist.all_reduce(value, op=op, group=self.dims.mesh["pp"].get_group())
-            if over_workers and self.dims.workers:
-                dist.all_reduce(value, op=op, group=self.dims.mesh["dp_replicate"].get_group())
-        self.bookkeeping_s += time.perf_counter() - begin  # waiting, not computing
-        return value.cpu()
+    def _build_layout(self, cfg: JobConfig) -> ParallelDims:
+        """The mesh; every collective from here on is counted (ours, FSDP2's, DTensor's,
+        pipelining's), named by the mesh dimension it runs on; slow links emulated if asked."""
+        dims = ParallelDims.from_config(cfg, self.world)
+        dims.build_mesh(self.device.type)
+        groups = dims.labelled_groups()
+        if groups:
+            comm.install()
+            for group, name in groups:
+                comm.register_group(group, name)
+        comm.configure_emulation(*link_emulation(cfg))  # slow links (comm.emulate_*); else off
+        return dims
 
-    def _forward_context(self) -> ExitStack:
-        """Autocast (bf16) and loss parallel (tp), whichever apply, as one context."""
-        stack = ExitStack()
-        stack.enter_context(self.autocast)
-        stack.enter_context(self._loss_context())
-        return stack
+    def _build_model(self, cfg: JobConfig) -> list[int]:
+        """Build the model and apply the layout; returns the global ids of this rank's stages."""
+        model = build_model(cfg.model, self.device, seed=cfg.train.seed)
+        self.n_params = count_params(model)
+        self.parts, stage_ids = parallelize_llama(model, self.dims, cfg, self.device)
+        self.model = self.parts[0]
+        return stage_ids
 
-    def _loss_context(self):
-        """Vocabulary-sharded logits need torch's loss_parallel around loss and backward."""
-        return loss_parallel() if self.dims.tp_enabled else nullcontext()
+    def _build_optimizer(self, cfg: JobConfig):
+        if self.dims.fsdp_enabled and cfg.parallel.zero == 1:
+            optimizer = build_zero1_optimizer(self.parts, cfg.train, self.dims.group("shard"))
+        else:
+            optimizer = build_optimizer(self.parts, cfg.train)
+        return optimizer, build_scheduler(optimizer, cfg.train)
+
+    def _build_data(self, cfg: JobConfig) -> None:
+        """This rank's loader and validation batches. Context-parallel ranks of one
+        data-parallel rank read the same batches and keep their own tokens of each sequence."""
+        dp_rank, dp = self.dims.local_rank("dp"), self.dims.dp
+        self.loader = train_loader(cfg, self.data.train, dp_rank, dp)
+        self.cp_layout, self.cp_rank = sequence_layout(cfg), self.dims.local_rank("cp")
+        self.val = [self._local(mb) for mb in validation_batches(cfg, self.data, dp_rank, dp)]
 
     def _resume(self) -> None:
         folder = ckpt.latest_good_checkpoint(self.cfg.run.dir)
@@ -210,6 +185,43 @@ class Trainer:
         self.start_step = int(state["step"])
         if self.rank == 0:
             log_event(self.cfg.run.dir, "resume", rank=0, step=self.start_step, detail=os.path.basename(folder))
+
+    # ---- one step
+
+    def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's tokens of a micro-batch: all of them without context parallelism."""
+        if not self.dims.cp_enabled:
+            return batch
+        return {key: self.cp_layout.shard(value, self.cp_rank) for key, value in batch.items()}
+
+    def _reduce(self, value: torch.Tensor, op=dist.ReduceOp.SUM, over_pp: bool = False,
+                over_workers: bool = False) -> torch.Tensor:
+        """Reduce a scalar over the data- and context-parallel ranks (of one lowbw worker), over
+        the pipeline ranks with ``over_pp`` (losses live on the last stage only) and over the
+        workers with ``over_workers``; identity on one process."""
+        groups = [self.dims.group("grad"), self.dims.group("pp") if over_pp else None,
+                  self.dims.group("dp_replicate") if over_workers and self.dims.workers else None]
+        groups = [group for group in groups if group is not None]
+        if not groups:
+            return value
+        value = value.to(self.device)
+        begin = time.perf_counter()
+        with comm.paused():  # bookkeeping, not training traffic
+            for group in groups:
+                dist.all_reduce(value, op=op, group=group)
+        self.clock.bookkeeping_s += time.perf_counter() - begin  # waiting, not computing
+        return value.cpu()
+
+    def _forward_context(self) -> ExitStack:
+        """Autocast (bf16) and loss parallel (tp), whichever apply, as one context."""
+        stack = ExitStack()
+        stack.enter_context(self.autocast)
+        stack.enter_context(self._loss_context())
+        return stack
+
+    def _loss_context(self):
+        """Vocabulary-sharded logits need torch's loss_parallel around loss and backward."""
+        return loss_parallel() if self.dims.tp_enabled else nullcontext()
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of token cross-entropies of one micro-batch (unpipelined model)."""
@@ -234,49 +246,48 @@ class Trainer:
         # Data-parallel wrappers average gradients over the dp x cp ranks; scaling by their
         # number undoes that so gradients are of sum(loss)/global_tokens, the single-process
         # reference's objective.
-        scale = self.dims.grad_degree / max(global_tokens, 1.0)
-        if self.injector.poisons_loss(step):
-            scale = float("nan")
-        PROGRESS.phase = "forward"
+        scale = self.guard.loss_scale(step, self.dims.grad_degree / max(global_tokens, 1.0))
+        total = self._forward_backward(micro_batches, scale)
+        self.guard.phase("optimizer")
+        total = self.guard.loss_total(step, total, holds_loss=self.pipeline is None or self.pipeline.holds_loss)
+        norm = self._optimizer_step(step)
+        if self.dims.workers:  # report the loss over every worker's tokens
+            global_tokens = float(self._reduce(torch.tensor(float(local_tokens)), over_workers=True))
+        loss = float(self._reduce(total, over_pp=True, over_workers=True)) / max(global_tokens, 1.0)
+        return loss, norm
+
+    def _forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], scale: float) -> torch.Tensor:
+        """Forward and backward of every micro-batch, gradients of ``scale`` x the loss sum,
+        reduced across ranks on the last one only. Returns this rank's sum of token losses."""
+        self.guard.phase("forward")
         if self.pipeline is not None:
             with self.autocast:
-                total = self.pipeline.train(micro_batches, scale, self._loss_context())
-        else:
-            total = torch.zeros((), dtype=torch.float64)
-            for index, mb in enumerate(micro_batches):
-                set_gradient_sync(self.model, index == len(micro_batches) - 1)
-                with self._loss_context():
-                    PROGRESS.phase = "forward"
-                    loss_sum = self._loss_sum(mb) * (1.0 if math.isfinite(scale) else scale)
-                    PROGRESS.phase = "backward"
-                    (loss_sum * scale).backward()
-                total += plain(loss_sum).detach().double().cpu()
-        PROGRESS.phase = "optimizer"
-        if not bool(torch.isfinite(total)) and PROGRESS.nan_step is None:
-            PROGRESS.nan_step = step  # this rank's own loss: where the NaN/Inf appeared
-        pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp_enabled else None
-        norm = clip_grad_norm([p for part in self.parts for p in part.parameters()], self.cfg.train.grad_clip, pp_group)
+                return self.pipeline.train(micro_batches, scale, self._loss_context())
+        total = torch.zeros((), dtype=torch.float64)
+        for index, mb in enumerate(micro_batches):
+            set_gradient_sync(self.model, index == len(micro_batches) - 1)
+            with self._loss_context():
+                self.guard.phase("forward")
+                loss_sum = self._loss_sum(mb)
+                self.guard.phase("backward")
+                (loss_sum * scale).backward()
+            total += plain(loss_sum).detach().double().cpu()
+        return total
+
+    def _optimizer_step(self, step: int) -> float:
+        """Clip, update (unless the norm is not finite: the guard's policy) and schedule;
+        returns the gradient norm before clipping."""
+        params = [p for part in self.parts for p in part.parameters()]
+        norm = clip_grad_norm(params, self.cfg.train.grad_clip, self.dims.group("pp"))
         if not math.isfinite(norm):
-            self._non_finite(step)
+            self.guard.non_finite(step)
         else:
             self.optimizer.step()
         if not self.model_state_bytes:  # the first step is the first time all three exist
             self.model_state_bytes = state_bytes(self.parts, self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.dims.workers:  # report the loss over every worker's tokens
-            global_tokens = float(self._reduce(torch.tensor(float(local_tokens)), over_workers=True))
-        loss = float(self._reduce(total, over_pp=True, over_workers=True)) / max(global_tokens, 1.0)
-        return loss, norm
-
-    def _non_finite(self, step: int) -> None:
-        """Skip this step's update, or stop for a rollback to the last checkpoint."""
-        if self.cfg.resilience.on_nan == "rollback":
-            if self.watchdog is not None:
-                self.watchdog.beat()  # the monitor must see where it started before we exit
-            raise NonFiniteError(f"non-finite loss or gradient at step {step}; rolling back to the last checkpoint")
-        if self.rank == 0:
-            print(f"plait: step {step}: non-finite gradient norm, update skipped (resilience.on_nan = 'skip')", flush=True)
+        return norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -299,7 +310,7 @@ class Trainer:
         """(checkpoint subfolder, process group) of this rank's lowbw worker; None otherwise."""
         if self.outer is None or self.outer.worker_group is None:
             return None
-        return f"worker{self.dims.mesh['dp_replicate'].get_local_rank()}", self.outer.worker_group
+        return f"worker{self.dims.local_rank('dp_replicate')}", self.outer.worker_group
 
     def _rank_state(self, step: int) -> dict[str, Any]:
         state = {
@@ -317,8 +328,7 @@ class Trainer:
         t = self.cfg.train
         if t.sample_tokens == 0:
             return None
-        pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp_enabled else None
-        state = ckpt.full_model_state(self.parts, pp_group)
+        state = ckpt.full_model_state(self.parts, self.dims.group("pp"))
         if self.rank != 0:
             return None
         single = build_model(self.cfg.model, "cpu", seed=t.seed)
@@ -327,88 +337,95 @@ class Trainer:
         ids = generate(single, tok.encode(t.sample_prompt) or [tok.eos_id], t.sample_tokens, seed=t.seed, eos_id=tok.eos_id)
         return t.sample_prompt + tok.decode(ids)
 
+    # ---- the run
+
     def run(self) -> TrainResult:
         cfg, result = self.cfg, TrainResult()
-        t = cfg.train
         metrics = MetricsLogger(cfg, self.rank == 0, self.start_step)
-        fpt = flops_per_token(cfg.model, t.seq_len)
-        tokens_per_step = t.global_batch * t.seq_len
-        if self.rank == 0:
-            with open(os.path.join(cfg.run.dir, "config.toml"), "w") as fh:
-                fh.write(to_toml(cfg))
-            print(
-                f"plait: {self.n_params / 1e6:.2f}M parameters, layout {self.dims.layout_name}, "
-                f"{self.world} rank(s) on {self.device.type}, {len(self.data.train)} train windows, "
-                f"steps {self.start_step + 1}..{t.steps}",
-                flush=True,
-            )
+        self._announce()
         if self.val and self.start_step == 0:
             # The loss before any update: the baseline every later validation is judged against.
             result.val_losses[0] = val = self.evaluate()
             metrics.log({"step": 0, "tokens": 0, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
-        for step in range(self.start_step + 1, t.steps + 1):
-            comm.reset()  # drop validation/checkpoint traffic of the previous step
-            begin = time.perf_counter()
-            self.bookkeeping_s = 0.0
-            lr = self.scheduler.get_last_lr()[0]
-            PROGRESS.step, PROGRESS.phase = step, "data"
-            self.injector.at_step_start(step)
-            loss, norm = self.train_step(self.loader.next_step(), step)
-            if self.outer is not None:
-                PROGRESS.phase = "sync"
-                self.outer.after_step(step)
-                if step == t.steps:
-                    self.outer.finish(step)
-            waited = comm.step_summary(reset=False)["comm_s"] + self.bookkeeping_s
-            self.injector.slow_down(step, time.perf_counter() - begin - waited)
-            elapsed = time.perf_counter() - begin
-            traffic = comm.step_summary()
-            PROGRESS.finish_step(elapsed, max(elapsed - traffic["comm_s"] - self.bookkeeping_s, 0.0))
-            result.comm_bytes[step] = traffic["comm_bytes"]
-            result.losses[step], result.grad_norms[step] = loss, norm
-            data_stats = self.loader.step_stats()
-            record = {
-                "step": step,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": norm,
-                "tokens": step * tokens_per_step,
-                "tokens_per_s": tokens_per_step / elapsed,
-                "mfu": fpt * tokens_per_step / elapsed / (cfg.metrics.peak_tflops * 1e12 * self.world),
-                "mem_gib": peak_memory_gib(self.device),
-                "step_s": elapsed,
-                "comm_bytes": traffic["comm_bytes"],
-                "comm_s": traffic["comm_s"],
-                "imbalance": data_stats.imbalance,
-                "padding": data_stats.padding,
-            }
-            if self.pipeline is not None:
-                record["bubble"] = self.pipeline.last_bubble
-            if self.outer is not None and self.outer.step_syncs:
-                record["sync_bytes"] = sum(e["bytes"] for e in self.outer.step_syncs)
-                record["sync_wait_s"] = sum(e["wait_s"] for e in self.outer.step_syncs)
-            if self.moe is not None:
-                record.update(self.moe.step_metrics(step))
-            if self.val and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
-                PROGRESS.phase = "eval"
-                val = self.evaluate()
-                result.val_losses[step] = val
-                record["val_loss"], record["val_ppl"] = val, float(torch.tensor(val).exp())
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
-                PROGRESS.phase = "checkpoint"
-                result.checkpoint = ckpt.save_checkpoint(
-                    cfg.run.dir, step, self.parts, self.optimizer, self._rank_state(step), cfg,
-                    self.data.tokenizer, cfg.checkpoint.keep, self._worker(),
-                )
-                if self.rank == 0:
-                    log_event(cfg.run.dir, "checkpoint", rank=0, step=step, detail=os.path.basename(result.checkpoint))
-            if step % cfg.metrics.log_every == 0 or "val_loss" in record or step == t.steps:
+        for step in range(self.start_step + 1, cfg.train.steps + 1):
+            record = self._step(step, result)
+            if self.val and self._due(cfg.train.eval_every, step):
+                self._validate(step, record, result)
+            if self._due(cfg.checkpoint.every, step):
+                self._checkpoint(step, result)
+            if step % cfg.metrics.log_every == 0 or "val_loss" in record or step == cfg.train.steps:
                 metrics.log(record)
+        self._finish(result, metrics)
+        return result
+
+    def _due(self, every: int, step: int) -> bool:
+        """Every ``every`` steps (0: never) and at the last step."""
+        return bool(every and step % every == 0) or step == self.cfg.train.steps
+
+    def _step(self, step: int, result: TrainResult) -> dict[str, Any]:
+        """One training step, timed and watched; returns its metrics record."""
+        self.clock.start()
+        lr = self.scheduler.get_last_lr()[0]
+        self.guard.begin_step(step)
+        loss, norm = self.train_step(self.loader.next_step(), step)
+        if self.outer is not None:
+            self.guard.phase("sync")
+            self.outer.after_step(step)
+            if step == self.cfg.train.steps:
+                self.outer.finish(step)
+        self.guard.slow_down(step, self.clock.compute_s())
+        elapsed, compute, traffic = self.clock.stop()
+        self.guard.end_step(elapsed, compute)
+        result.comm_bytes[step] = traffic["comm_bytes"]
+        result.losses[step], result.grad_norms[step] = loss, norm
+        record = step_record(self.cfg, step, loss, lr, norm, elapsed, traffic, self.loader.step_stats(),
+                             self.world, self.device)
+        if self.pipeline is not None:
+            record["bubble"] = self.pipeline.last_bubble
+        if self.outer is not None and self.outer.step_syncs:
+            record["sync_bytes"] = sum(e["bytes"] for e in self.outer.step_syncs)
+            record["sync_wait_s"] = sum(e["wait_s"] for e in self.outer.step_syncs)
+        if self.moe is not None:
+            record.update(self.moe.step_metrics(step))
+        return record
+
+    def _validate(self, step: int, record: dict[str, Any], result: TrainResult) -> None:
+        self.guard.phase("eval")
+        val = self.evaluate()
+        result.val_losses[step] = val
+        record["val_loss"], record["val_ppl"] = val, float(torch.tensor(val).exp())
+
+    def _checkpoint(self, step: int, result: TrainResult) -> None:
+        cfg = self.cfg
+        self.guard.phase("checkpoint")
+        result.checkpoint = ckpt.save_checkpoint(
+            cfg.run.dir, step, self.parts, self.optimizer, self._rank_state(step), cfg,
+            self.data.tokenizer, cfg.checkpoint.keep, self._worker(),
+        )
+        if self.rank == 0:
+            log_event(cfg.run.dir, "checkpoint", rank=0, step=step, detail=os.path.basename(result.checkpoint))
+
+    def _announce(self) -> None:
+        if self.rank != 0:
+            return
+        cfg = self.cfg
+        with open(os.path.join(cfg.run.dir, "config.toml"), "w") as fh:
+            fh.write(to_toml(cfg))
+        print(
+            f"plait: {self.n_params / 1e6:.2f}M parameters, layout {self.dims.layout_name}, "
+            f"{self.world} rank(s) on {self.device.type}, {len(self.data.train)} train windows, "
+            f"steps {self.start_step + 1}..{cfg.train.steps}",
+            flush=True,
+        )
+
+    def _finish(self, result: TrainResult, metrics: MetricsLogger) -> None:
+        """Plots and model-state report (rank 0), the sample, the summary; stop watching."""
+        cfg = self.cfg
         if self.rank == 0 and cfg.metrics.profile_pipeline and self.pipeline is not None:
             p = cfg.parallel
             path = os.path.join(cfg.run.dir, "pipeline_gantt.png")
             plot_gantt(self.pipeline.last_timelines, path,
-                       f"{p.pp_schedule}: pp={p.pp}, v={p.pp_virtual_stages}, step {t.steps}")
+                       f"{p.pp_schedule}: pp={p.pp}, v={p.pp_virtual_stages}, step {cfg.train.steps}")
             print(f"plait: pipeline Gantt chart written to {path}", flush=True)
         if self.rank == 0 and self.moe is not None and cfg.metrics.plot:
             path = os.path.join(cfg.run.dir, "expert_load.png")
@@ -424,11 +441,9 @@ class Trainer:
             self.outer.close()
         result.sample = self.sample()
         result.summary = metrics.close()
-        if self.watchdog is not None:
-            self.watchdog.stop()
+        self.guard.close()
         if self.rank == 0 and result.sample is not None:
             print(f"plait: sample: {result.sample!r}", flush=True)
-        return result
 
 
 def run_training(cfg: JobConfig) -> TrainResult:

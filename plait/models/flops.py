@@ -1,0 +1,70 @@
+"""The model's FLOP and parameter accounting, in one place, from its ModelConfig alone.
+
+Everything that weighs compute by the model's shape asks here: the MFU in metrics
+(``flops_per_token``), the data balancer's cost of a packed sequence (``forward_coefficients``)
+and the pipeline's stage split (``layer_costs``). The counts are per token and per
+multiply-add of a weight (2 FLOPs forward, 6 forward + backward). Embedding lookups, norms and
+activations are left out. (How long that compute takes on some hardware is the planner's
+question: plait/plan/.)
+"""
+
+from __future__ import annotations
+
+from plait.config import ModelConfig
+
+
+def block_matmul_params(cfg: ModelConfig) -> int:
+    """Weights one transformer block multiplies each token by: q/o (dim x dim), k/v
+    (dim x kv_dim) and SwiGLU's three dim x ffn_dim matrices; with experts, the router, the
+    top-k experts' SwiGLUs and the shared expert instead. FLOPs per token = 2x this."""
+    kv_dim = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
+    attention = cfg.dim * (2 * cfg.dim + 2 * kv_dim)
+    if not cfg.moe_experts:
+        return attention + 3 * cfg.dim * cfg.ffn_dim
+    experts = cfg.moe_top_k * 3 * cfg.dim * (cfg.moe_ffn_dim or cfg.ffn_dim)
+    shared = 3 * cfg.dim * cfg.moe_shared_ffn_dim + (cfg.dim if cfg.moe_shared_gate else 0)
+    return attention + cfg.dim * cfg.moe_experts + experts + shared
+
+
+def output_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of the output layer (dim x vocab), each token's last matrix."""
+    return cfg.dim * cfg.vocab_size
+
+
+def attention_macs(cfg: ModelConfig, seq_len: int) -> int:
+    """Multiply-adds per token of one block's attention over a full ``seq_len`` window:
+    Q.K and P.V, ``dim`` each per key (causal masking's half not subtracted)."""
+    return 2 * seq_len * cfg.dim
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward, no recompute): 6 per weight multiply-add
+    of every matrix including the output layer, plus attention's 6·2·layers·seq·dim (half of
+    it for causal masking is not subtracted: this is the usual PaLM-style count)."""
+    matmul_params = cfg.n_layers * block_matmul_params(cfg) + output_matmul_params(cfg)
+    return 6.0 * matmul_params + 12.0 * cfg.n_layers * seq_len * cfg.dim
+
+
+def forward_coefficients(cfg: ModelConfig) -> tuple[float, float]:
+    """(attn_coef, linear_coef) of a model, in forward FLOPs (n_kv_heads 0 means n_heads), such
+    that a document of s tokens costs ``attn_coef * s**2 + linear_coef * s``.
+
+    linear_coef: FLOPs per token, ``2 * block_matmul_params`` per layer (for a dense block
+    ``2 * (dim * (2 dim + 2 kv_dim) + 3 dim ffn_dim)``: q/o projections dim x dim, k/v
+    projections dim x kv_dim, SwiGLU's three dim x ffn matmuls). attn_coef: FLOPs per squared
+    token of one document: causal attention has ~s**2/2 (query, key) pairs, each costing 2 dim
+    for Q.K and 2 dim for P.V, so ``2 dim s**2`` per layer. Embedding, LM head and norms are
+    left out (they are per token, so they only scale linear_coef a little). Backward is ~2x
+    forward for both, so the ratio is the same for training.
+    """
+    linear = 2.0 * block_matmul_params(cfg) * cfg.n_layers
+    attn = 2.0 * cfg.dim * cfg.n_layers
+    return attn, linear
+
+
+def layer_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[float], float, float]:
+    """Relative compute cost of each block, of the embedding and of the norm + output layer,
+    in multiply-adds per token over ``seq_len``-token windows: a block's matrices plus its
+    attention; the output layer dim·vocab; the embedding is a lookup and costs ~nothing."""
+    block = block_matmul_params(cfg) + attention_macs(cfg, seq_len)
+    return [float(block)] * cfg.n_layers, 0.0, float(output_matmul_params(cfg))
