@@ -40,6 +40,9 @@ class Schedule:
     micro_batches: str  # "any" | "at_least_pp" | "at_least_2pp" | "multiple_of_pp"
     bubble: Callable[[int, int, float, float], float]  # (pp, vpp, forward_s, backward_s) -> seconds
     in_flight: Callable[[int, int, int], float]  # (pp, vpp, micro-batches) -> micro-batches held
+    # The schedule whose bubble this one has before weight gradients fill it (itself when it
+    # moves none): the timeline's ideal idle fraction, an upper bound for zero-bubble schedules.
+    unfilled: str = ""
 
     @property
     def multi_stage(self) -> bool:
@@ -76,14 +79,14 @@ SCHEDULES: dict[str, Schedule] = {s.name: s for s in (
              lambda p, v, f, b: (p - 1) * (f + b) / v, lambda p, v, m: m),
     # ZB-H1 interleaved: (p-1)F/v, weight gradients fill the rest; interleaved 1F1B's peak
     Schedule("interleaved_zero_bubble", "ScheduleInterleavedZeroBubble", "any", True, "multiple_of_pp",
-             lambda p, v, f, b: (p - 1) * f / v, lambda p, v, m: p + (p - 1) / v),
+             lambda p, v, f, b: (p - 1) * f / v, lambda p, v, m: p + (p - 1) / v, "interleaved_1f1b"),
     # ZB-V on two V-placed chunks, (p-1)F/2; the V placement keeps 1F1B's peak
     Schedule("zbv", "ScheduleZBVZeroBubble", "two", True, "at_least_pp",
-             lambda p, v, f, b: (p - 1) * f / 2, lambda p, v, m: p),
+             lambda p, v, f, b: (p - 1) * f / 2, lambda p, v, m: p, "interleaved_1f1b"),
     # DualPipe's (p/2-1)(F&B + B - 3W), F&B = F+B overlapped: (p/2-1)(F + 2B - 1.5B); p + 1 held
     # (the two directions each hold half of the chunks)
     Schedule("dualpipev", "ScheduleDualPipeV", "two", True, "at_least_2pp",
-             lambda p, v, f, b: max(0.0, p / 2 - 1) * (f + 0.5 * b), lambda p, v, m: p + 1),
+             lambda p, v, f, b: max(0.0, p / 2 - 1) * (f + 0.5 * b), lambda p, v, m: p + 1, "interleaved_1f1b"),
 )}
 PP_SCHEDULES = tuple(SCHEDULES)
 PP_MULTI_STAGE = tuple(s.name for s in SCHEDULES.values() if s.multi_stage)
@@ -94,6 +97,16 @@ def schedule(name: str) -> Schedule:
     if name not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {name!r}")
     return SCHEDULES[name]
+
+
+def idle_fraction(name: str, pp: int, micro_batches: int, vpp: int = 1) -> float:
+    """Ideal idle fraction of a balanced step before any weight-gradient filling: the schedule's
+    (unfilled) bubble in micro-batch slots (F + B = 1) over the step's m slots plus that bubble.
+    1F1B: (p-1)/(m+p-1); interleaved: (p-1)/(v·m+p-1); zero-bubble schedules: their interleaved
+    bound (what they fill depends on the B/W cost split, so that is an upper bound)."""
+    sched = schedule(name)
+    idle = SCHEDULES[sched.unfilled or name].bubble(pp, vpp, 1.0, 0.0) if pp > 1 else 0.0
+    return idle / (micro_batches + idle)
 
 
 def resolve_schedule(requested: str, pp: int, vpp: int) -> str:

@@ -47,15 +47,13 @@ from typing import Any, Iterable
 
 import torch.distributed as dist
 
-from plait.layout import SCHEDULES
+from plait.layout import SCHEDULES, idle_fraction
 
 KINDS = ("F", "B", "W")
 _WRAPPED = {"forward_one_chunk": "F", "backward_one_chunk": "B", "backward_weight_one_chunk": "W"}
 _LOSS_HOOK = "_maybe_compute_loss"
 
-# Schedules whose ranks hold v stages (looped), and the zero-bubble ones among them.
-_INTERLEAVED = tuple(s.name for s in SCHEDULES.values() if s.multi_stage and not s.zero_bubble)
-_ZERO_BUBBLE = tuple(s.name for s in SCHEDULES.values() if s.zero_bubble)
+# Schedules whose ranks hold one stage each.
 _SINGLE = tuple(s.name for s in SCHEDULES.values() if not s.multi_stage)
 
 
@@ -78,13 +76,11 @@ def theory_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:
     """
     if p < 1 or m < 1 or v < 1:
         raise ValueError(f"theory_bubble needs p, m, v >= 1 (got p={p}, m={m}, v={v})")
-    if schedule in _SINGLE:
-        if v != 1:
-            raise ValueError(f"schedule '{schedule}' runs one stage per rank (got v={v})")
-        return (p - 1) / (m + p - 1)
-    if schedule in _INTERLEAVED or schedule in _ZERO_BUBBLE:
-        return (p - 1) / (v * m + p - 1)
-    raise ValueError(f"unknown pipeline schedule '{schedule}'")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule '{schedule}'")
+    if schedule in _SINGLE and v != 1:
+        raise ValueError(f"schedule '{schedule}' runs one stage per rank (got v={v})")
+    return idle_fraction(schedule, p, m, v)  # the schedules table's bubble, as a fraction
 
 
 def theory_bubble_issue(schedule: str, p: int, m: int, v: int = 1) -> float:
