@@ -53,7 +53,7 @@ def main() -> None:
         })
         trainer = Trainer(cfg)
         model = build_model(trainer.cfg.model, "cpu", seed=cfg.train.seed)
-        optimizer = build_optimizer(model, trainer.cfg.train)
+        optimizer = build_optimizer([model], trainer.cfg.train)
         autocast = trainer.autocast
         batches = [trainer.loader.next_step() for _ in range(args.steps)]
         tokens = cfg.train.global_batch * cfg.train.seq_len * args.steps
