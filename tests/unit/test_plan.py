@@ -16,7 +16,7 @@ from plait.errors import ConfigError
 from plait.plan import comm
 from plait.plan.estimate import estimate
 from plait.plan.hetero import place, rerank_nic_aware, size_stages
-from plait.plan.flops import block_cost, gemm_efficiency, gemm_seconds, model_flops_per_step
+from plait.plan.compute import block_cost, gemm_efficiency, gemm_seconds, model_flops_per_step
 from plait.plan.hardware import GIB, GPUS, LINKS, Cluster, parse_node_groups
 from plait.layout import Layout, parse_layout
 from plait.plan.memory import block_activation_bytes, model_state_bytes, stage_params

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from plait.config import build_config
 from plait.models.llama import Llama
-from plait.plan.flops import (
+from plait.plan.compute import (
     DTENSOR_OPS_PER_BLOCK, DTENSOR_OPS_PER_HEAD, DTENSOR_OPS_PER_PARAM, OPS_PER_BLOCK, OPS_PER_HEAD,
     _elementwise_bytes, block_cost, optimizer_seconds, with_host,
 )
