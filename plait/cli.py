@@ -77,9 +77,11 @@ def cmd_generate(argv: list[str]) -> int:
 def cmd_convert(argv: list[str]) -> int:
     parser = CommandParser(prog="plait convert", description="Convert between a Hugging Face folder and a plait checkpoint.")
     parser.add_argument("src")
-    parser.add_argument("dst")
+    parser.add_argument("dst", help="a new or empty folder")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty DST: replace plait's files there, keep the others")
     args = parser.parse_args(argv)
-    print(convert(args.src, args.dst))
+    print(convert(args.src, args.dst, force=args.force))
     return 0
 
 

@@ -1,7 +1,8 @@
 """Hugging Face names in plait: ``config.json`` <-> ModelConfig and HF tensor names <-> plait's.
 
 Pure mapping, no files: :mod:`plait.checkpoint.hf` reads and writes the folders with it, and
-:mod:`plait.checkpoint.hf_moe` maps what the mixture-of-experts architectures add.
+:mod:`plait.checkpoint.hf_moe` maps what the mixture-of-experts architectures add. Numeric
+fields are read through :mod:`plait.checkpoint.hf_fields`, which refuses a bad value in one line.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from plait.checkpoint import hf_moe
+from plait.checkpoint.hf_fields import float_field, int_field
 from plait.config import ModelConfig
 from plait.errors import CheckpointError, PlaitError
 from plait.models.llama import Llama
@@ -52,17 +54,27 @@ def _hf_architecture(hf: dict[str, Any]) -> str:
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Returns the ModelConfig described by a Hugging Face ``config.json`` dict.
 
-    Raises PlaitError (one line) for an unknown architecture or a feature plait's model does
-    not implement: sliding-window attention, a non-default head_dim, rope types other than
-    "default"/"llama3", activations other than silu, o_proj or MLP biases, and the MoE layouts
+    Raises CheckpointError (one line naming the field and value) for a size that is missing,
+    not an integer, or below 1, a non-positive epsilon or RoPE base, or heads that do not divide
+    the hidden size (key/value heads the heads); and PlaitError (one line) for an unknown
+    architecture or a feature plait's model does not implement: sliding-window attention, a
+    non-default head_dim, rope types other than "default"/"llama3", activations other than
+    silu, o_proj or MLP biases, and the MoE layouts
     :func:`plait.checkpoint.hf_moe.moe_fields_from_hf` refuses.
     """
     arch = _hf_architecture(hf)
-    dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    dim, n_heads = int_field(hf, "hidden_size"), int_field(hf, "num_attention_heads")
+    n_kv = int_field(hf, "num_key_value_heads", default=n_heads)  # null: as many as the heads
     if dim % n_heads:
-        raise PlaitError(f"hidden_size {dim} is not divisible by num_attention_heads {n_heads}")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) != dim // n_heads:
+        raise CheckpointError(
+            f"hidden_size = {dim} is not divisible by num_attention_heads = {n_heads}"
+        )
+    if n_heads % n_kv:
+        raise CheckpointError(
+            f"num_attention_heads = {n_heads} is not divisible by num_key_value_heads = {n_kv}"
+        )
+    head_dim = int_field(hf, "head_dim", default=None)
+    if head_dim is not None and head_dim != dim // n_heads:
         raise PlaitError(
             f"head_dim {head_dim} differs from hidden_size / num_attention_heads = "
             f"{dim // n_heads}; plait does not support a separate head_dim"
@@ -71,11 +83,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise PlaitError(f"hidden_act '{hf['hidden_act']}' is not supported; plait uses silu")
     if hf.get("mlp_bias"):
         raise PlaitError("mlp_bias = true is not supported; plait's MLP has no biases")
-    max_pos = int(hf.get("max_position_embeddings", 2048))
-    window = hf.get("sliding_window")
-    if arch in QWEN_ARCHITECTURES and not hf.get("use_sliding_window", False):
-        window = None  # Qwen2 ignores sliding_window unless use_sliding_window is set
-    if window is not None and int(window) < max_pos:
+    max_pos = int_field(hf, "max_position_embeddings", default=2048)
+    # Qwen2 ignores sliding_window unless use_sliding_window is set
+    ignored = arch in QWEN_ARCHITECTURES and not hf.get("use_sliding_window", False)
+    window = None if ignored else int_field(hf, "sliding_window", default=None)
+    if window is not None and window < max_pos:
         raise PlaitError(
             f"sliding-window attention (sliding_window = {window} < max_position_embeddings = "
             f"{max_pos}) is not supported"
@@ -85,21 +97,20 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if arch == "llama" and hf.get("attention_bias"):
         # Llama's attention_bias also puts a bias on o_proj, which plait's model lacks.
         raise PlaitError("Llama attention_bias = true (o_proj bias) is not supported")
-    n_kv = hf.get("num_key_value_heads") or n_heads
     moe_fields = hf_moe.moe_fields_from_hf(hf, arch) if arch in hf_moe.MOE_ARCHITECTURES else {}
     cfg = ModelConfig(
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=int_field(hf, "vocab_size"),
         dim=dim,
-        n_layers=int(hf["num_hidden_layers"]),
+        n_layers=int_field(hf, "num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=int(n_kv),
-        ffn_dim=int(hf["intermediate_size"]),
+        n_kv_heads=n_kv,
+        ffn_dim=int_field(hf, "intermediate_size"),
         max_seq_len=max_pos,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_eps=float_field(hf, "rms_norm_eps", default=1e-6),
         # Qwen2-MoE configs of transformers 5 may switch the biases off; older ones lack the key.
         qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.02)),
+        init_std=float_field(hf, "initializer_range", default=0.02),
         **moe_fields,
     )
     _rope_from_hf(hf, cfg)
@@ -109,9 +120,13 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 def _rope_from_hf(hf: dict[str, Any], cfg: ModelConfig) -> None:
     """Fill cfg's rope fields from ``rope_theta``/``rope_scaling`` or ``rope_parameters``."""
     params = hf.get("rope_parameters") or {}
-    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
-    cfg.rope_theta = float(theta)
     scaling = hf.get("rope_scaling") or params
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{name} = {value!r}; it must be an object or null")
+    cfg.rope_theta = float_field(hf, "rope_theta", default=None) or float_field(
+        params, "rope_theta", default=10000.0, label="rope_parameters."
+    )
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type in (None, "default"):
         return
@@ -119,11 +134,14 @@ def _rope_from_hf(hf: dict[str, Any], cfg: ModelConfig) -> None:
         raise PlaitError(
             f"rope type '{rope_type}' is not supported; plait supports default and llama3"
         )
+    label = "rope_scaling." if hf.get("rope_scaling") else "rope_parameters."
     cfg.rope_scaling = "llama3"
-    cfg.rope_factor = float(scaling["factor"])
-    cfg.rope_low_freq_factor = float(scaling["low_freq_factor"])
-    cfg.rope_high_freq_factor = float(scaling["high_freq_factor"])
-    cfg.rope_original_max_seq_len = int(scaling["original_max_position_embeddings"])
+    cfg.rope_factor = float_field(scaling, "factor", label=label)
+    cfg.rope_low_freq_factor = float_field(scaling, "low_freq_factor", label=label)
+    cfg.rope_high_freq_factor = float_field(scaling, "high_freq_factor", label=label)
+    cfg.rope_original_max_seq_len = int_field(
+        scaling, "original_max_position_embeddings", label=label
+    )
 
 
 def config_to_hf(

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from plait.checkpoint.hf_fields import int_field
 from plait.config import ModelConfig
 from plait.errors import CheckpointError, PlaitError
 
@@ -61,32 +62,37 @@ _FUSED = re.compile(
 def moe_fields_from_hf(hf: dict[str, Any], arch: str) -> dict[str, Any]:
     """ModelConfig's ``moe_*`` fields for a Mixtral or Qwen2-MoE ``config.json`` dict.
 
-    Raises PlaitError (one line) for a layout plait's MoE cannot hold: dense layers between
+    Raises CheckpointError (one line) for a count that is missing, not an integer or below 1,
+    and PlaitError (one line) for a layout plait's MoE cannot hold: dense layers between
     the MoE ones, a Qwen2-MoE without its shared expert, a top k outside 1..experts.
     """
     if arch == "mixtral":
-        experts = int(hf["num_local_experts"])
-        fields: dict[str, Any] = dict(moe_ffn_dim=int(hf["intermediate_size"]), moe_norm_topk=True)
+        experts = int_field(hf, "num_local_experts")
+        fields: dict[str, Any] = dict(
+            moe_ffn_dim=int_field(hf, "intermediate_size"), moe_norm_topk=True
+        )
     else:
-        step, dense_layers = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
-        if int(step) != 1 or dense_layers:
+        step = int_field(hf, "decoder_sparse_step", default=1)
+        dense_layers = hf.get("mlp_only_layers") or []
+        if step != 1 or dense_layers:
             raise PlaitError(
                 f"Qwen2-MoE with dense layers (decoder_sparse_step = {step}, mlp_only_layers = "
                 f"{dense_layers}) is not supported; plait puts experts in every layer"
             )
-        experts, shared = int(hf["num_experts"]), int(hf["shared_expert_intermediate_size"])
+        experts = int_field(hf, "num_experts")
+        shared = int_field(hf, "shared_expert_intermediate_size", minimum=0)
         if shared <= 0:
             raise PlaitError(
                 f"shared_expert_intermediate_size = {shared} is not supported; it must be > 0"
             )
         fields = dict(
-            moe_ffn_dim=int(hf["moe_intermediate_size"]),
+            moe_ffn_dim=int_field(hf, "moe_intermediate_size"),
             moe_shared_ffn_dim=shared,
             moe_shared_gate=True,
             moe_norm_topk=bool(hf.get("norm_topk_prob", False)),
         )
-    top_k = int(hf["num_experts_per_tok"])
-    if not 1 <= top_k <= experts:
+    top_k = int_field(hf, "num_experts_per_tok")
+    if top_k > experts:
         raise PlaitError(
             f"num_experts_per_tok = {top_k} must be between 1 and the {experts} experts"
         )
