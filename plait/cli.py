@@ -24,7 +24,7 @@ USAGE = """plait train [CONFIG.toml] [--print-config] [--resume] [--profile-pipe
                       [--top-k K] [--top-p P] [--seed S]
        plait plan [CONFIG.toml] --cluster.gpu NAME --cluster.gpus N --train.global_batch B --train.seq_len S
                   [--model.* ...] [--layout "tp=8,pp=2,..."] [--top K] [--json] [--max-micro-batch] [--calibrate]
-       plait convert SRC DST          (Hugging Face folder <-> plait checkpoint)"""
+       plait convert SRC DST [--force] (Hugging Face folder <-> plait checkpoint)"""
 
 
 def cmd_train(argv: list[str]) -> int:

@@ -3,7 +3,8 @@
 This package owns saving and loading training checkpoints (torch DCP shards, per-rank state,
 the resolved config) and model-only checkpoints, with their manifest of sizes and CRC32s and
 ``checkpoint.init_from`` (:mod:`.store`); Hugging Face ``config.json`` + safetensors folders
-in and out, and ``plait convert`` (:mod:`.hf`, :mod:`.hf_mapping`, :mod:`.hf_moe`); and
+in and out, and ``plait convert`` (:mod:`.hf`, :mod:`.hf_mapping`, :mod:`.hf_moe`, with the config values
+checked in :mod:`.hf_fields`); and
 crash-safe atomic writes of files and folders, also used by the data caches (:mod:`.atomic`).
 
 Nothing is unpickled from untrusted files beyond what torch DCP does: Hugging Face weights
