@@ -32,7 +32,6 @@ from plait.errors import CheckpointError
 METADATA_FILE = ".metadata"
 
 
-
 def _layout_named(name: str) -> torch.layout:
     """Stands in for ``torch.serialization._get_layout``, which torch registers to pickle a
     ``torch.layout``: the layout called ``name`` ("torch.strided"), and nothing else."""
