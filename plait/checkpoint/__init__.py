@@ -7,7 +7,8 @@ in and out, and ``plait convert`` (:mod:`.hf`, :mod:`.hf_mapping`, :mod:`.hf_moe
 checked in :mod:`.hf_fields`); and
 crash-safe atomic writes of files and folders, also used by the data caches (:mod:`.atomic`).
 
-Nothing is unpickled from untrusted files beyond what torch DCP does: Hugging Face weights
-are read with safetensors only (pickled ``.bin``/``.pt`` files are refused), and the per-rank
-state files are loaded with ``torch.load(weights_only=True)``.
+Opening a checkpoint runs no code from it: DCP's ``.metadata`` pickle is read by an unpickler
+that builds only DCP's metadata types, and its non-tensor values and the per-rank state files
+with ``torch.load(weights_only=True)`` (:mod:`.safe_dcp`); Hugging Face weights are read with
+safetensors only (pickled ``.bin``/``.pt`` files are refused).
 """

@@ -9,6 +9,7 @@ system, and renamed into place once complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -90,3 +91,10 @@ def atomic_folder(path: str, fixed_temp: bool = False, merge: Sequence[str] = ()
         publish_folder(tmp, target, merge)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def describe_write_error(exc: OSError) -> str:
+    """One line for a failed write: "no space left on device" for a full disk (what to do about
+    it is then plain), the system's words otherwise; with the file when the error names it."""
+    what = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc) or type(exc).__name__)
+    return f"{what} writing '{exc.filename}'" if exc.filename else what

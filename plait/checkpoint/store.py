@@ -5,22 +5,29 @@ model and optimizer, ``state/rank<r>.pt`` (scheduler, sampler position, RNG of e
 ``config.toml`` (the resolved config), the tokenizer, and ``manifest.json`` listing every file
 with its size and CRC32. It is written under ``step_NNNNNN.tmp`` and renamed only when every
 rank has finished, then ``latest`` is replaced atomically: a crash mid-save leaves the
-previous checkpoint whole and ``latest`` pointing at it.
+previous checkpoint whole and ``latest`` pointing at it; a failed save (a full disk) removes
+its temp folder. Checkpoints are ordered by their step number, never by folder name.
+
+A checkpoint may come from elsewhere, so loading trusts none of it: the manifest must list
+exactly the folder's files, and DCP's pickles are opened by :mod:`.safe_dcp`, which runs no code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,8 +37,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from plait.checkpoint.atomic import atomic_folder, atomic_write, fresh_folder, publish_folder, temp_folder_for
-from plait.config import JobConfig, build_config, to_toml
+from plait.checkpoint.atomic import (
+    atomic_folder,
+    atomic_write,
+    describe_write_error,
+    fresh_folder,
+    publish_folder,
+    temp_folder_for,
+)
+from plait.checkpoint.safe_dcp import METADATA_FILE, first_failure, load_state, one_line, read_metadata_file
+from plait.config import JobConfig, ModelConfig, build_config, to_toml
 from plait.errors import CheckpointError
 from plait.parallel.zero import load_zero1_state_dict, zero1_state_dict
 from plait.models.llama import build_model
@@ -41,6 +56,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+_STEP_FOLDER = re.compile(r"step_(\d+)")
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -51,11 +67,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _crc32(path: str) -> int:
     crc = 0
     with open(path, "rb") as fh:
@@ -64,13 +75,17 @@ def _crc32(path: str) -> int:
     return crc
 
 
+def _files_under(folder: str) -> list[str]:
+    """Every file below ``folder``, as paths relative to it."""
+    return [os.path.relpath(os.path.join(root, name), folder)
+            for root, _, names in os.walk(folder) for name in sorted(names)]
+
+
 def _write_manifest(folder: str, step: int, extra: dict[str, Any]) -> None:
     files = {}
-    for root, _, names in os.walk(folder):
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder)
-            files[rel] = {"bytes": os.path.getsize(path), "crc32": _crc32(path)}
+    for rel in _files_under(folder):
+        path = os.path.join(folder, rel)
+        files[rel] = {"bytes": os.path.getsize(path), "crc32": _crc32(path)}
     manifest = {"step": step, "files": files, **extra}
     with open(os.path.join(folder, MANIFEST), "w") as fh:
         json.dump(manifest, fh, indent=1)
@@ -81,29 +96,64 @@ def _write_config(folder: str, cfg: JobConfig) -> None:
         fh.write(to_toml(cfg))
 
 
-def verify_checkpoint(folder: str) -> dict[str, Any]:
-    """Check that every file of the manifest is present with its size and CRC32.
-
-    Returns the manifest; raises CheckpointError naming the first problem.
-    """
+def _read_manifest(folder: str) -> dict[str, Any]:
+    """The manifest of ``folder``, checked to be ``{"files": {path: {"bytes": int, "crc32":
+    int}}, ...}``: anything else is a corrupt checkpoint (a caller falls back to an older one)."""
     manifest_path = os.path.join(folder, MANIFEST)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"checkpoint '{folder}' does not exist")
     if not os.path.isfile(manifest_path):
         raise CheckpointError(f"checkpoint '{folder}' is incomplete: it has no {MANIFEST}")
     try:
         with open(manifest_path) as fh:
             manifest = json.load(fh)
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         raise CheckpointError(f"checkpoint '{folder}' is corrupt: {MANIFEST} cannot be read") from None
-    for rel, want in files.items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(_is_file_entry(entry) for entry in files.values()):
+        raise CheckpointError(f"checkpoint '{folder}' is corrupt: {MANIFEST} is not a manifest "
+                              '(it must map "files" to {path: {"bytes": N, "crc32": N}})')
+    return manifest
+
+
+def _is_file_entry(entry: Any) -> bool:
+    return isinstance(entry, dict) and all(
+        type(entry.get(key)) is int and entry[key] >= 0 for key in ("bytes", "crc32"))
+
+
+def verify_checkpoint(folder: str) -> dict[str, Any]:
+    """Check that the manifest lists exactly the files of ``folder``, each with its size and
+    CRC32, and that DCP's metadata files unpickle as DCP metadata and nothing else.
+
+    Returns the manifest; raises CheckpointError naming the first problem.
+    """
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint '{folder}' does not exist")
+    manifest = _read_manifest(folder)
+    listed, present = set(manifest["files"]), set(_files_under(folder)) - {MANIFEST}
+    if listed - present:
+        raise CheckpointError(f"checkpoint '{folder}' is incomplete: '{min(listed - present)}' is missing")
+    if present - listed:  # a file the save never wrote: it would be read unchecked
+        raise CheckpointError(f"checkpoint '{folder}' is corrupt: '{min(present - listed)}' is not in its {MANIFEST}")
+    for rel, want in sorted(manifest["files"].items()):
         path = os.path.join(folder, rel)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint '{folder}' is incomplete: '{rel}' is missing")
         if os.path.getsize(path) != want["bytes"] or _crc32(path) != want["crc32"]:
             raise CheckpointError(f"checkpoint '{folder}' is corrupt: '{rel}' does not match its checksum")
+    for rel in sorted(listed):
+        if os.path.basename(rel) == METADATA_FILE:
+            read_metadata_file(os.path.join(folder, rel))
     return manifest
+
+
+def _step_of(name: str) -> int | None:
+    """The step of checkpoint folder ``name`` (``step_NNNNNN``), None for any other name."""
+    match = _STEP_FOLDER.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def _checkpoints_by_step(root: str) -> list[str]:
+    """Names of the finished checkpoint folders of ``root``, oldest step first: by number, as
+    ``step_1000000`` is newer than ``step_999999`` though it sorts before it as text."""
+    names = [n for n in os.listdir(root) if _step_of(n) is not None and os.path.isdir(os.path.join(root, n))]
+    return sorted(names, key=_step_of)
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -126,8 +176,7 @@ def latest_good_checkpoint(run_dir: str, skipped: list[str] | None = None) -> st
     root = checkpoint_root(run_dir)
     if not os.path.isdir(root):
         return None
-    names = sorted((n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp")), reverse=True)
-    for name in names:
+    for name in reversed(_checkpoints_by_step(root)):
         folder = os.path.join(root, name)
         try:
             verify_checkpoint(folder)
@@ -182,31 +231,69 @@ def save_checkpoint(
     final = os.path.join(root, name)
     tmp = temp_folder_for(final)
     rank = _rank()
-    if rank == 0:
-        fresh_folder(tmp)
-        os.makedirs(os.path.join(tmp, "state"))
-    _barrier()
-    model_sd, optim_sd = _state_dicts(merged_view(parts), optimizer)
-    folder, group = (os.path.join(tmp, worker[0]), worker[1]) if worker else (tmp, None)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder, process_group=group)
-    torch.save(rank_state, os.path.join(tmp, "state", f"rank{rank}.pt"))
-    _barrier()
-    if rank == 0:
-        _write_config(tmp, cfg)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        _write_manifest(tmp, step, {"world_size": world})
-        publish_folder(tmp, final)
-        with atomic_write(os.path.join(root, LATEST), "w") as fh:
-            fh.write(name)
-        _prune(root, keep)
-    _barrier()
+
+    def prepare() -> None:
+        if rank == 0:
+            fresh_folder(tmp)
+            os.makedirs(os.path.join(tmp, "state"))
+
+    def write_shards() -> None:
+        model_sd, optim_sd = _state_dicts(merged_view(parts), optimizer)
+        folder, group = (os.path.join(tmp, worker[0]), worker[1]) if worker else (tmp, None)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder, process_group=group)
+        torch.save(rank_state, os.path.join(tmp, "state", f"rank{rank}.pt"))
+
+    def publish() -> None:
+        if rank == 0:
+            _write_config(tmp, cfg)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            _write_manifest(tmp, step, {"world_size": world})
+            publish_folder(tmp, final)
+            with atomic_write(os.path.join(root, LATEST), "w") as fh:
+                fh.write(name)
+            _prune(root, keep, step)
+
+    try:
+        for part in (prepare, write_shards, publish):
+            _on_every_rank(part, name)
+    except BaseException as exc:
+        if rank == 0:  # a full disk must not stay full of a save that failed
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = first_failure(exc)
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointError(f"checkpoint {name} was not saved: {describe_write_error(cause)}; "
+                              "the partial save was removed") from None
     return final
 
 
-def _prune(root: str, keep: int) -> None:
-    done = sorted(n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp"))
+def _on_every_rank(part: Callable[[], None], name: str) -> None:
+    """Run this rank's ``part`` of a save, then agree with every rank that all succeeded (this
+    is the save's barrier): a rank whose write failed alone would otherwise leave the others
+    waiting forever in the next collective. Raises this rank's error, or a CheckpointError
+    when another rank failed."""
+    error: BaseException | None = None
+    try:
+        part()
+    except (OSError, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        error = exc
+    if dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        failed = torch.tensor([int(error is not None)], device=device)
+        dist.all_reduce(failed)
+        if error is None and failed.item():
+            raise CheckpointError(f"checkpoint {name} was not saved: another rank failed to write its part")
+    if error is not None:
+        raise error
+
+
+def _prune(root: str, keep: int, step: int) -> None:
+    """Keep the ``keep`` newest checkpoints up to ``step`` (the one just written). Newer ones
+    are left alone: they exist only when this run resumed before them, so they were skipped
+    as damaged, and pruning by number would otherwise delete what was just written."""
+    done = [n for n in _checkpoints_by_step(root) if _step_of(n) <= step]
     for name in done[:-keep]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
@@ -219,6 +306,9 @@ def load_checkpoint(folder: str, parts: list[nn.Module], optimizer: torch.optim.
     Returns this rank's saved state (``step``, ``scheduler``, ``loader``, ``rng``); when the
     world size changed, rank r falls back to rank 0's state (the data position is global).
     """
+    model_cfg = getattr(parts[0], "cfg", None)
+    if isinstance(model_cfg, ModelConfig):
+        check_same_model(folder, model_cfg, "--resume")
     model = merged_view(parts)
     zero1 = isinstance(optimizer, ZeroRedundancyOptimizer)
     model_sd, optim_sd = _state_dicts(model, optimizer, for_load=True)
@@ -227,10 +317,7 @@ def load_checkpoint(folder: str, parts: list[nn.Module], optimizer: torch.optim.
     if worker and not os.path.isdir(shards):
         raise CheckpointError(f"checkpoint '{folder}' has no weights for lowbw worker '{worker[0]}' "
                               "(saved with another lowbw.method or number of workers)")
-    try:
-        dcp.load(state, checkpoint_id=shards, process_group=group)
-    except Exception as exc:  # DCP raises many types for damaged shards
-        raise CheckpointError(f"checkpoint '{folder}' cannot be loaded: {str(exc).splitlines()[0]}") from None
+    load_state(state, shards, group)
     if zero1:
         set_model_state_dict(model, state["model"])
         load_zero1_state_dict(optimizer, model, state["optim"])
@@ -239,7 +326,10 @@ def load_checkpoint(folder: str, parts: list[nn.Module], optimizer: torch.optim.
     path = os.path.join(folder, "state", f"rank{_rank()}.pt")
     if not os.path.isfile(path):
         path = os.path.join(folder, "state", "rank0.pt")
-    return torch.load(path, weights_only=True)
+    try:
+        return torch.load(path, weights_only=True)  # plain data and tensors only: runs no code
+    except Exception as exc:  # a refused or damaged pickle
+        raise CheckpointError(f"checkpoint file '{path}' cannot be loaded: {one_line(exc)}") from None
 
 
 def save_model_checkpoint(model: nn.Module, cfg: JobConfig, dst: str) -> None:
@@ -247,10 +337,16 @@ def save_model_checkpoint(model: nn.Module, cfg: JobConfig, dst: str) -> None:
     atomically. ``plait generate`` and ``plait convert`` read it."""
     if os.path.exists(dst):
         raise CheckpointError(f"destination '{dst}' already exists; choose a new folder")
-    with atomic_folder(dst, fixed_temp=True) as tmp:
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
-        _write_config(tmp, cfg)
-        _write_manifest(tmp, 0, {"world_size": 1, "model_only": True})
+    try:
+        with atomic_folder(dst, fixed_temp=True) as tmp:  # removed whatever happens
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
+            _write_config(tmp, cfg)
+            _write_manifest(tmp, 0, {"world_size": 1, "model_only": True})
+    except (OSError, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        cause = first_failure(exc)
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointError(f"checkpoint '{dst}' was not written: {describe_write_error(cause)}") from None
 
 
 def load_model_checkpoint(src: str, device: str = "cpu") -> tuple[nn.Module, JobConfig]:
@@ -270,10 +366,7 @@ def _read_model_weights(model: nn.Module, folder: str) -> dict[str, Any]:
     """The model weights of checkpoint ``folder`` as a state dict shaped (and sharded) like
     ``model``'s: DCP reads each rank's shards of whatever layout saved them."""
     state = {"model": get_model_state_dict(model)}
-    try:
-        dcp.load(state, checkpoint_id=folder)
-    except Exception as exc:  # DCP raises many types for damaged shards
-        raise CheckpointError(f"checkpoint '{folder}' cannot be loaded: {str(exc).splitlines()[0]}") from None
+    load_state(state, folder)
     return state["model"]
 
 
@@ -298,13 +391,20 @@ def initial_weights(src: str, model_cfg: Any) -> str:
     if not os.path.isfile(os.path.join(src, ".metadata")):
         raise CheckpointError(f"checkpoint.init_from: '{src}' holds one set of weights per lowbw worker; "
                               "start from a checkpoint of a run with lowbw.method = 'none' or a model-only one")
-    saved = build_config(os.path.join(src, "config.toml")).model
+    check_same_model(src, model_cfg, "checkpoint.init_from")
+    return src
+
+
+def check_same_model(folder: str, model_cfg: ModelConfig, what: str) -> None:
+    """Raise CheckpointError (``what``: the setting that named ``folder``) when the checkpoint's
+    model differs from ``model_cfg`` in a field that decides the weights' names and shapes,
+    naming each field: DCP would otherwise fail deep in loading with a traceback per rank."""
+    saved = build_config(os.path.join(folder, "config.toml")).model
     differ = [f"{name} {getattr(saved, name)} (checkpoint) vs {getattr(model_cfg, name)}"
               for name in WEIGHT_FIELDS if getattr(saved, name) != getattr(model_cfg, name)
               and not (name == "vocab_size" and model_cfg.vocab_size == 0)]  # 0: not resolved yet
     if differ:
-        raise CheckpointError(f"checkpoint.init_from: '{src}' is a different model: " + "; ".join(differ))
-    return src
+        raise CheckpointError(f"{what}: '{folder}' is a different model: " + "; ".join(differ))
 
 
 def load_model_weights(folder: str, parts: list[nn.Module]) -> None:
