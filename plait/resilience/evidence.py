@@ -10,6 +10,10 @@ process has used (utime + stime, in clock ticks). A process that is runnable, or
 time advances, is working; one that is stopped or dead is frozen; one that sleeps without
 using any CPU time is stuck once that has lasted longer than the job's own pauses explain.
 
+A rank can also look slow because it waited for a CPU: ``/proc/<pid>/schedstat`` counts the
+seconds its main thread (the one that computes) spent runnable on a run queue; compute time
+that such waiting explains does not make the rank a straggler.
+
 Where ``/proc`` does not exist (macOS, Windows) or the rank runs on another host, nothing is
 known (``UNKNOWN``) and the monitor keeps judging by the heartbeat's age alone.
 """
@@ -58,13 +62,45 @@ def read_proc_stat(pid: int, proc_root: str = "/proc") -> ProcessSample | str:
         return UNKNOWN
 
 
+def read_run_wait(pid: int, proc_root: str = "/proc") -> float | None:
+    """Seconds ``pid``'s main thread has waited on a run queue (None: not known)."""
+    try:
+        with open(os.path.join(proc_root, str(pid), "schedstat")) as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class ProcessWatch:
-    """Samples processes on every look and remembers when each one's CPU time last advanced."""
+    """Samples processes on every look and remembers when each one's CPU time last advanced,
+    and how its run-queue waiting grew."""
+
+    HISTORY_S = 300.0  # run-queue samples kept per process
 
     def __init__(self, reader: Callable[[int], ProcessSample | str] = read_proc_stat,
-                 clock: Callable[[], float] = time.time):
-        self.reader, self.clock = reader, clock
+                 clock: Callable[[], float] = time.time,
+                 wait_reader: Callable[[int], float | None] = read_run_wait):
+        self.reader, self.clock, self.wait_reader = reader, clock, wait_reader
         self._cpu: dict[int, tuple[int, float]] = {}  # pid -> (CPU ticks, when they last changed)
+        self._waits: dict[int, list[tuple[float, float]]] = {}  # pid -> [(when, run-queue seconds)]
+
+    def sample_wait(self, pid: int) -> None:
+        """Note ``pid``'s run-queue seconds now (called on every check)."""
+        waited = self.wait_reader(pid)
+        if waited is None:
+            return
+        now = self.clock()
+        history = [(t, w) for t, w in self._waits.get(pid, []) if t >= now - self.HISTORY_S]
+        self._waits[pid] = history + [(now, waited)]
+
+    def run_wait(self, pid: int, window_s: float) -> float:
+        """Seconds ``pid`` waited for a CPU over about the last ``window_s`` seconds (0: not known)."""
+        history = self._waits.get(pid, [])
+        if not history:
+            return 0.0
+        now, latest = history[-1]
+        start = next((w for t, w in history if t >= now - window_s), latest)
+        return latest - start
 
     def look(self, pid: int) -> tuple[str, float]:
         """(one of UNKNOWN, GONE, STOPPED, WORKING, IDLE; seconds the process has used no CPU

@@ -12,7 +12,8 @@ same pace, so the rank that breaks the pattern is the faulty one:
   collective, it is a communication hang; a rank waiting in a different collective than
   everyone else is the culprit;
 - slow: a rank's compute per step (step time minus time blocked in collectives) has been
-  ``slow_factor`` times the others' median for ``slow_steps`` steps in a row;
+  ``slow_factor`` times the others' median for ``slow_steps`` steps in a row, and the time
+  its process waited for a CPU over those steps (a loaded machine) does not explain it;
 - nan: a rank's own loss (or gradient) was not finite; the culprits are the ranks where it
   appeared first.
 
@@ -87,6 +88,8 @@ class Monitor:
                     continue
                 self._note_save(rank, beat)
                 self.beats[rank] = beat
+                if beat["host"] == self.host:
+                    self.processes.sample_wait(beat["pid"])
 
     def _note_save(self, rank: int, beat: dict[str, Any]) -> None:
         """Time checkpoint saves from the heartbeats' phases: a rank's next pause may be that long."""
@@ -223,6 +226,21 @@ class Monitor:
                      f"communication hang: every rank has waited {bound:.1f}+ s in {op} on '{dim}'",
                      extra={"hang": "communication"})
 
+    def _starved(self, rank: int, series: dict[int, list[float]]) -> bool:
+        """Whether waiting for a CPU (more runnable processes than cores) explains the rank's
+        slowness over its last ``slow_steps`` steps: its process waited at least the extra
+        compute, or waited so large a share of the time (1 - 1/slow_factor) that a slowdown
+        of slow_factor is within what starvation alone does. Compute is a wall-clock
+        difference, so on a starved machine it mostly measures who got a CPU when."""
+        beat, n = self.beats[rank], self.cfg.slow_steps
+        if beat["host"] != self.host:
+            return False
+        excess = sum(series[rank][-k] - statistics.median(series[o][-k] for o in series if o != rank)
+                     for k in range(1, n + 1))
+        window = sum(beat["step_s"][-n:]) + max(0.0, time.time() - beat["time"])
+        waited = self.processes.run_wait(beat["pid"], window)
+        return waited >= excess or waited >= (1 - 1 / self.cfg.slow_factor) * window
+
     def _slow(self) -> Fault | None:
         n = self.cfg.slow_steps
         series = {r: b.get("compute_s", []) for r, b in self.beats.items()}
@@ -235,7 +253,7 @@ class Monitor:
             for k in range(1, n + 1):
                 others = [series[o][-k] for o in series if o != rank]
                 ratios.append(own[-k] / max(statistics.median(others), 1e-9))
-            if min(ratios) >= self.cfg.slow_factor:
+            if min(ratios) >= self.cfg.slow_factor and not self._starved(rank, series):
                 self.reported_slow.add(rank)
                 return Fault("slow", [rank], self._step(rank),
                              f"compute per step {min(ratios):.2f}-{max(ratios):.2f}x the others' median "

@@ -41,17 +41,22 @@ class FakeProc:
     def __init__(self):
         self.now = 1000.0
         self.stat: dict[int, ProcessSample | str] = {}
+        self.run_wait: dict[int, float] = {}  # seconds waited on a run queue, per pid
 
     def read(self, pid: int):
         return self.stat.get(pid, GONE)
+
+    def wait(self, pid: int):
+        return self.run_wait.get(pid)
 
     def clock(self) -> float:
         return self.now
 
 
-def beat(rank, age=0.0, phase="forward", mono=1000.0, host=HERE):
+def beat(rank, age=0.0, phase="forward", mono=1000.0, host=HERE, compute=(0.1, 0.1, 0.1)):
     return {"rank": rank, "time": time.time() - age, "mono": mono, "pid": 100 + rank, "host": host, "step": 5,
-            "phase": phase, "collective": None, "compute_s": [0.1] * 3, "step_s": [0.2] * 3, "nan_step": None}
+            "phase": phase, "collective": None, "compute_s": list(compute), "step_s": [0.5] * len(compute),
+            "nan_step": None}
 
 
 def watched(n=4, **cfg) -> tuple[Monitor, FakeStore, FakeProc]:
@@ -59,7 +64,7 @@ def watched(n=4, **cfg) -> tuple[Monitor, FakeStore, FakeProc]:
     for rank in range(n):
         store.set(f"hb/{rank}", json.dumps(beat(rank)))
         proc.stat[100 + rank] = ProcessSample("S", 50)
-    return Monitor(store, n, ResilienceConfig(**cfg), ProcessWatch(proc.read, proc.clock)), store, proc
+    return Monitor(store, n, ResilienceConfig(**cfg), ProcessWatch(proc.read, proc.clock, proc.wait)), store, proc
 
 
 def test_a_starved_runnable_rank_with_advancing_cpu_time_is_never_frozen():
@@ -97,7 +102,7 @@ def test_a_dead_or_zombie_rank_is_frozen_at_the_old_staleness_bound():
 def test_a_rank_asleep_without_cpu_time_past_the_scaled_bound_is_a_hang():
     m, store, proc = watched()
     assert m.check([None] * 4) is None  # first look: CPU ticks 50 on every rank
-    assert m.idle_bound() == 5.0  # max(2 s, hang_s = 5 s, 3 x 0.2 s steps, no save seen)
+    assert m.idle_bound() == 5.0  # max(2 s, hang_s = 5 s, 3 x 0.5 s steps, no save seen)
     for second in range(1, 6):
         proc.now += 1.0
         store.set("hb/0", json.dumps(beat(0, age=second)))
@@ -147,6 +152,20 @@ def test_without_proc_or_on_another_host_the_heartbeat_age_decides():
     proc.stat[101] = ProcessSample("R", 50)  # a pid of ours, but the rank runs elsewhere
     store.set("hb/1", json.dumps(beat(1, age=2.1, host="another-host")))
     assert m.check([None] * 4).ranks == [1]
+
+
+@pytest.mark.parametrize("waited, slow", [(0.7, False), (0.1, True)], ids=["starved", "straggler"])
+def test_a_rank_slowed_by_waiting_for_a_cpu_is_not_a_straggler(waited, slow):
+    """Rank 1 computed 0.3 s a step against the others' 0.1 s: 0.6 s more over 3 steps. If its
+    process waited that long for a CPU meanwhile, the machine is loaded, the rank is not slow."""
+    m, store, proc = watched(slow_steps=3)
+    proc.run_wait.update({pid: 10.0 for pid in range(100, 104)})
+    assert m.check([None] * 4) is None
+    proc.now += 1.5
+    proc.run_wait[101] = 10.0 + waited
+    store.set("hb/1", json.dumps(beat(1, compute=(0.3, 0.3, 0.3))))
+    fault = m.check([None] * 4)
+    assert (fault is not None) == slow and (not slow or (fault.kind, fault.ranks) == ("slow", [1]))
 
 
 def test_process_watch_verdicts():
