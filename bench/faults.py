@@ -14,11 +14,16 @@ Baseline: the same injection under ``torchrun --standalone`` with ``resilience.w
 waited on for at most ``--baseline-cap`` seconds; torchrun notices an exited rank, but a hang
 only ends at the process-group timeout (30 min for gloo).
 
+False alarms: healthy tp2 x pp2 jobs run back to back for ``--loaded-minutes`` while
+``--load-factor`` busy-looping processes per core compete for the CPUs; every fault event
+they get is a false alarm, reported per hour of that loaded training.
+
 Overhead: the CPU time of one heartbeat (the watchdog's whole work) measured directly, and
 the same job with and without the watchdog, alternating ``--overhead-rounds``
 rounds; median step time of each, from metrics.jsonl.
 
     .venv/bin/python bench/faults.py [--trials 25] [--baseline-trials 3] [--baseline-cap 60] [--overhead-rounds 4]
+        [--loaded-minutes 10] [--load-factor 3]
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from tests.parallel.harness import job, write_corpus  # noqa: E402
 CLASSES = ("crash", "hang", "hang_collective", "sigstop", "slow", "nan")
 KIND = {"crash": "crash", "hang": "hang", "hang_collective": "hang", "sigstop": "hang", "slow": "slow", "nan": "nan"}
 COMMON = {"parallel.nproc": 4, "model.n_layers": 2, "train.eval_every": 0, "train.sample_tokens": 0}
+FAULT_KINDS = ("crash", "hang", "slow", "nan")
+LOADED_LAYOUT = {"parallel.tp": 2, "parallel.pp": 2, "parallel.pp_schedule": "1f1b", "parallel.dp_shard": -1}
 
 
 def settings(args, steps: int, **values) -> dict:
@@ -161,6 +168,37 @@ def overhead(folder: str, args) -> tuple[float, float]:
     return statistics.median(times[False]), statistics.median(times[True])
 
 
+def false_alarms(folder: str, args) -> dict:
+    """Healthy jobs back to back under load for ``--loaded-minutes``: their fault events,
+    jobs, steps and hours of loaded training."""
+    cores = os.cpu_count() or 1
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load_factor * cores)]
+    alarms: list[dict] = []
+    jobs = steps = 0
+    begin = time.time()
+    try:
+        while time.time() - begin < args.loaded_minutes * 60:
+            cfg = job(folder, f"loaded_{jobs}", **settings(args, args.steps, **LOADED_LAYOUT))
+            try:
+                launch_training(cfg)
+            except JobFailed:
+                pass  # max_restarts = 0: a false alarm ends the job; its event is counted below
+            found = [e for e in read_events(cfg.run.dir) if e["kind"] in FAULT_KINDS]
+            for event in found:
+                print(f"false alarm in loaded_{jobs}: {event['kind']} rank(s) {event.get('ranks')}: {event['detail']}",
+                      flush=True)
+            alarms += found
+            jobs += 1
+            steps += metrics_steps(cfg.run.dir)
+    finally:
+        for proc in busy:
+            proc.kill()
+        for proc in busy:
+            proc.wait()
+    return {"alarms": len(alarms), "jobs": jobs, "steps": steps, "hours": (time.time() - begin) / 3600,
+            "busy": len(busy), "cores": cores}
+
+
 def beat_cost(beats: int = 2000) -> float:
     """Seconds of CPU one heartbeat costs (JSON of the progress, a store write, the abort
     check), measured in this process against a local store: the watchdog's whole work."""
@@ -193,11 +231,14 @@ def main() -> None:
     parser.add_argument("--overhead-steps", type=int, default=20)
     parser.add_argument("--classes", default=",".join(CLASSES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loaded-minutes", type=float, default=10.0,
+                        help="minutes of healthy training under load, for the false-alarm rate (0: skip)")
+    parser.add_argument("--load-factor", type=int, default=3, help="busy-looping processes per core during it")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print("command:", "python " + " ".join(shlex.quote(a) for a in sys.argv), flush=True)
     rng = random.Random(args.seed)
-    classes = args.classes.split(",")
+    classes = [c for c in args.classes.split(",") if c]  # "": only the overhead and false alarms
     with tempfile.TemporaryDirectory() as folder:
         write_corpus(folder)
         rows = {}
@@ -207,6 +248,7 @@ def main() -> None:
             rows[cls] = (results, base)
             print(f"{cls}: done", flush=True)
         plain, watched = overhead(folder, args) if args.overhead_rounds else (float("nan"), float("nan"))
+        loaded = false_alarms(folder, args) if args.loaded_minutes else None
     print(f"\n4 ranks, {args.trials} injections per class at random steps and ranks; baseline: plain torchrun, "
           f"{args.baseline_trials} per class, cap {args.baseline_cap:.0f} s")
     print(f"{'fault':<16} {'detected':>9} {'culprit right':>14} {'latency median':>15} {'latency max':>12} "
@@ -223,6 +265,11 @@ def main() -> None:
         print(f"{cls:<16} {len(found):>4}/{len(results):<4} {100 * right / max(len(found), 1):>13.0f}% "
               f"{statistics.median(lat) if lat else float('nan'):>14.2f}s {max(lat) if lat else float('nan'):>11.2f}s "
               f"{lost:>11.1f} | {baseline_text:>26}")
+    if loaded is not None:
+        per_hour = loaded["alarms"] / max(loaded["hours"], 1e-9)
+        print(f"\nfalse alarms under load ({loaded['busy']} busy processes on {loaded['cores']} cores, healthy tp2 x pp2 "
+              f"jobs): {loaded['alarms']} in {loaded['hours'] * 60:.1f} min ({loaded['jobs']} jobs, {loaded['steps']} "
+              f"steps) = {per_hour:.1f} per hour")
     print(f"\nwatchdog overhead: median step {plain * 1000:.1f} ms without, {watched * 1000:.1f} ms with "
           f"({100 * (watched / plain - 1):+.1f}%)")
     cost = beat_cost()

@@ -12,24 +12,41 @@ same pace, so the rank that breaks the pattern is the faulty one:
   collective, it is a communication hang; a rank waiting in a different collective than
   everyone else is the culprit;
 - slow: a rank's compute per step (step time minus time blocked in collectives) has been
-  ``slow_factor`` times the others' median for ``slow_steps`` steps in a row;
+  ``slow_factor`` times the others' median for ``slow_steps`` steps in a row, and the time
+  its process waited for a CPU over those steps (a loaded machine) does not explain it;
 - nan: a rank's own loss (or gradient) was not finite; the culprits are the ranks where it
   appeared first.
 
 The hang bound is max(``hang_s``, 3 x the median step time): ranks waiting longer than it
-less two heartbeat intervals are reported, so the report lands within the bound. A heartbeat
-older than max(2 s, 4 heartbeats) means the process is frozen.
+less two heartbeat intervals are reported, so the report lands within the bound.
+
+A heartbeat older than max(2 s, 4 heartbeats) only raises the question whether the process is
+frozen; the operating system answers it (plait/resilience/evidence.py). Stopped (SIGSTOP) or
+gone: frozen, reported at that age as before. Runnable, or using CPU time: working (starved
+on a loaded machine, or busy in a long C call such as a checkpoint save), never frozen; if
+it never comes back its peers wait for it in their next collective and the stall check names
+it. Asleep without using CPU time: frozen once that has lasted longer than the job's own
+pauses, max(the hang bound, 2 x the longest checkpoint save seen). Where the OS cannot be
+asked (no /proc, another host) the heartbeat's age decides, as before.
+
+Every record read from the store is checked first (plait/resilience/records.py): a bad one
+is reported once on stderr and ignored.
 """
 
 from __future__ import annotations
 
-import json
+import socket
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from plait.config import ResilienceConfig
+from plait.resilience.evidence import GONE, STOPPED, UNKNOWN, WORKING, ProcessWatch
+from plait.resilience.records import BadRecord, parse_error, parse_heartbeat
+
+SAVE_PHASE = "checkpoint"  # the heartbeat phase of a checkpoint save (plait/train/trainer.py)
 
 
 @dataclass
@@ -43,21 +60,55 @@ class Fault:
 
 
 class Monitor:
-    def __init__(self, store, nproc: int, cfg: ResilienceConfig):
+    def __init__(self, store, nproc: int, cfg: ResilienceConfig, processes: ProcessWatch | None = None):
         self.store, self.nproc, self.cfg = store, nproc, cfg
         self.beats: dict[int, dict[str, Any]] = {}
         self.reported_slow: set[int] = set()
         self.reported_nan = False
+        self.processes = processes or ProcessWatch()
+        self.host = socket.gethostname()
+        self.save_s: list[float] = []  # durations of the checkpoint saves seen, any rank
+        self._save_began: dict[int, float] = {}  # rank -> its clock when its current save began
+        self._reported_bad: set[str] = set()
+
+    def _bad(self, key: str, problem: str) -> None:
+        """Say once per key that a record is ignored: a foreign writer must not stop the job."""
+        if key not in self._reported_bad:
+            self._reported_bad.add(key)
+            print(f"plait: monitor: ignoring a bad store record ({problem})", file=sys.stderr, flush=True)
 
     def read(self) -> None:
         for rank in range(self.nproc):
             key = f"hb/{rank}"
             if self.store.check([key]):
-                self.beats[rank] = json.loads(self.store.get(key))
+                try:
+                    beat = parse_heartbeat(self.store.get(key), rank, self.nproc)
+                except BadRecord as exc:
+                    self._bad(key, str(exc))  # keep the last good heartbeat
+                    continue
+                self._note_save(rank, beat)
+                self.beats[rank] = beat
+                if beat["host"] == self.host:
+                    self.processes.sample_wait(beat["pid"])
+
+    def _note_save(self, rank: int, beat: dict[str, Any]) -> None:
+        """Time checkpoint saves from the heartbeats' phases: a rank's next pause may be that long."""
+        began = self._save_began.get(rank)
+        if beat["phase"] == SAVE_PHASE and began is None:
+            self._save_began[rank] = beat["mono"]
+        elif beat["phase"] != SAVE_PHASE and began is not None:
+            del self._save_began[rank]
+            self.save_s = (self.save_s + [max(0.0, beat["mono"] - began)])[-16:]
 
     def error_of(self, rank: int) -> str:
         key = f"error/{rank}"
-        return self.store.get(key).decode() if self.store.check([key]) else ""
+        if not self.store.check([key]):
+            return ""
+        try:
+            return parse_error(self.store.get(key))
+        except BadRecord as exc:
+            self._bad(key, f"{key}: {exc}")
+            return ""
 
     def step_time(self) -> float:
         """Median step wall time over every rank's recent steps (0 before the first)."""
@@ -66,6 +117,14 @@ class Monitor:
 
     def hang_bound(self) -> float:
         return max(self.cfg.hang_s, 3 * self.step_time())
+
+    def stale_s(self) -> float:
+        """A heartbeat older than this asks whether the process is frozen."""
+        return max(2.0, 4 * self.cfg.heartbeat_s)
+
+    def idle_bound(self) -> float:
+        """How long a process with a stale heartbeat may sleep without using CPU time."""
+        return max(self.stale_s(), self.hang_bound(), 2 * max(self.save_s, default=0.0))
 
     def check(self, exitcodes: list[int | None]) -> Fault | None:
         """The first fault found now, or None. ``exitcodes``: each rank process's exit code
@@ -100,15 +159,34 @@ class Monitor:
         how = ", ".join(f"rank {r} exit code {exitcodes[r]}" for r in culprits)
         return Fault("crash", culprits, self._step(culprits[0]), f"process exited ({how})")
 
+    def _evidence(self, rank: int) -> tuple[str, float]:
+        """What the OS says of this rank's process (UNKNOWN where it runs on another host)."""
+        beat = self.beats[rank]
+        if beat["host"] != self.host:
+            return UNKNOWN, 0.0
+        return self.processes.look(beat["pid"])
+
     def _frozen(self) -> Fault | None:
-        limit = max(2.0, 4 * self.cfg.heartbeat_s)
         now = time.time()
-        stale = sorted(r for r, b in self.beats.items() if now - b["time"] > limit)
-        if not stale:
+        frozen: dict[int, str] = {}
+        for rank, beat in sorted(self.beats.items()):
+            # Looked at on every check, so that "no CPU time for N s" counts from early on.
+            state, idle_s = self._evidence(rank)
+            age = now - beat["time"]
+            if age <= self.stale_s() or state == WORKING:
+                continue
+            if state in (STOPPED, GONE):
+                frozen[rank] = f"no heartbeat for {age:.1f} s, process {state}"
+            elif state == UNKNOWN:
+                frozen[rank] = f"no heartbeat for {age:.1f} s (process frozen, e.g. SIGSTOP)"
+            elif min(age, idle_s) > self.idle_bound():
+                frozen[rank] = (f"no heartbeat for {age:.1f} s, process asleep with no CPU time for "
+                                f"{min(age, idle_s):.1f} s (bound {self.idle_bound():.1f} s)")
+        if not frozen:
             return None
-        age = max(now - self.beats[r]["time"] for r in stale)
-        return Fault("hang", stale, self._step(stale[0]),
-                     f"no heartbeat for {age:.1f} s (process frozen, e.g. SIGSTOP)", extra={"hang": "frozen"})
+        ranks = sorted(frozen)
+        return Fault("hang", ranks, self._step(ranks[0]), "; ".join(f"rank {r}: {why}" for r, why in frozen.items()),
+                     extra={"hang": "frozen"})
 
     def _stalled(self) -> Fault | None:
         if len(self.beats) < self.nproc:
@@ -148,6 +226,21 @@ class Monitor:
                      f"communication hang: every rank has waited {bound:.1f}+ s in {op} on '{dim}'",
                      extra={"hang": "communication"})
 
+    def _starved(self, rank: int, series: dict[int, list[float]]) -> bool:
+        """Whether waiting for a CPU (more runnable processes than cores) explains the rank's
+        slowness over its last ``slow_steps`` steps: its process waited at least the extra
+        compute, or waited so large a share of the time (1 - 1/slow_factor) that a slowdown
+        of slow_factor is within what starvation alone does. Compute is a wall-clock
+        difference, so on a starved machine it mostly measures who got a CPU when."""
+        beat, n = self.beats[rank], self.cfg.slow_steps
+        if beat["host"] != self.host:
+            return False
+        excess = sum(series[rank][-k] - statistics.median(series[o][-k] for o in series if o != rank)
+                     for k in range(1, n + 1))
+        window = sum(beat["step_s"][-n:]) + max(0.0, time.time() - beat["time"])
+        waited = self.processes.run_wait(beat["pid"], window)
+        return waited >= excess or waited >= (1 - 1 / self.cfg.slow_factor) * window
+
     def _slow(self) -> Fault | None:
         n = self.cfg.slow_steps
         series = {r: b.get("compute_s", []) for r, b in self.beats.items()}
@@ -160,7 +253,7 @@ class Monitor:
             for k in range(1, n + 1):
                 others = [series[o][-k] for o in series if o != rank]
                 ratios.append(own[-k] / max(statistics.median(others), 1e-9))
-            if min(ratios) >= self.cfg.slow_factor:
+            if min(ratios) >= self.cfg.slow_factor and not self._starved(rank, series):
                 self.reported_slow.add(rank)
                 return Fault("slow", [rank], self._step(rank),
                              f"compute per step {min(ratios):.2f}-{max(ratios):.2f}x the others' median "

@@ -1,12 +1,14 @@
 """The per-rank watchdog: a daemon thread that publishes this rank's heartbeat and progress to
 the monitor's store every ``resilience.heartbeat_s`` seconds.
 
-A heartbeat is one small JSON value under ``hb/<rank>``: the time, pid, host, step and phase
+A heartbeat is one small JSON value under ``hb/<rank>``: the rank, time, pid, host, step and phase
 (data, forward, backward, optimizer, checkpoint, eval), the collective the host is blocked in
 (from the counted-collectives layer: op, mesh dim, sequence number, start time), and the
 compute seconds of the last steps (step time minus time blocked in collectives), from which
-the monitor spots slow ranks. A frozen process stops beating; a rank that hangs elsewhere
-beats but makes no progress while the others wait in a collective it never enters.
+the monitor spots slow ranks (plait/resilience/records.py checks each key). A frozen process
+stops beating (the monitor then asks the OS, by this pid, whether it is frozen or only
+starved); a rank that hangs elsewhere beats but makes no progress while the others wait in
+a collective it never enters.
 
 The trainer updates ``PROGRESS`` with plain attribute writes (nanoseconds); the thread reads
 them. The store is a TCPStore client of the supervisor's server, found through
@@ -85,7 +87,7 @@ class Watchdog(threading.Thread):
             collective = {"op": first.op, "dim": first.dim, "seq": first.seq, "since": first.start}
         p = PROGRESS
         value = {
-            "time": time.time(), "mono": time.perf_counter(), "pid": self.pid, "host": self.host,
+            "rank": self.rank, "time": time.time(), "mono": time.perf_counter(), "pid": self.pid, "host": self.host,
             "step": p.step, "phase": p.phase, "collective": collective, "compute_s": p.compute_s[-8:], "step_s": p.step_s[-8:],
             "nan_step": p.nan_step,
         }
