@@ -3,7 +3,7 @@
 Everything a user can get wrong is checked here, in the launching process, before any rank
 starts (``preflight``), so a bad input costs one line and exit code 2, not N tracebacks.
 ``ranks`` starts, waits for and stops local rank processes; ``supervisor`` restarts them after a
-fault the monitor names.
+fault the monitor names; ``rundir`` keeps a second run out of a run dir in use.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from plait.config import JobConfig, resolve_dp, torchrun_world_size, validate
 from plait.data import prepare_data
 from plait.errors import CheckpointError, ConfigError
 from plait.resilience.agent import finish_torchrun, join_torchrun, torchrun_attempt
-from plait.launch.ranks import RankFailed, spawn, start_ranks, usable_cores  # noqa: F401 (the launch API)
+from plait.launch.ranks import RankFailed, sigterm_as_interrupt, spawn, start_ranks, usable_cores  # noqa: F401 (the launch API)
+from plait.launch.rundir import hold_run_dir, lock_run_dir
 from plait.launch.supervisor import supervise
 from plait.resilience.events import log_event
 from plait.resilience.watchdog import monitor_store
@@ -88,12 +89,14 @@ def launch_training(cfg: JobConfig):
 
     if under_torchrun():
         return _train_under_torchrun(cfg)
-    cfg = preflight(cfg, cfg.parallel.nproc)
-    if cfg.parallel.nproc == 1:
-        return run_training(cfg)
-    if cfg.resilience.watch:
-        return supervise(run_training, cfg, pick_backend(cfg))[0]
-    return spawn(run_training, cfg.parallel.nproc, (cfg,), pick_backend(cfg))[0]
+    with sigterm_as_interrupt():
+        cfg = preflight(cfg, cfg.parallel.nproc)
+        with hold_run_dir(cfg.run.dir):
+            if cfg.parallel.nproc == 1:
+                return run_training(cfg)
+            if cfg.resilience.watch:
+                return supervise(run_training, cfg, pick_backend(cfg))[0]
+            return spawn(run_training, cfg.parallel.nproc, (cfg,), pick_backend(cfg))[0]
 
 
 def _train_under_torchrun(cfg: JobConfig):
@@ -106,6 +109,8 @@ def _train_under_torchrun(cfg: JobConfig):
     if restart > 0 and ckpt.latest_good_checkpoint(cfg.run.dir) is not None:
         cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=True))
     preflight(cfg, world, prepare=False)
+    if rank == 0:  # one holder for the whole job, whichever nodes share the run dir
+        lock_run_dir(cfg.run.dir)  # held until this process ends; torchrun's next restart retakes it
     if rank == 0 and restart > 0:
         where = "its last good checkpoint" if cfg.checkpoint.resume else "the start (no checkpoint yet)"
         log_event(cfg.run.dir, "restart", rank=0, detail=f"torchrun restart {restart}, from {where}")

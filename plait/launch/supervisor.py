@@ -10,11 +10,9 @@ import os
 import time
 from typing import Any
 
-import torch.distributed as dist
-
 from plait.checkpoint import store as ckpt
 from plait.config import JobConfig
-from plait.launch.ranks import RankFailed, collect_results, start_ranks, stop_ranks
+from plait.launch.ranks import RankFailed, collect_results, loopback_store, start_ranks, stop_ranks
 from plait.resilience.events import log_event
 from plait.resilience.monitor import Fault, Monitor
 from plait.resilience.watchdog import ATTEMPT_ENV, MONITOR_ENV
@@ -43,7 +41,7 @@ def run_once(fn, cfg: JobConfig, attempt: int, backend: str) -> tuple[list[Any] 
     """One start of the job: (every rank's result, None) or (None, the fatal fault)."""
 
     nproc = cfg.parallel.nproc
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    store = loopback_store()
     env = {MONITOR_ENV: f"127.0.0.1:{store.port}", ATTEMPT_ENV: str(attempt)}
     monitor = Monitor(store, nproc, cfg.resilience)
     procs, results = start_ranks(fn, nproc, (cfg,), backend, env)

@@ -8,8 +8,11 @@ gloo, 10 on NCCL). So, under torchrun with ``resilience.watch``:
 - global rank 0 starts the monitor as a process of its own session (it outlives rank 0 and
   keeps running if rank 0 freezes). On a fatal fault it writes the event naming the culprit,
   kills the culprit ranks that run on its host, and sets ``abort`` in the store; every rank's
-  watchdog sees that within one heartbeat and ends its process. torchrun then restarts the
-  workers, which resume from the last good checkpoint (``TORCHELASTIC_RESTART_COUNT`` > 0);
+  watchdog sees that within one heartbeat and ends its process. A heartbeat is only a claim
+  (anyone who reaches the store can write one), so the monitor signals a pid only when the
+  process is this job's rank: its environment, set by torchrun, carries the heartbeat's
+  RANK and this job's MASTER_PORT. torchrun then restarts the workers, which resume from
+  the last good checkpoint (``TORCHELASTIC_RESTART_COUNT`` > 0);
 - crashes are torchrun's to see; the monitor names the culprit when it runs on its host.
 
     torchrun --nnodes N --nproc-per-node G --max-restarts 3 ... -m plait train job.toml
@@ -18,6 +21,7 @@ gloo, 10 on NCCL). So, under torchrun with ``resilience.watch``:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -82,6 +86,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _environment(pid: int) -> dict[str, str] | None:
+    """The environment process ``pid`` started with, or None where it cannot be read (gone,
+    another user's, no /proc)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {key.decode(errors="replace"): value.decode(errors="replace") for key, value in pairs}
+
+
+def is_job_rank(pid: int, rank: int, master_port: str) -> bool:
+    """True when process ``pid`` on this host is rank ``rank`` of the torchrun job whose store
+    listens on ``master_port``: the only processes the monitor may kill. False when unsure."""
+    env = _environment(pid)
+    return env is not None and env.get("RANK") == str(rank) and env.get("MASTER_PORT") == str(master_port)
+
+
 def _exitcodes(monitor: Monitor) -> list[int | None]:
     """What the monitor can know of exits: ranks on this host whose process is gone."""
     host = socket.gethostname()
@@ -93,8 +116,9 @@ def _exitcodes(monitor: Monitor) -> list[int | None]:
     return codes
 
 
-def watch(store, world: int, cfg: ResilienceConfig, run_dir: str) -> str:
-    """The monitor loop: returns 'done', 'abort' (a fatal fault was handled) or 'orphan'."""
+def watch(store, world: int, cfg: ResilienceConfig, run_dir: str, master_port: str) -> str:
+    """The monitor loop: returns 'done', 'abort' (a fatal fault was handled) or 'orphan'.
+    ``master_port``: the port of torchrun's store, which names this job's ranks."""
     monitor = Monitor(store, world, cfg)
     last_seen = time.time()
     while True:
@@ -112,19 +136,22 @@ def watch(store, world: int, cfg: ResilienceConfig, run_dir: str) -> str:
                       ranks=fault.ranks, fatal=fault.fatal, agent="torchrun", **fault.extra)
             print(f"plait: {fault.kind} detected: rank(s) {fault.ranks or 'unknown'}: {fault.detail}", flush=True)
             if fault.fatal:
-                _stop(store, monitor, fault.ranks)
+                _stop(store, monitor, fault.ranks, master_port)
                 return "abort"
         time.sleep(POLL_S)
 
 
-def _stop(store, monitor: Monitor, culprits: list[int]) -> None:
+def _stop(store, monitor: Monitor, culprits: list[int], master_port: str) -> None:
     """Kill the culprits that run here (a frozen one cannot stop itself), then ask every rank
-    to end its process; torchrun restarts them all."""
+    to end its process; torchrun restarts them all. A pid that is not this job's rank is left
+    alone: the heartbeat naming it is stale (the pid was reused) or forged."""
     host = socket.gethostname()
     for rank in culprits:
         beat = monitor.beats.get(rank, {})
-        if beat.get("host") == host and _alive(beat.get("pid", -1)):
-            os.kill(beat["pid"], signal.SIGKILL)
+        pid = beat.get("pid")
+        if beat.get("host") == host and isinstance(pid, int) and pid > 0 and is_job_rank(pid, rank, master_port):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     store.set("abort", json.dumps({"ranks": culprits, "time": time.time()}))
 
 
@@ -141,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     store = dist.PrefixStore(args.prefix, client)
     cfg = ResilienceConfig(**json.loads(args.settings))
     try:
-        watch(store, args.world, cfg, args.run_dir)
+        watch(store, args.world, cfg, args.run_dir, port)
     except Exception:  # torchrun's store is gone: the job is over
         pass
     return 0
