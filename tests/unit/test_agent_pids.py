@@ -25,7 +25,8 @@ PORT = "29517"
 
 def _monitor_naming(pid: int) -> tuple[FakeStore, Monitor]:
     store = FakeStore()
-    beat = {"time": time.time(), "pid": pid, "host": socket.gethostname(), "step": 3}
+    beat = {"time": time.time(), "mono": time.monotonic(), "pid": pid, "host": socket.gethostname(), "step": 3,
+            "phase": "forward", "compute_s": [], "step_s": [], "nan_step": None, "rank": 0}
     store.set("hb/0", json.dumps(beat))
     monitor = Monitor(store, 1, ResilienceConfig())
     monitor.read()
