@@ -10,7 +10,7 @@ import sys
 
 from plait.checkpoint.hf import convert
 from plait.checkpoint.store import latest_checkpoint, load_model_checkpoint
-from plait.config import CommandParser, build_config, split_overrides, to_toml
+from plait.config import SEED_MAX, CommandParser, build_config, finite_float, split_overrides, to_toml
 from plait.data.tokenizer import Tokenizer
 from plait.errors import NonFiniteError, PlaitError, UsageError
 from plait.infer.generate import generate
@@ -54,15 +54,17 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("checkpoint", help="checkpoint folder, or a run dir (its latest checkpoint)")
     parser.add_argument("--prompt", default="ROMEO:")
     parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--temperature", type=finite_float, default=0.8)
     parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-p", type=finite_float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens = {args.max_new_tokens}; it must be >= 1")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise UsageError("--temperature and --top-k must be >= 0, --top-p in (0, 1]")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise UsageError(f"--seed = {args.seed} is out of range; it must be in 0..{SEED_MAX}")
     model, _ = load_model_checkpoint(args.checkpoint)
     folder = args.checkpoint
     if not any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model")):

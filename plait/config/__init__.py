@@ -5,11 +5,12 @@ into them, ``checks`` (with ``rules`` for the layout, ``links`` and ``injection`
 whole job. Import from here: ``from plait.config import JobConfig, build_config``.
 """
 
-from plait.config.checks import job_world_size, torchrun_world_size, validate, validate_lowbw
+from plait.config.checks import check_folder, job_world_size, torchrun_world_size, validate, validate_lowbw
 from plait.config.injection import INJECTIONS, Injection, parse_injection
 from plait.config.links import LINK_DIMS, link_emulation, parse_link_values
 from plait.config.parse import (
-    SECTIONS, CommandParser, build_config, load_toml, reference_markdown, section_fields, split_overrides, to_toml,
+    INT_MAX, SECTIONS, CommandParser, build_config, finite_float, load_toml, reference_markdown, section_fields,
+    split_overrides, to_toml,
 )
 from plait.config.rules import (
     PP_MULTI_STAGE, PP_V_SHAPED, cp_degrees, degrees, pp_stage_layers, resolve_dp, validate_context_parallel,
@@ -17,14 +18,14 @@ from plait.config.rules import (
 )
 from plait.config.sections import (
     CheckpointConfig, CommConfig, DataConfig, JobConfig, LowBWConfig, MetricsConfig, ModelConfig, MoEConfig,
-    ParallelConfig, ResilienceConfig, RunConfig, TrainConfig, field_spec,
+    SEED_MAX, ParallelConfig, ResilienceConfig, RunConfig, TrainConfig, field_spec,
 )
 
 __all__ = [
-    "INJECTIONS", "LINK_DIMS", "PP_MULTI_STAGE", "PP_V_SHAPED", "SECTIONS", "CheckpointConfig", "CommConfig", "CommandParser",
-    "DataConfig", "Injection", "JobConfig", "LowBWConfig", "MetricsConfig", "MoEConfig", "ModelConfig",
-    "ParallelConfig", "ResilienceConfig", "RunConfig", "TrainConfig", "build_config", "cp_degrees", "degrees", "field_spec",
-    "job_world_size", "link_emulation", "load_toml", "parse_injection", "parse_link_values", "pp_stage_layers",
+    "INJECTIONS", "INT_MAX", "LINK_DIMS", "PP_MULTI_STAGE", "PP_V_SHAPED", "SECTIONS", "CheckpointConfig", "CommConfig", "CommandParser",
+    "DataConfig", "check_folder", "Injection", "JobConfig", "LowBWConfig", "MetricsConfig", "MoEConfig", "ModelConfig",
+    "ParallelConfig", "ResilienceConfig", "RunConfig", "SEED_MAX", "TrainConfig", "build_config", "cp_degrees", "degrees", "field_spec",
+    "finite_float", "job_world_size", "link_emulation", "load_toml", "parse_injection", "parse_link_values", "pp_stage_layers",
     "reference_markdown", "resolve_dp", "section_fields", "split_overrides", "to_toml", "torchrun_world_size",
     "validate", "validate_context_parallel", "validate_experts", "validate_lowbw", "validate_model_parallel",
     "workload",

@@ -71,6 +71,19 @@ def validate_lowbw(cfg: JobConfig) -> None:
         )
 
 
+def check_folder(key: str, path: str) -> None:
+    """``path`` is a folder, or one can be made there: it is no file, lies below no file, and
+    the nearest folder that exists is writable. Checked before anything is written."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is" if existing == os.path.abspath(path) else f"lies below '{existing}', which is"
+        raise ConfigError(f"{key} = '{path}' {where} a file, not a folder; choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} = '{path}': the folder '{existing}' is not writable; choose a writable folder")
+
+
 def torchrun_world_size() -> int | None:
     """WORLD_SIZE when torchrun (or another launcher) set up the rank environment, else None."""
     if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):

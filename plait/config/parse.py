@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import os
 import sys
 import typing
-import os
 from typing import Any, Literal
 
 if sys.version_info >= (3, 11):
@@ -48,6 +49,11 @@ def _closest(name: str, options: list[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+# Integer fields without a declared ``max`` stop here: a 32-bit count is far beyond any real
+# job, and a 23-digit value would otherwise overflow torch or numpy long after the parse.
+INT_MAX = 2**31 - 1
+
+
 def _coerce(key: str, raw: Any, hint: Any, from_cli: bool) -> Any:
     """Turn ``raw`` into the field's type, or raise ConfigError naming the key and the type."""
     if typing.get_origin(hint) is Literal:
@@ -63,31 +69,66 @@ def _coerce(key: str, raw: Any, hint: Any, from_cli: bool) -> Any:
             return raw.lower() in ("true", "1")
         raise ConfigError(f"{key} = {raw!r} is not a boolean; use true or false")
     if hint in (int, float):
-        word = "an integer" if hint is int else "a number"
-        accepted = (int,) if hint is int else (int, float)
-        if isinstance(raw, accepted) and not isinstance(raw, bool):
-            return hint(raw)
-        if from_cli and isinstance(raw, str):
-            try:
-                return hint(raw)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} = {raw!r} is not {word}")
+        return _number(key, raw, hint, from_cli)
     if hint is str:
-        if isinstance(raw, str):
-            return raw
-        raise ConfigError(f"{key} = {raw!r} is not a string")
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key} = {raw!r} is not a string")
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable command-line bytes arrive as lone surrogates
+            raise ConfigError(f"{key} = {raw!r} is not valid UTF-8 text") from None
+        return raw
     raise ConfigError(f"{key}: unsupported field type {hint}")  # pragma: no cover
 
 
-def _check_range(dotted: str, value: Any, meta: Any) -> None:
-    """The field's declared limits (``min``/``max``/``gt`` in its metadata)."""
+def _number(key: str, raw: Any, hint: type, from_cli: bool) -> int | float:
+    """An int or a finite float: NaN and infinities are no value any field can take."""
+    word = "an integer" if hint is int else "a finite number"
+    accepted = (int,) if hint is int else (int, float)
+    value = None
+    if isinstance(raw, accepted) and not isinstance(raw, bool):
+        value = raw
+    elif from_cli and isinstance(raw, str):
+        try:
+            value = hint(raw)
+        except ValueError:  # not a number, or an int of more digits than Python converts
+            pass
+    if value is None:
+        raise ConfigError(f"{key} = {_short(raw)} is not {word}")
+    if hint is float:
+        try:
+            value = float(value)
+        except OverflowError:  # a TOML integer beyond any float
+            raise ConfigError(f"{key} = {_short(raw)} is out of range; it must be a finite number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {value!r} is not {word}")
+    return value
+
+
+def _short(raw: Any) -> str:
+    """``raw`` for a message: a value of thousands of digits is cut to stay one readable line."""
+    try:
+        text = repr(raw)
+    except ValueError:  # an int beyond Python's digit limit for printing
+        return "an integer of thousands of digits"
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
+
+
+def _check_range(dotted: str, value: Any, hint: Any, meta: Any) -> None:
+    """The field's declared limits (``min``/``max``/``gt``/``lt``, ``nonempty`` in its metadata);
+    an int field without a ``max`` is bounded by INT_MAX."""
+    shown = _short(value)
     if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{dotted} = {value!r} is out of range; it must be >= {meta['min']}")
-    if "max" in meta and value > meta["max"]:
-        raise ConfigError(f"{dotted} = {value!r} is out of range; it must be <= {meta['max']}")
+        raise ConfigError(f"{dotted} = {shown} is out of range; it must be >= {meta['min']}")
+    maximum = meta.get("max", INT_MAX if hint is int else None)
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{dotted} = {shown} is out of range; it must be <= {maximum}")
     if "gt" in meta and value <= meta["gt"]:
-        raise ConfigError(f"{dotted} = {value!r} is out of range; it must be > {meta['gt']}")
+        raise ConfigError(f"{dotted} = {shown} is out of range; it must be > {meta['gt']}")
+    if "lt" in meta and value >= meta["lt"]:
+        raise ConfigError(f"{dotted} = {shown} is out of range; it must be < {meta['lt']}")
+    if meta.get("nonempty") and not value.strip():
+        raise ConfigError(f"{dotted} = {value!r} is empty; it must be set: {meta['doc']}")
 
 
 def set_key(root: Any, dotted: str, raw: Any, from_cli: bool) -> None:
@@ -99,8 +140,9 @@ def set_key(root: Any, dotted: str, raw: Any, from_cli: bool) -> None:
         options = [f"{s}.{n}" for s in scope for n in section_fields(s, root)]
         raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, options)}")
     body = getattr(root, section)
-    value = _coerce(dotted, raw, typing.get_type_hints(type(body))[name], from_cli)
-    _check_range(dotted, value, section_fields(section, root)[name].metadata)
+    hint = typing.get_type_hints(type(body))[name]
+    value = _coerce(dotted, raw, hint, from_cli)
+    _check_range(dotted, value, hint, section_fields(section, root)[name].metadata)
     setattr(body, name, value)
 
 
@@ -131,8 +173,14 @@ def load_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
+    except ValueError as exc:  # tomllib's own int() on a number beyond Python's digit limit
+        raise ConfigError(f"config file '{path}' holds a value that cannot be read: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror}") from None
 
 
 def build_config(
@@ -155,6 +203,24 @@ def build_config(
     return cfg
 
 
+# TOML basic strings take no raw control characters (a tab aside) and no raw DEL: a newline in a
+# prompt written as is would make config.toml, and the checkpoint holding it, unreadable.
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string that ``tomllib`` reads back unchanged."""
+    out = []
+    for char in value:
+        if char in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04X}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
 def to_toml(cfg: JobConfig) -> str:
     """The resolved config as TOML text (what ``plait train --print-config`` prints)."""
     lines: list[str] = []
@@ -164,7 +230,7 @@ def to_toml(cfg: JobConfig) -> str:
             if isinstance(value, bool):
                 text = "true" if value else "false"
             elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                text = toml_string(value)
             else:
                 text = repr(value)
             lines.append(f"{name} = {text}")
@@ -207,6 +273,17 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
             rest.append(arg)
         i += 1
     return rest, overrides
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type`` of a float flag: NaN and infinities are refused like any non-number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -14,14 +14,20 @@ from typing import Any, Literal
 from plait.errors import ConfigError
 
 
+# torch.manual_seed takes any 64-bit value; numpy's generators any non-negative int.
+SEED_MAX = 2**63 - 1
+
+
 def field_spec(default: Any, doc: str, **limits: Any) -> Any:
-    """A config field with its one-line doc and optional ``min``/``max``/``gt`` limits."""
+    """A config field with its one-line doc and optional limits: ``min``/``max`` (inclusive),
+    ``gt``/``lt`` (exclusive), ``nonempty`` (a string that must not be blank). An int field
+    without ``max`` is bounded by the parser's INT_MAX."""
     return field(default=default, metadata={"doc": doc, **limits})
 
 
 @dataclass
 class RunConfig:
-    dir: str = field_spec("runs/default", "output folder: metrics, checkpoints, plots, resolved config")
+    dir: str = field_spec("runs/default", "output folder: metrics, checkpoints, plots, resolved config", nonempty=True)
 
 
 @dataclass
@@ -73,13 +79,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = field_spec("demo", "'demo' (Shakespeare), a .txt/.md/.jsonl/.parquet file, or a folder")
-    text_field: str = field_spec("text", "JSONL/parquet field holding the document text")
+    source: str = field_spec("demo", "'demo' (Shakespeare), a .txt/.md/.jsonl/.parquet file, or a folder", nonempty=True)
+    text_field: str = field_spec("text", "JSONL/parquet field holding the document text", nonempty=True)
     tokenizer: str = field_spec(
         "bpe:4096",
         "'bpe:N' (byte-level BPE trained and cached), 'gpt2', a tokenizer.json, or a .model",
+        nonempty=True,
     )
-    cache_dir: str = field_spec(".plait_cache", "where tokenizers and tokenized data are cached")
+    cache_dir: str = field_spec(".plait_cache", "where tokenizers and tokenized data are cached", nonempty=True)
     val_fraction: float = field_spec(0.05, "share of documents held out for validation", min=0, max=0.5)
     doc_mask: bool = field_spec(True, "attention never crosses a document boundary in packed windows")
     batching: Literal["packed", "balanced"] = field_spec(
@@ -92,7 +99,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = field_spec(250, "optimizer steps", min=1)
-    seed: int = field_spec(0, "seed for init, data order and sampling", min=0)
+    seed: int = field_spec(0, "seed for init, data order and sampling", min=0, max=SEED_MAX)
     seq_len: int = field_spec(256, "tokens per sequence", min=2)
     global_batch: int = field_spec(8, "sequences per optimizer step, over all data-parallel ranks", min=1)
     micro_batch: int = field_spec(4, "sequences per forward/backward on one rank", min=1)
@@ -102,8 +109,8 @@ class TrainConfig:
     schedule: Literal["cosine", "wsd", "constant"] = field_spec("cosine", "lr schedule after warmup")
     decay_fraction: float = field_spec(0.2, "wsd: share of steps spent decaying", min=0, max=1)
     weight_decay: float = field_spec(0.1, "AdamW weight decay (matrices only)", min=0)
-    beta1: float = field_spec(0.9, "AdamW beta1", min=0, max=1)
-    beta2: float = field_spec(0.95, "AdamW beta2", min=0, max=1)
+    beta1: float = field_spec(0.9, "AdamW beta1", min=0, lt=1)  # AdamW refuses 1
+    beta2: float = field_spec(0.95, "AdamW beta2", min=0, lt=1)
     eps: float = field_spec(1e-8, "AdamW epsilon", gt=0)
     grad_clip: float = field_spec(1.0, "max global grad norm; 0 disables clipping", min=0)
     dtype: Literal["fp32", "bf16"] = field_spec("fp32", "compute dtype (bf16 uses autocast)")

@@ -95,6 +95,8 @@ def prepare_data(data_cfg: DataConfig, seq_len: int, seed: int) -> DataBundle:
     The corpus is read only when the tokenizer or a split's tokens are not cached yet.
     """
     cfg = data_cfg
+    if not cfg.cache_dir.strip():  # an empty folder name would scatter the caches in the current folder
+        raise DataError(f"data.cache_dir = {cfg.cache_dir!r} is empty; name a folder for the caches")
     fingerprint = source_fingerprint(cfg.source, cfg.text_field)
     loaded: list[list[str]] = []
 

@@ -24,6 +24,8 @@ def _label(source: str) -> str:
 
 def _files(source: str) -> list[Path]:
     """The data files behind a file or folder source, sorted by path; raises DataError."""
+    if not source.strip():  # Path("") is the current folder: never what an empty setting means
+        raise DataError(f"{_label(source)} is empty; use 'demo', a {_ALLOWED}")
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"{_label(source)} does not exist; use 'demo', a {_ALLOWED}")

@@ -9,6 +9,7 @@ fault the monitor names; ``rundir`` keeps a second run out of a run dir in use.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from datetime import timedelta
@@ -18,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from plait.checkpoint import store as ckpt
-from plait.config import JobConfig, resolve_dp, torchrun_world_size, validate
-from plait.data import prepare_data
+from plait.config import JobConfig, check_folder, resolve_dp, torchrun_world_size, validate
+from plait.data import prepare_data, train_loader
 from plait.errors import CheckpointError, ConfigError
 from plait.resilience.agent import finish_torchrun, join_torchrun, torchrun_attempt
 from plait.launch.ranks import RankFailed, sigterm_as_interrupt, spawn, start_ranks, usable_cores  # noqa: F401 (the launch API)
@@ -52,19 +53,33 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
         raise ConfigError("train.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
     if cfg.parallel.backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("parallel.backend = 'nccl' needs CUDA devices; use 'gloo' or 'auto'")
+    check_folder("run.dir", cfg.run.dir)
+    check_folder("data.cache_dir", cfg.data.cache_dir)
     if cfg.checkpoint.resume:
         skipped: list[str] = []
         folder = ckpt.latest_good_checkpoint(cfg.run.dir, skipped)
         if folder is None:
             found = f": {skipped[0]}" if skipped else ""
             raise CheckpointError(f"--resume: no usable checkpoint in '{ckpt.checkpoint_root(cfg.run.dir)}'{found}")
+        with open(os.path.join(folder, ckpt.MANIFEST)) as fh:
+            step = json.load(fh)["step"]  # verified just above
+        # A torchrun restart after the last checkpoint has nothing left to do, and that is success.
+        if step >= cfg.train.steps and torchrun_attempt() == 0:
+            raise ConfigError(
+                f"--resume: the latest checkpoint ({os.path.basename(folder)}) is at step {step} and "
+                f"train.steps = {cfg.train.steps} asks for no more; set train.steps above {step} to continue"
+            )
         for problem in skipped:
             print(f"plait: warning: {problem}; resuming from {os.path.basename(folder)}", file=sys.stderr, flush=True)
     if not prepare:
         _check_initial_weights(cfg)
         return cfg
     bundle = prepare_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
-    validation_batches(cfg, bundle, 0, resolve_dp(cfg, world_size))  # raises if the split is too small
+    dp = resolve_dp(cfg, world_size)
+    # Both raise DataError when the splits are too small: the validation split for one eval
+    # micro-batch per data-parallel rank, the train split for one step's global batch.
+    validation_batches(cfg, bundle, 0, dp)
+    train_loader(cfg, bundle.train, 0, dp)
     vocab = bundle.tokenizer.vocab_size
     if cfg.model.vocab_size and cfg.model.vocab_size < vocab:
         raise ConfigError(

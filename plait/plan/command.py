@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from plait.config import CommandParser, split_overrides
+from plait.config.parse import set_key
 from plait.errors import ConfigError, UsageError
 from plait.layout import parse_layout
 from plait.plan.calibrate import calibrate_command
@@ -12,11 +13,21 @@ from plait.plan.hardware import GIB
 from plait.plan.hetero import rerank_nic_aware
 from plait.plan.report import to_json, to_table
 from plait.plan.search import evaluate_fixed
-from plait.plan.spec import build_cluster, build_request
+from plait.plan.spec import PlanRequest, build_cluster, build_request
 
 USAGE = ("plait plan [CONFIG.toml] [--model.* ...] --cluster.gpu NAME --cluster.gpus N --cluster.gpus_per_node G "
          "[--cluster.* ...] --train.global_batch B --train.seq_len S [--layout \"tp=8,pp=2,...\"] [--top K] "
          "[--json] [--max-micro-batch] [--calibrate]")
+
+
+def calibration_ranks(given: dict[str, str]) -> int:
+    """The local ranks ``--calibrate`` measures with: ``--cluster.gpus``, checked by the config
+    parser like any plan key, or 4."""
+    if "cluster.gpus" not in given:
+        return 4
+    probe = PlanRequest()
+    set_key(probe, "cluster.gpus", given["cluster.gpus"], from_cli=True)
+    return probe.cluster.gpus
 
 
 def run_plan(argv: list[str]) -> int:
@@ -38,7 +49,7 @@ def run_plan(argv: list[str]) -> int:
         given = dict(overrides)
         if given.get("cluster.gpu") != "cpu":
             raise ConfigError("--calibrate measures this machine: it needs --cluster.gpu cpu")
-        profile = calibrate_command(given.get("cluster.profile", ""), int(given.get("cluster.gpus", 4) or 4))
+        profile = calibrate_command(given.get("cluster.profile", ""), calibration_ranks(given))
         if not any(key.startswith("model.") for key in given) and args.config is None:
             return 0
         overrides.append(("cluster.profile", profile))

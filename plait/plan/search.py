@@ -14,6 +14,7 @@ still estimated, and ``SearchResult.refused`` says why plait would not run it.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field, fields, replace
 
 from plait.errors import ConfigError
@@ -30,7 +31,10 @@ DEGREE_FIELDS = frozenset(f.name for f in fields(Degrees))
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of ``n`` in increasing order, found in sqrt(n) steps (a batch or layer count
+    can be large)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def model_problem(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layout) -> str | None:

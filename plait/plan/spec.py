@@ -25,6 +25,9 @@ from plait.plan.hardware import (
 )
 
 _SCHEDULES = typing.get_type_hints(ParallelConfig)["pp_schedule"]  # the trainer's pipeline schedules
+# The largest cluster the planner searches (2**20 GPUs): far above any built, and small enough that
+# enumerating its layouts stays quick.
+MAX_GPUS = 1_048_576
 
 
 @dataclass
@@ -86,7 +89,7 @@ class PlanModel(ModelConfig):
 @dataclass
 class PlanCluster:
     gpu: str = _f("", "GPU type from the catalog (required): " + ", ".join(DEFAULT_LINKS))
-    gpus: int = _f(0, "GPUs in all (required)", min=1)
+    gpus: int = _f(0, "GPUs in all (required)", min=1, max=MAX_GPUS)
     gpus_per_node: int = _f(8, "GPUs per node (all of them if fewer)", min=1)
     intra_link: str = _f("", "link inside a node; empty = the GPU's usual one")
     inter_link: str = _f("", "link between nodes, per GPU; empty = the GPU's usual one")

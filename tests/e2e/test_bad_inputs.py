@@ -9,6 +9,11 @@ import sys
 import pytest
 
 from plait.cli import main
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
 from tests.parallel.harness import write_corpus
 
 TINY = [
@@ -150,6 +155,28 @@ CASES = {
     "lowbw_steps_not_multiple": (["train", "--lowbw.method", "diloco", "--lowbw.inner_steps", "7"],
                                  ["train.steps", "multiple of lowbw.inner_steps = 7"]),
     "generate_missing_checkpoint": (["generate", "/nope/ckpt"], ["/nope/ckpt", "does not exist"]),
+    "lr_nan": (["train", "--train.lr", "nan"], ["train.lr = nan", "not a finite number"]),
+    "lr_inf": (["train", "--train.lr", "inf"], ["train.lr = inf", "not a finite number"]),
+    "init_std_nan": (["train", "--model.init_std", "nan"], ["model.init_std = nan", "not a finite number"]),
+    "lowbw_mix_minus_inf": (["train", "--lowbw.mix", "-inf"], ["lowbw.mix = -inf", "not a finite number"]),
+    "beta1_one": (["train", "--train.beta1", "1"], ["train.beta1 = 1.0", "must be < 1"]),
+    "beta2_one": (["train", "--train.beta2", "1.0"], ["train.beta2 = 1.0", "must be < 1"]),
+    "seed_23_digits": (["train", "--train.seed", "12345678901234567890123"],
+                       ["train.seed = 12345678901234567890123", "<= 9223372036854775807"]),
+    "steps_huge": (["train", "--train.steps", "99999999999999999999"], ["train.steps", "<= 2147483647"]),
+    "empty_run_dir": (["train", "--run.dir="], ["run.dir = ''", "empty"]),
+    "empty_data_source": (["train", "--data.source="], ["data.source = ''", "empty"]),
+    "empty_cache_dir": (["train", "--data.cache_dir="], ["data.cache_dir = ''", "empty"]),
+    "prompt_not_utf8": (["train", "--train.sample_prompt", "a\udcff"], ["train.sample_prompt", "not valid UTF-8"]),
+    "generate_temperature_nan": (["generate", "/nope/ckpt", "--temperature", "nan"], ["--temperature", "'nan'", "finite"]),
+    "generate_top_p_inf": (["generate", "/nope/ckpt", "--top-p", "inf"], ["--top-p", "'inf'", "finite"]),
+    "generate_seed_huge": (["generate", "/nope/ckpt", "--seed", "12345678901234567890123"], ["--seed", "out of range"]),
+    "plan_calibrate_gpus_not_a_number": (["plan", "--cluster.gpu", "cpu", "--calibrate", "--cluster.gpus", "four"],
+                                         ["cluster.gpus = 'four'", "not an integer"]),
+    "plan_calibrate_gpus_negative": (["plan", "--cluster.gpu", "cpu", "--calibrate", "--cluster.gpus", "-2"],
+                                     ["cluster.gpus = -2", ">= 1"]),
+    "plan_gpus_huge": ([*PLAN, "--cluster.gpu", "h100-sxm", "--cluster.gpus", "1000000000000"],
+                       ["cluster.gpus = 1000000000000", "<= 1048576"]),
     "convert_missing_source": (["convert", "/nope/src", "/tmp/plait-never-written"], ["/nope/src"]),
 }
 
@@ -229,3 +256,71 @@ def test_real_process_exit_code(env):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "plait: error: unknown config key 'train.stepz' (did you mean 'train.steps'?)"
+
+
+def test_toml_not_utf8(env, tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[train]\nsample_prompt = "café"\n'.encode("latin-1"))
+    code, err = run_cli(env, "train", str(latin1))
+    assert_one_line(code, err, str(latin1), "not UTF-8")
+    assert not os.path.exists(os.path.join(env["root"], "run"))
+
+
+def test_run_dir_is_a_file_or_below_one(env, tmp_path):
+    """Checked before any rank starts: one line, and the file is left as it was."""
+    plain = tmp_path / "notes.txt"
+    plain.write_text("keep me\n")
+    code, err = run_cli(env, "train", "--run.dir", str(plain))
+    assert_one_line(code, err, f"run.dir = '{plain}' is a file")
+    code, err = run_cli(env, "train", "--run.dir", str(plain / "run"))
+    assert_one_line(code, err, f"run.dir = '{plain / 'run'}' lies below '{plain}', which is a file")
+    code, err = run_cli(env, "train", "--data.cache_dir", str(plain / "cache"))
+    assert_one_line(code, err, "data.cache_dir", "which is a file")
+    assert plain.read_text() == "keep me\n"
+    assert not os.path.exists(os.path.join(env["root"], "run"))
+
+
+@pytest.mark.parametrize("flags, needles", [
+    # 40 documents of 16-token windows hold far fewer than 4096 train windows
+    (["--train.global_batch", "4096"], ["train.global_batch = 4096"]),
+    (["--train.global_batch", "4096", "--parallel.nproc", "2"], ["train.global_batch = 4096"]),
+    (["--train.global_batch", "4096", "--data.batching", "balanced"], ["train.global_batch x train.seq_len"]),
+    # the validation split (5% of them: ~100 windows) holds fewer than one micro-batch of 128
+    (["--train.global_batch", "128", "--train.micro_batch", "128"], ["validation split is too small",
+                                                                     "train.micro_batch = 128"]),
+])
+def test_data_too_small_for_the_batches(env, flags, needles):
+    """Batch checks that need the data run before any rank starts: one line, no run.dir."""
+    code, err = run_cli(env, "train", *flags)
+    assert_one_line(code, err, *needles)
+    assert not os.path.exists(os.path.join(env["root"], "run"))
+
+
+PROMPT = 'ROMEO:\n"Wherefore"\x01\x7f\\'  # a newline, quotes, control characters, a backslash
+
+
+@pytest.fixture(scope="module")
+def trained_run(env, tmp_path_factory):
+    """A finished 2-step run whose sample prompt needs escaping in its checkpoint's config.toml."""
+    run_dir = str(tmp_path_factory.mktemp("trained") / "run")
+    code, err = run_cli(env, "train", "--run.dir", run_dir, "--train.sample_prompt", PROMPT)
+    assert code == 0, err
+    return run_dir
+
+
+def test_resume_with_no_steps_left(env, trained_run):
+    """Resuming a run that already reached train.steps would report success having done nothing."""
+    metrics_before = open(os.path.join(trained_run, "metrics.jsonl")).read()
+    for steps in ("2", "1"):
+        code, err = run_cli(env, "train", "--run.dir", trained_run, "--resume", "--train.steps", steps)
+        assert_one_line(code, err, "--resume", "step 2", f"train.steps = {steps}", "above 2")
+    assert open(os.path.join(trained_run, "metrics.jsonl")).read() == metrics_before
+
+
+def test_control_characters_survive_config_toml(env, trained_run):
+    """The prompt is written as valid TOML that reads back the same, so the checkpoint stays usable."""
+    folder = os.path.join(trained_run, "checkpoints", "step_000002")
+    with open(os.path.join(folder, "config.toml"), "rb") as fh:
+        assert tomllib.load(fh)["train"]["sample_prompt"] == PROMPT
+    code, err = run_cli(env, "generate", trained_run, "--max-new-tokens", "2", tiny=False)
+    assert code == 0, err
