@@ -47,7 +47,6 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
     """Validate everything that depends on files before ranks start; returns the config with
     ``model.vocab_size`` resolved. Builds the tokenizer and token caches as a side effect, so
     the ranks only read them."""
-
     validate(cfg, world_size)
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
@@ -87,12 +86,13 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
             f"({vocab}); use 0 to take the tokenizer's size"
         )
     cfg = with_vocab(cfg, vocab)
+    if cfg.checkpoint.resume:  # the model (vocabulary resolved) must be the checkpoint's
+        ckpt.check_same_model(folder, cfg.model, "--resume")
     _check_initial_weights(cfg)
     return cfg
 
 
 def _check_initial_weights(cfg: JobConfig) -> None:
-
     if cfg.checkpoint.init_from and not cfg.checkpoint.resume:
         ckpt.initial_weights(cfg.checkpoint.init_from, cfg.model)
 

@@ -24,6 +24,7 @@ from plait.checkpoint.store import (
     verify_checkpoint,
 )
 from plait.errors import CheckpointError
+from plait.launch import preflight
 from plait.models.llama import build_model
 from tests.unit.checkpoint_factory import (
     model_and_optimizer,
@@ -116,6 +117,22 @@ def test_resume_from_another_model_names_the_differing_fields(tmp_path):
     text = one_line(info.value)
     assert "--resume" in text and "different model" in text
     assert "ffn_dim 32 (checkpoint) vs 48" in text and "n_layers 1 (checkpoint) vs 2" in text
+
+
+def test_resume_of_another_model_stops_before_any_rank_starts(tmp_path):
+    """The shape check runs in the launching process (preflight), not once per rank."""
+    run = tmp_path / "run"
+    training_checkpoint(str(run), 1)
+    words = ["thou", "art", "the", "king", "of", "rome", "and", "all", "its", "hills"]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": " ".join(words[(i + j) % 10] for j in range(60))})
+                                for i in range(200)))
+    cfg = tiny_job(**{"run.dir": str(run), "checkpoint.resume": True, "train.steps": 5, "model.ffn_dim": 48,
+                      "model.vocab_size": 0, "data.source": str(corpus), "data.tokenizer": "bpe:300",
+                      "data.cache_dir": str(tmp_path / "cache"), "parallel.nproc": 2})
+    with pytest.raises(CheckpointError) as info:
+        preflight(cfg, 2)
+    assert "ffn_dim 32 (checkpoint) vs 48" in one_line(info.value)
 
 
 def test_a_shape_mismatch_inside_dcp_is_one_line(tmp_path):
