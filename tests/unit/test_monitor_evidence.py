@@ -17,22 +17,9 @@ from plait.config import ResilienceConfig
 from plait.resilience.evidence import GONE, IDLE, STOPPED, UNKNOWN, WORKING, ProcessSample, ProcessWatch, \
     parse_stat, read_proc_stat
 from plait.resilience.monitor import Monitor
+from tests.unit.test_resilience import FakeStore
 
 HERE = socket.gethostname()  # the monitor asks the OS only about processes on its own host
-
-
-class FakeStore:
-    def __init__(self):
-        self.data: dict[str, bytes] = {}
-
-    def set(self, key, value):
-        self.data[key] = value.encode() if isinstance(value, str) else value
-
-    def get(self, key):
-        return self.data[key]
-
-    def check(self, keys):
-        return all(k in self.data for k in keys)
 
 
 class FakeProc:
