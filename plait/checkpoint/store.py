@@ -81,6 +81,17 @@ def _files_under(folder: str) -> list[str]:
             for root, _, names in os.walk(folder) for name in sorted(names)]
 
 
+# What a load opens besides DCP's shards (*.distcp) and the per-rank state/ files: DCP's
+# metadata, the resolved config and the tokenizer (the names plait.data.tokenizer saves).
+# Other files in the folder (a README kept by `plait convert --force`) are never read.
+READ_ON_LOAD = {METADATA_FILE, "config.toml", "tokenizer.json", "tokenizer.model"}
+
+
+def _read_on_load(rel: str) -> bool:
+    parts = rel.split(os.sep)
+    return parts[-1] in READ_ON_LOAD or parts[-1].endswith(".distcp") or "state" in parts[:-1]
+
+
 def _write_manifest(folder: str, step: int, extra: dict[str, Any]) -> None:
     files = {}
     for rel in _files_under(folder):
@@ -131,8 +142,9 @@ def verify_checkpoint(folder: str) -> dict[str, Any]:
     listed, present = set(manifest["files"]), set(_files_under(folder)) - {MANIFEST}
     if listed - present:
         raise CheckpointError(f"checkpoint '{folder}' is incomplete: '{min(listed - present)}' is missing")
-    if present - listed:  # a file the save never wrote: it would be read unchecked
-        raise CheckpointError(f"checkpoint '{folder}' is corrupt: '{min(present - listed)}' is not in its {MANIFEST}")
+    unlisted = {rel for rel in present - listed if _read_on_load(rel)}
+    if unlisted:  # a file the save never wrote that a load would open: it would be read unchecked
+        raise CheckpointError(f"checkpoint '{folder}' is corrupt: '{min(unlisted)}' is not in its {MANIFEST}")
     for rel, want in sorted(manifest["files"].items()):
         path = os.path.join(folder, rel)
         if os.path.getsize(path) != want["bytes"] or _crc32(path) != want["crc32"]:
