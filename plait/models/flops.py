@@ -42,7 +42,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     of every matrix including the output layer, plus attention's 6·2·layers·seq·dim (half of
     it for causal masking is not subtracted: this is the usual PaLM-style count)."""
     matmul_params = cfg.n_layers * block_matmul_params(cfg) + output_matmul_params(cfg)
-    return 6.0 * matmul_params + 12.0 * cfg.n_layers * seq_len * cfg.dim
+    return 6.0 * (matmul_params + cfg.n_layers * attention_macs(cfg, seq_len))
 
 
 def forward_coefficients(cfg: ModelConfig) -> tuple[float, float]:

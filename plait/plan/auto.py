@@ -14,18 +14,16 @@ import torch
 
 from plait.config import JobConfig, job_world_size, validate
 from plait.errors import ConfigError
+from plait.launch import preflight
 from plait.plan.estimate import Estimate
 from plait.plan.hardware import GIB
 from plait.plan.search import PLAIT_RECOMPUTE, search
 from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
-from plait.launch import preflight
 
 # torch.cuda.get_device_name() fragments -> catalog names; the first match wins.
 DEVICE_NAMES = (("H200", "h200"), ("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("B200", "b200"),
                 ("A100-SXM4-40GB", "a100-40gb"), ("A100-PCIE-40GB", "a100-40gb"), ("A100", "a100-80gb"),
                 ("MI250X", "mi250x-gcd"))
-# plait's activation_checkpointing values for the planner's recompute modes it implements.
-RECOMPUTE_TO_PLAIT = PLAIT_RECOMPUTE
 
 
 def catalog_gpu(cfg: JobConfig) -> str:
@@ -62,7 +60,7 @@ def with_layout(cfg: JobConfig, est: Estimate) -> JobConfig:
     p.pp_virtual_stages, p.pp_schedule = lo.vpp, lo.schedule
     p.dp_replicate, p.dp_shard, p.pp_split, p.layout = 1, -1, "", "manual"
     out.train.micro_batch = lo.micro_batch
-    out.train.activation_checkpointing = RECOMPUTE_TO_PLAIT[lo.recompute]
+    out.train.activation_checkpointing = PLAIT_RECOMPUTE[lo.recompute]
     return out
 
 
