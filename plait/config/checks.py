@@ -8,10 +8,10 @@ import os
 
 from plait.config.injection import parse_injection
 from plait.config.links import link_emulation
-from plait.config.rules import resolve_dp, validate_model_parallel, workload
+from plait.config.rules import degrees, resolve_dp, validate_model_parallel, workload
 from plait.config.sections import JobConfig
 from plait.errors import ConfigError
-from plait.layout import check_batch
+from plait.layout import check_batch, shard_degree
 
 
 def validate(cfg: JobConfig, world_size: int | None = None) -> None:
@@ -41,8 +41,26 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError("resilience.inject = 'crash_sync:...' needs an outer sync: set lowbw.method")
     dp = resolve_dp(cfg, world)
     validate_model_parallel(cfg, dp)
+    validate_precision(cfg, dp)
     validate_lowbw(cfg)
     check_batch(workload(cfg), dp)
+
+
+def validate_precision(cfg: JobConfig, dp: int) -> None:
+    """A bf16 gradient reduction is FSDP's reduce-scatter of bf16 gradients: it needs both."""
+    t, p = cfg.train, cfg.parallel
+    if t.reduce_dtype == "fp32":
+        return
+    if t.dtype != "bf16":
+        raise ConfigError(
+            f"train.reduce_dtype = '{t.reduce_dtype}' needs train.dtype = 'bf16' (gradients are fp32 otherwise)"
+        )
+    shard = shard_degree(degrees(cfg), dp) * p.cp
+    if shard <= 1 or p.zero < 2:
+        raise ConfigError(
+            f"train.reduce_dtype = '{t.reduce_dtype}' applies to FSDP's reduce-scatter; this layout does not shard "
+            f"(dp_shard x cp = {shard}, parallel.zero = {p.zero}): use dp_shard > 1 with parallel.zero >= 2, or 'fp32'"
+        )
 
 
 def validate_lowbw(cfg: JobConfig) -> None:

@@ -113,7 +113,13 @@ class TrainConfig:
     beta2: float = field_spec(0.95, "AdamW beta2", min=0, lt=1)
     eps: float = field_spec(1e-8, "AdamW epsilon", gt=0)
     grad_clip: float = field_spec(1.0, "max global grad norm; 0 disables clipping", min=0)
-    dtype: Literal["fp32", "bf16"] = field_spec("fp32", "compute dtype (bf16 uses autocast)")
+    dtype: Literal["fp32", "bf16"] = field_spec(
+        "fp32", "compute dtype; bf16: FSDP gathers and computes bf16 parameters (fp32 master weights and "
+                "optimizer state), other layouts autocast"
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = field_spec(
+        "fp32", "dtype of FSDP's gradient reduce-scatter; bf16 halves its bytes (needs train.dtype = bf16 and FSDP)"
+    )
     device: Literal["auto", "cpu", "cuda"] = field_spec("auto", "auto picks cuda when available")
     activation_checkpointing: Literal["none", "full", "selective", "op"] = field_spec(
         "none", "recompute activations in backward: every block, every ac_every-th block, or all but matmuls"

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.config import ModelConfig
+from plait.models.init import InitWeights, full_region
 from plait.models.moe import MoE
 
 
@@ -202,20 +203,12 @@ class Llama(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Deterministic init from ``seed``: normal(0, init_std) for matrices, output
-        projections scaled by 1/sqrt(2·layers) (GPT-2), zero biases, unit norms. Also
-        (re)computes the RoPE buffer, which a meta-device build leaves empty."""
-        gen = torch.Generator().manual_seed(seed)
-        std = self.cfg.init_std
+        projections scaled by 1/sqrt(2·layers) (GPT-2), zero biases, unit norms, each value
+        the same whatever layout later holds it (:mod:`plait.models.init`). Also (re)computes
+        the RoPE buffer, which a meta-device build leaves empty."""
+        source = init_source(self.cfg, seed)
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif name.endswith("bias"):
-                param.zero_()
-            else:
-                residual_out = name.endswith(("wo.weight", "w2.weight", "experts.w2"))
-                scale = std / math.sqrt(2 * self.cfg.n_layers) if residual_out else std
-                values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=gen)
-                param.copy_(values)
+            param.copy_(source(name, full_region(param.shape)))
         self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
 
     def output_weight(self) -> torch.Tensor:
@@ -261,6 +254,13 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
     model.to_empty(device=device)
     model.init_weights(seed)
     return model
+
+
+def init_source(cfg: ModelConfig, seed: int) -> InitWeights:
+    """The weight source of a fresh run of ``cfg``: any region of any parameter's initial value."""
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in Llama(cfg).named_parameters()}
+    return InitWeights(cfg, seed, shapes)
 
 
 def count_params(model: nn.Module, include_embedding: bool = True) -> int:

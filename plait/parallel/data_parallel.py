@@ -11,6 +11,7 @@ hold the same weights and each computes gradients from its part of the sequences
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed._composable.replicate import replicate
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -19,28 +20,42 @@ from plait.models.moe import MoE
 from plait.parallel.dims import ParallelDims
 
 
-def apply_data_parallel(model: nn.Module, dims: ParallelDims, blocks: list[nn.Module], zero: int = 3) -> nn.Module:
-    """Wrap ``model`` in place for the layout in ``dims`` and the ZeRO stage ``zero`` (see
-    plait/parallel/zero.py); ``blocks`` are sharded one by one so only one block's full
-    parameters are live at a time under ZeRO-3. Returns the model."""
-    if dims.group("grad") is None:
-        return model
-    if dims.fsdp_enabled and zero >= 2:
-        mesh = dims.submesh("shard")
-        # Parameters stay fp32 (bf16 compute comes from autocast), so the reduction is exact fp32.
-        policy = MixedPrecisionPolicy()
-        for index, block in enumerate(blocks):
-            # ZeRO-2 keeps every block gathered until backward; ZeRO-3 regathers all but the
-            # last block, which backward needs at once.
-            reshard = zero == 3 and index < len(blocks) - 1
-            for moe in (m for m in block.modules() if isinstance(m, MoE)):
-                _shard_experts(moe, dims, policy, reshard)
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    else:
-        # DDP over every data-parallel rank (ZeRO-1 adds its sharded optimizer separately).
+def precision_policy(dtype: str, reduce_dtype: str) -> MixedPrecisionPolicy:
+    """FSDP's mixed precision for ``train.dtype`` and ``train.reduce_dtype``: with bf16, the
+    parameters are gathered and computed in bf16 (half the all-gather bytes) while the sharded
+    master weights, the optimizer state and (by default) the gradient reduction stay fp32."""
+    low = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    return MixedPrecisionPolicy(
+        param_dtype=low[dtype] if dtype != "fp32" else None,
+        reduce_dtype=low[reduce_dtype],
+    )
+
+
+def uses_fsdp(dims: ParallelDims, zero: int) -> bool:
+    """Whether the layout shards parameters with FSDP2 (ZeRO-2/3) rather than replicating them."""
+    return dims.group("grad") is not None and dims.fsdp_enabled and zero >= 2
+
+
+def shard_data_parallel(model: nn.Module, dims: ParallelDims, blocks: list[nn.Module], zero: int,
+                        policy: MixedPrecisionPolicy) -> None:
+    """FSDP2 (ZeRO-2/3, HSDP) over ``model`` in place, on the meta device or not; ``blocks`` are
+    sharded one by one so only one block's full parameters are live at a time under ZeRO-3."""
+    mesh = dims.submesh("shard")
+    for index, block in enumerate(blocks):
+        # ZeRO-2 keeps every block gathered until backward; ZeRO-3 regathers all but the
+        # last block, which backward needs at once.
+        reshard = zero == 3 and index < len(blocks) - 1
+        for moe in (m for m in block.modules() if isinstance(m, MoE)):
+            _shard_experts(moe, dims, policy, reshard)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+
+def replicate_data_parallel(model: nn.Module, dims: ParallelDims) -> None:
+    """DDP over every data-parallel rank (ZeRO-0; ZeRO-1 adds its sharded optimizer
+    separately), on a materialized model: DDP broadcasts rank 0's weights at wrap time."""
+    if dims.group("grad") is not None:
         replicate(model, device_mesh=dims.submesh("grad"))
-    return model
 
 
 def _shard_experts(moe: MoE, dims: ParallelDims, policy: MixedPrecisionPolicy, reshard: bool) -> None:

@@ -1,6 +1,7 @@
-"""The layout recipe for the Llama family: pipeline split, then per stage TP → expert
-parallel → context parallel → activation checkpointing → compile → data parallel
-(FSDP2/HSDP or DDP). One function, read top to bottom."""
+"""The layout recipe for the Llama family, on the meta device: pipeline split, then per stage
+TP → expert parallel → context parallel → activation checkpointing → compile → FSDP2/HSDP;
+then each rank materializes only its shards from a weight source; DDP wraps last. One
+function, read top to bottom."""
 
 from __future__ import annotations
 
@@ -8,27 +9,34 @@ import torch
 from torch import nn
 
 from plait.config import JobConfig
-from plait.parallel.recompute import apply_activation_checkpointing
+from plait.models.llama import Llama
 from plait.parallel.context_parallel import apply_context_parallel
-from plait.parallel.data_parallel import apply_data_parallel
+from plait.parallel.data_parallel import (
+    precision_policy, replicate_data_parallel, shard_data_parallel, uses_fsdp,
+)
 from plait.parallel.dims import ParallelDims
 from plait.parallel.expert_parallel import apply_expert_parallel
+from plait.parallel.materialize import WeightSource, materialize
 from plait.parallel.pipeline import build_pipeline
+from plait.parallel.recompute import apply_activation_checkpointing
 from plait.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def parallelize_llama(
-    model: nn.Module, dims: ParallelDims, cfg: JobConfig, device: torch.device
+    cfg: JobConfig, dims: ParallelDims, device: torch.device, weights: WeightSource
 ) -> tuple[list[nn.Module], list[int]]:
-    """Apply the layout of ``dims`` to ``model`` (materialized and initialized on every rank).
+    """Build this rank's part of the model for the layout of ``dims`` and fill it from
+    ``weights`` (:mod:`plait.parallel.materialize`); no rank allocates a whole model.
 
     Returns this rank's model parts (one per pipeline stage it holds; ``[model]`` without
     pipeline parallelism) and their global stage ids.
     """
     if dims.pp_enabled:
-        parts, ids = build_pipeline(model, cfg, dims.local_rank("pp"), dims.group("pp"), device)
+        parts, ids = build_pipeline(cfg, dims.local_rank("pp"))
     else:
-        parts, ids = [model], [0]
+        with torch.device("meta"):
+            parts, ids = [Llama(cfg.model)], [0]
+    fsdp = uses_fsdp(dims, cfg.parallel.zero)
     for part in parts:
         if dims.tp_enabled:
             apply_tensor_parallel(part, dims.submesh("tp"), loss_parallel=True)
@@ -40,5 +48,10 @@ def parallelize_llama(
         if cfg.train.compile:
             for block in part.layers.values():
                 block.compile()  # in place: parameter names (and checkpoints) stay the same
-        apply_data_parallel(part, dims, list(part.layers.values()), cfg.parallel.zero)
+        if fsdp:
+            policy = precision_policy(cfg.train.dtype, cfg.train.reduce_dtype)
+            shard_data_parallel(part, dims, list(part.layers.values()), cfg.parallel.zero, policy)
+        materialize(part, device, weights)
+        if not fsdp:
+            replicate_data_parallel(part, dims)
     return parts, ids

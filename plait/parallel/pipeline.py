@@ -2,15 +2,14 @@
 
 The layer list is cut into ``pp × pp_virtual_stages`` contiguous stages. Rank r of the pipeline
 holds stages r, r+pp, r+2pp, ... (loop order), or r and 2pp−1−r for the V-shaped schedules
-(zbv, dualpipev), so the first and last stage share a rank. Each stage is a copy of the model
-that keeps only its layers (plus the embedding on the first stage and the norm and output on
+(zbv, dualpipev), so the first and last stage share a rank. Each stage is a model built on the
+meta device that keeps only its layers (plus the embedding on the first stage and the norm and output on
 the last). Between stages only activations travel: per micro-batch, b·s·h elements forward
 (divided by tp under sequence parallel) and the same backward.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -18,9 +17,10 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as pp_schedules
 
-from plait.config import PP_MULTI_STAGE, PP_V_SHAPED, JobConfig, pp_stage_layers
+from plait.config import PP_MULTI_STAGE, PP_V_SHAPED, JobConfig, ModelConfig, pp_stage_layers
 from plait.layout import SCHEDULES as LAYOUT_SCHEDULES
 from plait.models import flops
+from plait.models.llama import Llama
 
 # parallel.pp_schedule -> class name in torch.distributed.pipelining.schedules (plait.layout's table).
 SCHEDULES = {name: sched.torch_class for name, sched in LAYOUT_SCHEDULES.items()}
@@ -92,10 +92,12 @@ def stage_owner(stage: int, cfg: JobConfig) -> int:
     return stage % pp
 
 
-def stage_module(model: nn.Module, layers: list[int], first: bool, last: bool) -> nn.Module:
-    """A copy of ``model`` keeping only ``layers`` (names unchanged), the embedding if ``first``,
-    the final norm and output if ``last``."""
-    stage = copy.deepcopy(model)
+def stage_module(model_cfg: ModelConfig, layers: list[int], first: bool, last: bool) -> nn.Module:
+    """A model on the meta device keeping only ``layers`` (names unchanged), the embedding if
+    ``first``, the final norm and output if ``last``: nothing is allocated until the layout is
+    applied and the stage is materialized (:mod:`plait.parallel.materialize`)."""
+    with torch.device("meta"):
+        stage = Llama(model_cfg)
     keep = {str(i) for i in layers}
     for name in [n for n in stage.layers.keys() if n not in keep]:
         del stage.layers[name]
@@ -107,14 +109,12 @@ def stage_module(model: nn.Module, layers: list[int], first: bool, last: bool) -
     return stage
 
 
-def build_pipeline(
-    model: nn.Module, cfg: JobConfig, pp_rank: int, pp_group, device: torch.device
-) -> tuple[list[nn.Module], list[int]]:
-    """Cut ``model`` into this rank's stage modules; returns (modules, their global stage ids)."""
+def build_pipeline(cfg: JobConfig, pp_rank: int) -> tuple[list[nn.Module], list[int]]:
+    """This rank's stage modules (on meta) and their global stage ids."""
     layers = split_layers(cfg)
     n_stages = len(layers)
     ids = stage_ids(pp_rank, cfg)
-    modules = [stage_module(model, layers[i], i == 0, i == n_stages - 1) for i in ids]
+    modules = [stage_module(cfg.model, layers[i], i == 0, i == n_stages - 1) for i in ids]
     return modules, ids
 
 

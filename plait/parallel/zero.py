@@ -73,16 +73,17 @@ def load_zero1_state_dict(optimizer: ZeroRedundancyOptimizer, model: nn.Module, 
         optimizer.optim.state[by_name[name]] = values
 
 
-def state_bytes(parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes this rank holds right now for parameters, gradients and optimizer state, counting
-    the local shard of sharded tensors (tensor storage only, exactly)."""
+def state_bytes(parts: list[nn.Module], optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+    """Bytes this rank holds right now for parameters, gradients and optimizer state (none
+    without ``optimizer``), counting the local shard of sharded tensors (storage only, exactly)."""
 
     def local(t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if hasattr(t, "to_local") else t
 
     params = [p for part in parts for p in part.parameters()]
     inner = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
-    moments = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
+    states = inner.state.values() if inner is not None else []
+    moments = [v for s in states for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
     return {
         "params": sum(local(p).numel() * p.element_size() for p in params),
         "grads": sum(local(p.grad).numel() * p.grad.element_size() for p in params if p.grad is not None),

@@ -445,7 +445,7 @@ _clear = reset  # step_summary's ``reset`` argument shadows the function
 
 def step_summary(reset: bool = True) -> dict[str, Any]:
     """Totals since the last reset: ``comm_bytes`` (wire bytes sent by this rank) and
-    ``comm_payload_bytes`` per mesh dim, ``comm_s`` (sum of end - start over the records, in
+    ``comm_payload_bytes`` per mesh dim, ``comm_op_bytes`` (wire bytes per "dim/op"), ``comm_s`` (sum of end - start over the records, in
     seconds: overlapping async collectives each count, so it can exceed wall time) and
     ``comm_count``. Resets afterwards unless ``reset=False``."""
     recs = _records
@@ -454,9 +454,12 @@ def step_summary(reset: bool = True) -> dict[str, Any]:
     recs = list(recs)  # one atomic copy: other threads may still be appending
     wire: dict[str, int] = {}
     payload: dict[str, int] = {}
+    by_op: dict[str, int] = {}
     seconds = 0.0
     for rec in recs:
         wire[rec.dim] = wire.get(rec.dim, 0) + rec.wire_bytes
+        by_op[f"{rec.dim}/{rec.op}"] = by_op.get(f"{rec.dim}/{rec.op}", 0) + rec.wire_bytes
         payload[rec.dim] = payload.get(rec.dim, 0) + rec.bytes
         seconds += rec.end - rec.start
-    return {"comm_bytes": wire, "comm_payload_bytes": payload, "comm_s": seconds, "comm_count": len(recs)}
+    return {"comm_bytes": wire, "comm_payload_bytes": payload, "comm_op_bytes": by_op, "comm_s": seconds,
+            "comm_count": len(recs)}

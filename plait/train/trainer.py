@@ -27,7 +27,7 @@ from plait.data import prepare_data, train_loader, DataBundle
 from plait.data.loader import val_batches
 from plait.infer.generate import generate
 from plait.lowbw.diloco import build_outer_loop
-from plait.models.llama import build_model, count_params
+from plait.models.llama import build_model, init_source
 from plait.telemetry import collectives as comm
 from plait.parallel.context_parallel import sequence_layout
 from plait.parallel.data_parallel import set_gradient_sync
@@ -39,6 +39,7 @@ from plait.train.loss import plain, token_loss_sum
 from plait.train.pipeline_runner import PipelineRunner
 from plait.checkpoint import store as ckpt
 from plait.resilience.events import log_event
+from plait.train import memory_report as memory
 from plait.train.guard import StepGuard
 from plait.train.moe_control import MoEControl
 from plait.train.metrics import MetricsLogger, StepClock, step_record
@@ -53,6 +54,7 @@ class TrainResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     grad_norms: dict[int, float] = field(default_factory=dict)
     comm_bytes: dict[int, dict[str, int]] = field(default_factory=dict)  # this rank's, per mesh dim
+    comm_op_bytes: dict[int, dict[str, int]] = field(default_factory=dict)  # this rank's, per "dim/op"
     model_state_bytes: dict[str, int] = field(default_factory=dict)  # this rank's params/grads/optimizer
     summary: dict[str, Any] = field(default_factory=dict)
     sample: str | None = None
@@ -148,12 +150,20 @@ class Trainer:
         return dims
 
     def _build_model(self, cfg: JobConfig) -> list[int]:
-        """Build the model and apply the layout; returns the global ids of this rank's stages."""
-        model = build_model(cfg.model, self.device, seed=cfg.train.seed)
-        self.n_params = count_params(model)
-        self.parts, stage_ids = parallelize_llama(model, self.dims, cfg, self.device)
+        """Build this rank's part of the model in its layout, each rank materializing only its
+        own shards (:func:`parallelize_llama`); returns the global ids of this rank's stages."""
+        weights = init_source(cfg.model, cfg.train.seed)
+        self.n_params = sum(math.prod(shape) for shape in weights.shapes.values())
+        self.parts, stage_ids = parallelize_llama(cfg, self.dims, self.device, weights)
         self.model = self.parts[0]
+        self._report_memory("after initialization", ("params", "peak"), None)
         return stage_ids
+
+    def _report_memory(self, when: str, fields: tuple[str, ...], optimizer) -> None:
+        """Collective: rank 0 prints what every rank holds (plait/train/memory_report.py)."""
+        rows = memory.gather(memory.measure(self.parts, optimizer, self.device), self.device)
+        if self.rank == 0:
+            print(memory.report(rows, when, fields), flush=True)
 
     def _build_optimizer(self, cfg: JobConfig):
         if self.dims.fsdp_enabled and cfg.parallel.zero == 1:
@@ -285,6 +295,7 @@ class Trainer:
             self.optimizer.step()
         if not self.model_state_bytes:  # the first step is the first time all three exist
             self.model_state_bytes = state_bytes(self.parts, self.optimizer)
+            self._report_memory("after the first step", memory.FIELDS, self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -376,7 +387,7 @@ class Trainer:
         self.guard.slow_down(step, self.clock.compute_s())
         elapsed, compute, traffic = self.clock.stop()
         self.guard.end_step(elapsed, compute)
-        result.comm_bytes[step] = traffic["comm_bytes"]
+        result.comm_bytes[step], result.comm_op_bytes[step] = traffic["comm_bytes"], traffic.get("comm_op_bytes", {})
         result.losses[step], result.grad_norms[step] = loss, norm
         record = step_record(self.cfg, step, loss, lr, norm, elapsed, traffic, self.loader.step_stats(),
                              self.world, self.device)

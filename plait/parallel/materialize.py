@@ -1,0 +1,50 @@
+"""Materialize a model whose layout was applied on the meta device: each rank allocates only
+its own shards and fills them from a weight source.
+
+A weight source is ``source(name, region) -> tensor``: the values of parameter ``name`` (its
+name in the single-process model) over ``region``, one ``slice`` per dimension in that
+parameter's global coordinates. :class:`plait.models.init.InitWeights` generates a fresh
+run's values that way and :mod:`plait.checkpoint.hf_source` reads them from a Hugging Face
+checkpoint, so no rank builds a full copy of a tensor it does not own. The one place that holds
+more than its own piece: a source producing the rows of a column-sharded tensor (tensor-parallel
+row-wise weights) builds those rows whole, one block of rows at a time, before keeping its
+columns.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from plait.models.init import Region
+
+WeightSource = Callable[[str, Region], torch.Tensor]
+
+
+def local_region(param: torch.Tensor) -> Region:
+    """The block of the global tensor this rank holds of ``param``: the shard of a DTensor
+    (tensor, expert or fully sharded data parallel, in any combination), else the whole."""
+    if isinstance(param, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        return tuple(slice(start, start + size) for start, size in zip(offset, shape))
+    return tuple(slice(0, size) for size in param.shape)
+
+
+@torch.no_grad()
+def materialize(module: nn.Module, device: torch.device, source: WeightSource) -> None:
+    """Allocate ``module``'s parameters and buffers on ``device`` (only this rank's shards) and
+    fill every parameter from ``source``. Buffers are recomputed by the model's own ``_apply``
+    (RoPE frequencies), which ``to_empty`` runs."""
+    module.to_empty(device=device)
+    for name, param in module.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if local.numel() == 0:  # an uneven shard can be empty
+            continue
+        values = source(name, local_region(param))
+        if tuple(values.shape) != tuple(local.shape):
+            raise ValueError(f"weight source gave {name} the shape {tuple(values.shape)}, expected {tuple(local.shape)}")
+        local.copy_(values)
