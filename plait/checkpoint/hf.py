@@ -156,8 +156,8 @@ def _write_hf_folder(
 
 
 def _shard_groups(sizes: dict[str, int]) -> list[list[str]]:
-    """The names of ``sizes`` (name -> bytes), in order, cut into shards of at most
-    :data:`SHARD_BYTES` bytes; a larger tensor is a shard of its own."""
+    """The plait parameters of ``sizes`` (name -> bytes), in order, cut into shards of at most
+    :data:`SHARD_BYTES` bytes; a larger parameter (all its experts) is a shard of its own."""
     groups: list[list[str]] = [[]]
     size = 0
     for name, nbytes in sizes.items():

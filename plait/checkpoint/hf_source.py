@@ -198,8 +198,9 @@ def _checked(region: Region, shape: tuple[int, ...], name: str) -> Region:
     for piece, size in zip(region, shape):
         if not isinstance(piece, slice) or piece.step not in (None, 1):
             raise ValueError(f"region {region} of {name}: each entry must be a slice without a step")
-        start, stop, _ = piece.indices(size)
-        if (piece.start or 0) < 0 or (piece.stop if piece.stop is not None else size) > size or start > stop:
+        start = 0 if piece.start is None else piece.start
+        stop = size if piece.stop is None else piece.stop
+        if not 0 <= start <= stop <= size:
             raise ValueError(f"region {region} of {name} lies outside its shape {shape}")
         out.append(slice(start, stop))
     return tuple(out)
