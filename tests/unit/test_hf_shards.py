@@ -352,3 +352,31 @@ def test_sharded_and_single_replace_each_other(tmp_path, monkeypatch):
 def make_hf_sharded(path) -> str:
     make_hf("llama").save_pretrained(str(path), max_shard_size=SHARD)
     return str(path)
+
+
+def test_plait_to_hf_reads_one_shard_at_a_time(folders, tmp_path, monkeypatch):
+    """plait -> HF reads the checkpoint once per output shard, each time only that shard's
+    parameters, every parameter once."""
+    src, sd = folders["llama"]
+    ckpt = str(tmp_path / "ckpt")
+    hf.convert(src, ckpt)
+    reads = []
+    real = hf.read_model_tensors
+    monkeypatch.setattr(hf, "read_model_tensors", lambda folder, tensors: reads.append(list(tensors)) or real(folder, tensors))
+    monkeypatch.setattr(hf, "SHARD_BYTES", 40_000)
+    hf.convert(ckpt, str(tmp_path / "back"))
+    shards = [f for f in os.listdir(tmp_path / "back") if f.endswith(".safetensors")]
+    assert len(reads) == len(shards) > 2
+    assert sorted(name for names in reads for name in names) == sorted(sd)
+    for names in reads:
+        assert len(names) == 1 or sum(sd[n].nbytes for n in names) <= 40_000
+
+
+def test_force_over_a_larger_checkpoint_leaves_no_stale_shards(folders, tmp_path):
+    """DCP writes one file per tensor: converting with --force over a checkpoint of more
+    tensors removes its extra .distcp files, which would otherwise fail the manifest check."""
+    dst = str(tmp_path / "dst")
+    hf.convert(folders["qwen2_moe"][0], dst)
+    hf.convert(folders["llama"][0], dst, force=True)
+    model, _ = load_model_checkpoint(dst)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in folders["llama"][1].items())
