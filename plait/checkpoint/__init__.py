@@ -4,7 +4,9 @@ This package owns saving and loading training checkpoints (torch DCP shards, per
 the resolved config) and model-only checkpoints, with their manifest of sizes and CRC32s and
 ``checkpoint.init_from`` (:mod:`.store`); Hugging Face ``config.json`` + safetensors folders
 in and out, and ``plait convert`` (:mod:`.hf`, :mod:`.hf_mapping`, :mod:`.hf_moe`, with the config values
-checked in :mod:`.hf_fields`); and
+checked in :mod:`.hf_fields`), a Hugging Face folder as a weight source that reads any block of a
+parameter alone (:mod:`.hf_source`, through the placements of :mod:`.hf_placement`), DCP saves
+that pull each tensor from such a source as it is written (:mod:`.pull_save`); and
 crash-safe atomic writes of files and folders, also used by the data caches (:mod:`.atomic`).
 
 Opening a checkpoint runs no code from it: DCP's ``.metadata`` pickle is read by an unpickler

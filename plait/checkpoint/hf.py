@@ -6,19 +6,23 @@ Supported architectures are Llama, Qwen2 and Mistral (``LlamaForCausalLM``,
 :mod:`plait.checkpoint.hf_mapping` (re-exported here), the MoE fields and expert tensors in
 :mod:`plait.checkpoint.hf_moe`. RoPE in :mod:`plait.models.llama` already uses the rotate-half
 layout of these checkpoints, so tensors are only renamed (and experts stacked), never permuted.
-Weights are read with safetensors only; pickled ``pytorch_model.bin`` files are refused.
+Weights are read with safetensors only, through :class:`plait.checkpoint.hf_source.HFWeights`;
+pickled ``pytorch_model.bin`` files are refused.
+
+Both directions of ``plait convert`` stream: HF -> plait holds one tensor in memory at a time,
+plait -> HF one output shard, so a model larger than memory converts.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from typing import Any
+from collections.abc import Callable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from plait.checkpoint.atomic import atomic_folder
@@ -26,16 +30,18 @@ from plait.checkpoint.hf_mapping import (
     ARCHITECTURES,
     QWEN_ARCHITECTURES,
     _arch,
+    _architecture_for,
     _default_architecture,
-    _hf_architecture,
     config_from_hf,
     config_to_hf,
+    placements,
     state_dict_from_hf,
     state_dict_to_hf,
 )
-from plait.checkpoint.store import MANIFEST, load_model_checkpoint, save_model_checkpoint
-from plait.config import JobConfig, TrainConfig
-from plait.errors import CheckpointError, PlaitError
+from plait.checkpoint.hf_source import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, HFWeights, is_own_name
+from plait.checkpoint.store import MANIFEST, model_checkpoint, read_model_tensors, save_model_checkpoint
+from plait.config import JobConfig, ModelConfig, TrainConfig
+from plait.errors import CheckpointError
 from plait.models.llama import Llama, rope_inv_freq
 
 # Re-exported: the public HF interface is this module.
@@ -44,6 +50,7 @@ __all__ = [
     "CONFIG_FILE",
     "INDEX_FILE",
     "WEIGHTS_FILE",
+    "HFWeights",
     "config_from_hf",
     "config_to_hf",
     "convert",
@@ -56,72 +63,12 @@ __all__ = [
     "state_dict_to_hf",
 ]
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+# The most bytes of weights in one safetensors file plait writes: a larger model is written
+# as shards with a model.safetensors.index.json, and writing holds one shard in memory.
+SHARD_BYTES = 2 * 1024**3
 
 # ---------------------------------------------------------------------------------------------
 # folders
-
-
-def _read_config(path: str) -> dict[str, Any]:
-    if not os.path.isdir(path):
-        raise CheckpointError(f"Hugging Face checkpoint folder '{path}' does not exist")
-    file = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(file):
-        raise CheckpointError(f"'{file}' is missing; a Hugging Face checkpoint needs a config.json")
-    try:
-        with open(file, encoding="utf-8") as fh:
-            hf = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"'{file}' is not valid JSON: {exc}") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"'{file}' does not hold a JSON object")
-    return hf
-
-
-def _weight_files(path: str) -> dict[str, list[str] | None]:
-    """Weight file -> the tensor names to read from it (None: all of them)."""
-    single, index = os.path.join(path, WEIGHTS_FILE), os.path.join(path, INDEX_FILE)
-    if os.path.isfile(single):
-        return {single: None}
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as fh:
-                weight_map = json.load(fh)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"'{index}' is not a valid safetensors index: {exc}") from None
-        files: dict[str, list[str] | None] = {}
-        for name, shard in weight_map.items():
-            files.setdefault(os.path.join(path, shard), []).append(name)  # type: ignore[union-attr]
-        return files
-    pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
-    hint = f" (found {pickles[0]}; plait loads only safetensors)" if pickles else ""
-    raise CheckpointError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in '{path}'{hint}")
-
-
-def _load_tensors(
-    path: str, device: str | torch.device
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Returns (HF-named tensors, tensor name -> the file it came from)."""
-    tensors: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    for file, names in _weight_files(path).items():
-        if not os.path.isfile(file):
-            raise CheckpointError(f"weight shard '{file}' is missing")
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as fh:
-                if names is not None and (absent := sorted(set(names) - set(fh.keys()))):
-                    raise CheckpointError(f"'{file}' lacks {absent[0]}, which the index lists")
-                for name in fh.keys() if names is None else names:
-                    tensors[name] = fh.get_tensor(name)
-                    origin[name] = file
-        except CheckpointError:
-            raise
-        except Exception as exc:  # safetensors raises several types for a bad file
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CheckpointError(f"'{file}' is not a valid safetensors file: {reason}") from None
-    return tensors, origin
 
 
 def from_pretrained(
@@ -129,81 +76,109 @@ def from_pretrained(
 ) -> Llama:
     """Returns a plait ``Llama`` holding the Hugging Face checkpoint in folder ``path``.
 
-    The model's ``hf_architecture`` attribute keeps the source model_type so
+    The model is built on the meta device and filled tensor by tensor from
+    :class:`HFWeights`. Its ``hf_architecture`` attribute keeps the source model_type so
     :func:`save_pretrained` writes the same architecture back. Raises CheckpointError (one
     line naming the file) when the folder, config or weights are missing, corrupt or do not
     match, and PlaitError for an unsupported architecture.
     """
-    hf = _read_config(path)
-    where = os.path.join(path, CONFIG_FILE)
-    try:
-        arch = _hf_architecture(hf)
-        cfg = config_from_hf(hf)
-    except KeyError as exc:
-        raise CheckpointError(f"'{where}' lacks the field {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"'{where}' has an invalid value: {exc}") from None
-    except PlaitError as exc:  # keep the class: a bad value is a CheckpointError
-        raise type(exc)(f"'{where}': {exc}") from None
-    tensors, origin = _load_tensors(path, device)
-    sd = state_dict_from_hf(tensors, cfg, where=f"'{path}'", architecture=arch, origin=origin)
+    weights = HFWeights(path)
     with torch.device("meta"):
-        model = Llama(cfg)
-    model.load_state_dict({name: tensor.to(dtype) for name, tensor in sd.items()}, assign=True)
-    model.inv_freq = rope_inv_freq(cfg).to(device)  # non-persistent buffer, fp32 like init
-    model.hf_architecture = arch
+        model = Llama(weights.cfg)
+    sd = {name: weights.read(name).to(device=device, dtype=dtype) for name in model.state_dict()}
+    model.load_state_dict(sd, assign=True)
+    model.inv_freq = rope_inv_freq(weights.cfg).to(device)  # non-persistent buffer, fp32 like init
+    model.hf_architecture = weights.architecture
     return model
 
 
 def save_pretrained(model: Llama, path: str, architecture: str | None = None) -> None:
-    """Write ``config.json`` + ``model.safetensors`` for ``model`` into folder ``path``.
+    """Write ``config.json`` and the weights of ``model`` into folder ``path``: one
+    ``model.safetensors``, or past :data:`SHARD_BYTES` shards listed in a
+    ``model.safetensors.index.json``.
 
     Files are written in a temporary folder beside ``path`` first, so a failure leaves
-    nothing half-written. Into an existing folder only plait's files are replaced: those two,
-    and a sharded ``model.safetensors.index.json`` an earlier save left there is removed with
-    the shards it lists; the others (a tokenizer, a README) are kept. A shard name that is not a
-    ``.safetensors`` file directly inside ``path`` raises CheckpointError before anything is
-    written. ``architecture`` defaults to ``model.hf_architecture`` if set, else to
+    nothing half-written. Into an existing folder only plait's files are replaced: the weights
+    and config, and the shards an earlier save's index lists are removed; the others (a
+    tokenizer, a README) are kept. A shard name that is not a ``.safetensors`` file directly
+    inside ``path`` raises CheckpointError before anything is written. ``architecture``
+    defaults to ``model.hf_architecture`` if set, else to
     :func:`plait.checkpoint.hf_mapping._architecture_for` the model's config. Returns None.
     """
-    cfg = model.cfg
+    sd = model.state_dict()
     arch = _arch(architecture or _default_architecture(model))
-    dtype = model.tok_embeddings.weight.dtype
+    fetch = lambda names: {name: sd[name].detach().to("cpu").contiguous() for name in names}  # noqa: E731
+    _write_hf_folder(path, model.cfg, arch, model.tok_embeddings.weight.dtype, fetch)
+
+
+def _write_hf_folder(
+    path: str,
+    cfg: ModelConfig,
+    arch: str,
+    dtype: torch.dtype,
+    fetch: Callable[[list[str]], dict[str, torch.Tensor]],
+) -> None:
+    """:func:`save_pretrained` for a model of ``cfg`` whose weights (``dtype``) ``fetch(names)``
+    returns a few at a time: one shard's plait parameters per call."""
     hf_config = config_to_hf(cfg, arch, dtype=dtype)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tensors = state_dict_to_hf(sd, cfg, arch)
-    if arch in QWEN_ARCHITECTURES and not cfg.qkv_bias:  # Qwen always has q/k/v biases: write zeros
-        for name, weight in list(tensors.items()):
-            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-                tensors[name.replace(".weight", ".bias")] = weight.new_zeros(weight.shape[0])
+    places = placements(cfg, arch)
+    groups = _shard_groups({name: math.prod(p.shape) * dtype.itemsize for name, p in places.items()})
+    n = len(groups)
+    files = [WEIGHTS_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    written = [*files, *([INDEX_FILE] if n > 1 else []), CONFIG_FILE]
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise CheckpointError(f"'{path}' exists and is not a folder")
     stale = _stale_shards(path)
-    _refuse_folders_named(path, [WEIGHTS_FILE, CONFIG_FILE])
-    # Into an existing folder only our two files are replaced (weights first, config last).
-    with atomic_folder(path, merge=(WEIGHTS_FILE, CONFIG_FILE)) as tmp:
-        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
-            json.dump(hf_config, fh, indent=2)
-            fh.write("\n")
-    for name in [INDEX_FILE, *stale]:
-        stale_file = os.path.join(path, name)
-        if os.path.islink(stale_file) or os.path.isfile(stale_file):
-            os.remove(stale_file)  # a link goes, never the file it points to
+    _refuse_folders_named(path, written)
+    # Into an existing folder only our files are replaced (weights first, config last).
+    with atomic_folder(path, merge=written) as tmp:
+        weight_map: dict[str, str] = {}
+        for file, names in zip(files, groups):
+            tensors: dict[str, torch.Tensor] = {}
+            for name, tensor in fetch(names).items():
+                tensors.update(places[name].split(tensor))
+            if arch in QWEN_ARCHITECTURES and not cfg.qkv_bias:  # Qwen always has q/k/v biases: write zeros
+                for name, weight in list(tensors.items()):
+                    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+                        tensors[name.replace(".weight", ".bias")] = weight.new_zeros(weight.shape[0])
+            save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, file))
+            del tensors  # before the next shard is fetched
+        if n > 1:
+            total = sum(math.prod(p.shape) for p in places.values()) * dtype.itemsize
+            _write_json(os.path.join(tmp, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+            _remove(os.path.join(path, WEIGHTS_FILE))  # left there, it would hide the index
+        _write_json(os.path.join(tmp, CONFIG_FILE), hf_config)
+    for name in [*([INDEX_FILE] if n == 1 else []), *stale]:
+        if name not in files:
+            _remove(os.path.join(path, name))
 
 
-def _is_own_name(name: object, suffix: str) -> bool:
-    """True for a plain file name ending in ``suffix``: joined to a folder it names a file
-    directly inside it, never one above or beside it."""
-    return (
-        isinstance(name, str)
-        and name.endswith(suffix)
-        and os.path.basename(name) == name
-        and name not in (".", "..")
-        and "\0" not in name
-        and not (os.altsep and os.altsep in name)
-    )
+def _shard_groups(sizes: dict[str, int]) -> list[list[str]]:
+    """The plait parameters of ``sizes`` (name -> bytes), in order, cut into shards of at most
+    :data:`SHARD_BYTES` bytes; a larger parameter (all its experts) is a shard of its own."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes.items():
+        if groups[-1] and size + nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def _write_json(file: str, value: object) -> None:
+    with open(file, "w", encoding="utf-8") as fh:
+        json.dump(value, fh, indent=2)
+        fh.write("\n")
+
+
+def _remove(file: str) -> None:
+    """Remove ``file`` if it is there; a link goes, never the file it points to."""
+    if os.path.islink(file) or os.path.isfile(file):
+        os.remove(file)
 
 
 def _stale_shards(path: str) -> list[str]:
@@ -221,7 +196,7 @@ def _stale_shards(path: str) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
     for name in sorted(names, key=str):
-        if not _is_own_name(name, ".safetensors"):
+        if not is_own_name(name, ".safetensors"):
             raise CheckpointError(
                 f"'{index}' lists the shard {name!r}, which is not a .safetensors file inside "
                 f"'{path}'; plait only removes shards there: remove the index yourself"
@@ -253,16 +228,20 @@ def is_hf_checkpoint(path: str) -> bool:
 
 
 def hf_to_plait(src: str, dst: str) -> str:
-    """Load the Hugging Face folder ``src`` and write a plait checkpoint to ``dst``.
+    """Write the Hugging Face folder ``src`` as a plait checkpoint to ``dst``, reading each
+    tensor from :class:`HFWeights` only as DCP writes it (one tensor in memory at a time).
 
     The checkpoint is built in a uniquely named folder beside ``dst`` and renamed onto it (a
     new or empty ``dst``). Into a non-empty folder, as :func:`save_pretrained` does, only the
     checkpoint's files are replaced (its DCP shards, ``config.toml``, the manifest last) and
     the others are kept; :func:`convert` asks for ``--force`` first. Returns a one-line
     description."""
-    model = from_pretrained(src)
+    weights = HFWeights(src)
+    cfg = weights.cfg
     # A plait checkpoint carries a whole job config; the model section is what matters here.
-    job = JobConfig(model=model.cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, model.cfg.max_seq_len)))
+    job = JobConfig(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len)))
+    with torch.device("meta"):
+        model = Llama(cfg)  # shapes and dtypes (float32, as from_pretrained loads) only
     if os.path.lexists(dst) and not os.path.isdir(dst):
         raise CheckpointError(f"'{dst}' exists and is not a folder")
     target = os.path.abspath(dst)
@@ -272,13 +251,12 @@ def hf_to_plait(src: str, dst: str) -> str:
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.convert-", dir=os.path.dirname(target))
     try:
         built = os.path.join(staging, "checkpoint")
-        save_model_checkpoint(model, job, built)
+        save_model_checkpoint(model, job, built, source=weights)
         _publish_checkpoint(built, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     n = sum(p.numel() for p in model.parameters())
-    arch = ARCHITECTURES[model.hf_architecture]
-    return f"wrote plait checkpoint {dst} ({n:,} parameters) from {arch} {src}"
+    return f"wrote plait checkpoint {dst} ({n:,} parameters) from {ARCHITECTURES[weights.architecture]} {src}"
 
 
 def _publish_checkpoint(built: str, dst: str) -> None:
@@ -297,19 +275,28 @@ def _publish_checkpoint(built: str, dst: str) -> None:
     _refuse_folders_named(dst, files)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(dst, MANIFEST))
+    for name in os.listdir(dst):  # an older checkpoint's DCP files: unlisted, they fail the load
+        if name.endswith(".distcp") and name not in files:
+            _remove(os.path.join(dst, name))
     for name in files:
         os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
         os.replace(os.path.join(built, name), os.path.join(dst, name))
 
 
 def plait_to_hf(src: str, dst: str) -> str:
-    """Load the plait checkpoint ``src`` and write a Hugging Face folder to ``dst``
-    (:func:`save_pretrained`: into a non-empty folder only plait's files are replaced).
-    Returns a one-line description."""
-    model, _cfg = load_model_checkpoint(src)
-    arch = _arch(_default_architecture(model))
-    save_pretrained(model, dst, arch)
-    n = sum(p.numel() for p in model.parameters())
+    """Write the plait checkpoint ``src`` as a Hugging Face folder to ``dst``
+    (:func:`save_pretrained`: into a non-empty folder only plait's files are replaced), reading
+    one output shard's tensors at a time. Returns a one-line description."""
+    folder, job = model_checkpoint(src)
+    with torch.device("meta"):
+        meta = Llama(job.model).state_dict()  # shapes and dtypes only
+
+    def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+        return read_model_tensors(folder, {name: torch.empty_like(meta[name], device="cpu") for name in names})
+
+    arch = _architecture_for(job.model)
+    _write_hf_folder(dst, job.model, arch, meta["tok_embeddings.weight"].dtype, fetch)
+    n = sum(t.numel() for t in meta.values())
     return f"wrote Hugging Face {ARCHITECTURES[arch]} folder {dst} ({n:,} parameters) from {src}"
 
 

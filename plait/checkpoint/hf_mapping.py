@@ -7,12 +7,14 @@ fields are read through :mod:`plait.checkpoint.hf_fields`, which refuses a bad v
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from plait.checkpoint import hf_moe
 from plait.checkpoint.hf_fields import float_field, int_field
+from plait.checkpoint.hf_placement import Placement, Slab, whole
 from plait.config import ModelConfig
 from plait.errors import CheckpointError, PlaitError
 from plait.models.llama import Llama
@@ -276,12 +278,62 @@ def _check_names(found: set[str], expected: set[str], where: str) -> None:
         raise CheckpointError(f"{where}: unexpected tensors {first(unexpected)}")
 
 
-def _expected_hf_shapes(cfg: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> the shape ``cfg`` needs, read off a model built on the meta device."""
+def placements(cfg: ModelConfig, architecture: str | None = None) -> dict[str, Placement]:
+    """plait parameter name -> where it lies in a checkpoint of ``architecture`` with one tensor
+    per expert (what plait writes), in the order of plait's state dict. The parameters' shapes
+    are read off a model built on the meta device."""
+    arch = _arch(architecture or _architecture_for(cfg))
     with torch.device("meta"):
-        model = Llama(cfg)
-    tensors = state_dict_to_hf(model.state_dict(), cfg, arch)
-    return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+        shapes = {name: tuple(t.shape) for name, t in Llama(cfg).state_dict().items()}
+    slabs: dict[str, list[Slab]] = {ours: [Slab(hf)] for hf, ours in _name_map(cfg, arch).items()}
+    experts = _expert_map(cfg, arch)
+    for hf, (ours, e) in sorted(experts.items(), key=lambda item: item[1][1]):
+        slabs.setdefault(ours, []).append(Slab(hf))
+    stacked = {ours for ours, _ in experts.values()}
+    return {
+        name: Placement(shape, tuple(slabs[name]), stacked=name in stacked)
+        for name, shape in shapes.items()
+    }
+
+
+def placements_in(
+    shapes: dict[str, tuple[int, ...]],
+    cfg: ModelConfig,
+    architecture: str | None = None,
+    where: str = "checkpoint",
+    origin: dict[str, str] | None = None,
+) -> dict[str, Placement]:
+    """plait parameter name -> where it lies in a checkpoint holding HF tensors of ``shapes``
+    (HF name -> shape) for ``cfg`` (``architecture`` as in :func:`placements`).
+
+    ``rotary_emb.inv_freq`` buffers are ignored, and so is a ``lm_head.weight`` stored beside
+    tied embeddings; experts may be one tensor each or fused (:func:`hf_moe.fused_views`).
+    Missing, unexpected or misshaped tensors raise CheckpointError (``where`` names the source
+    in the message, or for a misshaped tensor its file in ``origin``: tensor name -> file).
+    Only names and shapes are looked at: no tensor needs to be read.
+    """
+    arch = _arch(architecture or _architecture_for(cfg))
+    views = {name: Slab(name) for name in shapes}
+    if cfg.moe_experts:
+        shapes, views = hf_moe.fused_views(shapes, arch, where)
+    skip = lambda k: k.endswith("rotary_emb.inv_freq") or (  # noqa: E731
+        cfg.tie_embeddings and k == "lm_head.weight"
+    )
+    present = {k: tuple(v) for k, v in shapes.items() if not skip(k)}
+    ours = placements(cfg, arch)
+    expected = {slab.name: place.hf_shape() for place in ours.values() for slab in place.slabs}
+    _check_names(set(present), set(expected), where)
+    for name, shape in present.items():
+        if shape != expected[name]:
+            source = views[name].name
+            file = f"'{origin[source]}'" if origin and source in origin else where
+            raise CheckpointError(
+                f"{file}: {name} has shape {shape}, the config needs {expected[name]}"
+            )
+    return {
+        name: replace(place, slabs=tuple(views[slab.name] for slab in place.slabs))
+        for name, place in ours.items()
+    }
 
 
 def state_dict_from_hf(
@@ -292,34 +344,11 @@ def state_dict_from_hf(
     origin: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Returns plait's state dict for HF-named ``tensors`` of ``architecture`` (default: the
-    one :func:`save_pretrained` would pick for ``cfg``).
-
-    ``rotary_emb.inv_freq`` buffers are ignored, and so is a ``lm_head.weight`` stored beside
-    tied embeddings; per-expert tensors are stacked, from either layout :mod:`hf_moe` reads.
-    Missing, unexpected or misshaped tensors raise CheckpointError (``where`` names the source
-    in the message, or for a misshaped tensor its file in ``origin``: tensor name -> file).
-    """
-    arch = _arch(architecture or _architecture_for(cfg))
-    sources: dict[str, str] = {}
-    if cfg.moe_experts:
-        tensors, sources = hf_moe.split_fused_experts(tensors, arch, where)
-    skip = lambda k: k.endswith("rotary_emb.inv_freq") or (  # noqa: E731
-        cfg.tie_embeddings and k == "lm_head.weight"
-    )
-    present = {k: v for k, v in tensors.items() if not skip(k)}
-    expected = _expected_hf_shapes(cfg, arch)
-    _check_names(set(present), set(expected), where)
-    for name, tensor in present.items():
-        if tuple(tensor.shape) != expected[name]:
-            source = sources.get(name, name)
-            file = f"'{origin[source]}'" if origin and source in origin else where
-            raise CheckpointError(
-                f"{file}: {name} has shape {tuple(tensor.shape)}, the config needs {expected[name]}"
-            )
-    names = _name_map(cfg, arch)
-    sd = {names[k]: v for k, v in present.items() if k in names}
-    sd.update(hf_moe.stack_experts(present, _expert_map(cfg, arch)))
-    return sd
+    one :func:`save_pretrained` would pick for ``cfg``), checked and placed by
+    :func:`placements_in` (same arguments, same errors); per-expert tensors are stacked."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+    places = placements_in(shapes, cfg, architecture, where, origin)
+    return {name: place.read(whole(place.shape), tensors.__getitem__) for name, place in places.items()}
 
 
 def state_dict_to_hf(
@@ -328,12 +357,11 @@ def state_dict_to_hf(
     """Returns HF-named tensors of ``architecture`` (default as in :func:`state_dict_from_hf`)
     for plait's state dict ``sd``: tied embeddings appear once, as
     ``model.embed_tokens.weight``, and stacked experts as one tensor per expert."""
-    arch = _arch(architecture or _architecture_for(cfg))
-    to_hf = {ours: hf for hf, ours in _name_map(cfg, arch).items()}
-    experts = _expert_map(cfg, arch)
-    _check_names(set(sd), set(to_hf) | {ours for ours, _ in experts.values()}, "plait state dict")
-    tensors = {to_hf[k]: v for k, v in sd.items() if k in to_hf}
-    tensors.update(hf_moe.unstack_experts(sd, experts))
+    places = placements(cfg, architecture)
+    _check_names(set(sd), set(places), "plait state dict")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, place in places.items():
+        tensors.update(place.split(sd[name]))
     return tensors
 
 

@@ -33,9 +33,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
-
 from plait.checkpoint.hf_fields import int_field
+from plait.checkpoint.hf_placement import Slab
 from plait.config import ModelConfig
 from plait.errors import CheckpointError, PlaitError
 
@@ -182,58 +181,47 @@ def expert_names(
     }
 
 
-def stack_experts(
-    tensors: dict[str, torch.Tensor], names: dict[str, tuple[str, int]]
-) -> dict[str, torch.Tensor]:
-    """plait's stacked expert weights from the per-expert tensors ``names`` lists (all present
-    in ``tensors``, shapes already checked)."""
-    groups: dict[str, dict[int, torch.Tensor]] = {}
-    for hf_name, (ours, expert) in names.items():
-        groups.setdefault(ours, {})[expert] = tensors[hf_name]
-    return {ours: torch.stack([parts[e] for e in sorted(parts)]) for ours, parts in groups.items()}
+def fused_views(
+    shapes: dict[str, tuple[int, ...]], arch: str, where: str
+) -> tuple[dict[str, tuple[int, ...]], dict[str, Slab]]:
+    """Views transformers' fused expert layout under the per-expert names: ``gate_up_proj``
+    (experts, 2·hidden, dim) holds each expert's gate rows then up rows, ``down_proj`` each
+    expert's down, and Mixtral's ``mlp.gate.weight`` is ``block_sparse_moe.gate.weight``.
 
-
-def unstack_experts(
-    sd: dict[str, torch.Tensor], names: dict[str, tuple[str, int]]
-) -> dict[str, torch.Tensor]:
-    """Per-expert HF tensors from plait's stacked weights in ``sd``. Each is a copy: safetensors
-    refuses to write tensors that share storage."""
-    return {hf_name: sd[ours][expert].clone() for hf_name, (ours, expert) in names.items()}
-
-
-def split_fused_experts(
-    tensors: dict[str, torch.Tensor], arch: str, where: str
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Rewrites transformers' fused expert layout into the per-expert names: ``gate_up_proj``
-    (experts, 2·hidden, dim) gives each expert's gate and up halves, ``down_proj`` each expert's
-    down, and Mixtral's ``mlp.gate.weight`` becomes ``block_sparse_moe.gate.weight``.
-
-    Returns (tensors, derived name -> the fused tensor it came from). Raises CheckpointError when
-    a checkpoint holds one expert in both layouts (``where`` names the source).
+    ``shapes``: HF name -> shape, as the checkpoint stores them. Returns (name -> shape, name ->
+    the slab holding it) under the per-expert names; other tensors keep their name. Raises
+    CheckpointError when a fused tensor is not 3-D or a checkpoint holds one expert in both
+    layouts (``where`` names the source).
     """
     block, proj = _BLOCK[arch], _EXPERT_PROJ[arch]
-    out: dict[str, torch.Tensor] = {}
-    sources: dict[str, str] = {}
-    for name, tensor in tensors.items():
+    out: dict[str, tuple[int, ...]] = {}
+    slabs: dict[str, Slab] = {}
+    for name, shape in shapes.items():
         match = _FUSED.match(name)
         if match is None or (arch == "qwen2_moe" and match.group(2) == "gate.weight"):
-            out[name] = tensor  # not fused, or Qwen2-MoE's router, whose name does not change
+            out[name], slabs[name] = shape, Slab(name)  # not fused, or Qwen2-MoE's router
             continue
         layer, part = f"{match.group(1)}{block}", match.group(2)
-        if part != "gate.weight" and tensor.dim() != 3:
-            raise CheckpointError(
-                f"{where}: {name} has shape {tuple(tensor.shape)}; fused experts are 3-D"
-            )
+        if part != "gate.weight" and len(shape) != 3:
+            raise CheckpointError(f"{where}: {name} has shape {shape}; fused experts are 3-D")
+        pieces: dict[str, tuple[tuple[int, ...], Slab]]
         if part == "gate.weight":
-            pieces = {f"{layer}.gate.weight": tensor}
+            pieces = {f"{layer}.gate.weight": (shape, Slab(name))}
         elif part == "experts.down_proj":
-            pieces = {f"{layer}.experts.{e}.{proj['w2']}.weight": w for e, w in enumerate(tensor)}
+            pieces = {
+                f"{layer}.experts.{e}.{proj['w2']}.weight": (shape[1:], Slab(name, e))
+                for e in range(shape[0])
+            }
         else:
-            gate, up = tensor.chunk(2, dim=1)
-            pieces = {f"{layer}.experts.{e}.{proj['w1']}.weight": w for e, w in enumerate(gate)}
-            pieces.update({f"{layer}.experts.{e}.{proj['w3']}.weight": w for e, w in enumerate(up)})
-        if twice := sorted(set(pieces) & set(tensors)):
+            gate = (shape[1] + 1) // 2  # the rows torch.chunk(2) gives the first half
+            pieces = {}
+            for e in range(shape[0]):
+                pieces[f"{layer}.experts.{e}.{proj['w1']}.weight"] = (
+                    (gate, shape[2]), Slab(name, e))
+                pieces[f"{layer}.experts.{e}.{proj['w3']}.weight"] = (
+                    (shape[1] - gate, shape[2]), Slab(name, e, row=gate))
+        if twice := sorted(set(pieces) & set(shapes)):
             raise CheckpointError(f"{where}: {twice[0]} is stored both alone and inside {name}")
-        out.update(pieces)
-        sources.update(dict.fromkeys(pieces, name))
-    return out, sources
+        for piece, (piece_shape, slab) in pieces.items():
+            out[piece], slabs[piece] = piece_shape, slab
+    return out, slabs

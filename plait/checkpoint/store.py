@@ -45,6 +45,7 @@ from plait.checkpoint.atomic import (
     publish_folder,
     temp_folder_for,
 )
+from plait.checkpoint.pull_save import Source, save_pulled
 from plait.checkpoint.safe_dcp import METADATA_FILE, first_failure, load_state, one_line, read_metadata_file
 from plait.config import JobConfig, ModelConfig, build_config, to_toml
 from plait.errors import CheckpointError
@@ -344,14 +345,20 @@ def load_checkpoint(folder: str, parts: list[nn.Module], optimizer: torch.optim.
         raise CheckpointError(f"checkpoint file '{path}' cannot be loaded: {one_line(exc)}") from None
 
 
-def save_model_checkpoint(model: nn.Module, cfg: JobConfig, dst: str) -> None:
+def save_model_checkpoint(model: nn.Module, cfg: JobConfig, dst: str, source: Source | None = None) -> None:
     """Single process: write a model-only checkpoint (DCP shards + config + manifest) to ``dst``
-    atomically. ``plait generate`` and ``plait convert`` read it."""
+    atomically. ``plait generate`` and ``plait convert`` read it.
+
+    With a weight ``source`` (``source(name, region)``, see :mod:`.hf_source`) the model may be
+    on the meta device: each weight is read from the source as it is written, one at a time."""
     if os.path.exists(dst):
         raise CheckpointError(f"destination '{dst}' already exists; choose a new folder")
     try:
         with atomic_folder(dst, fixed_temp=True) as tmp:  # removed whatever happens
-            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
+            if source is None:
+                dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
+            else:
+                save_pulled(model.state_dict(), source, tmp, "model")
             _write_config(tmp, cfg)
             _write_manifest(tmp, 0, {"world_size": 1, "model_only": True})
     except (OSError, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
@@ -361,25 +368,37 @@ def save_model_checkpoint(model: nn.Module, cfg: JobConfig, dst: str) -> None:
         raise CheckpointError(f"checkpoint '{dst}' was not written: {describe_write_error(cause)}") from None
 
 
-def load_model_checkpoint(src: str, device: str = "cpu") -> tuple[nn.Module, JobConfig]:
-    """Single process: verify ``src`` (a checkpoint folder, or a run dir whose latest is
-    taken) and return the plain model with its weights and the checkpoint's config."""
-
+def model_checkpoint(src: str) -> tuple[str, JobConfig]:
+    """(the checkpoint folder, its config) for ``src``: a checkpoint folder, or a run dir whose
+    latest is taken; verified first (:func:`verify_checkpoint`)."""
     if os.path.isdir(checkpoint_root(src)) and not os.path.isfile(os.path.join(src, MANIFEST)):
         src = latest_checkpoint(src) or src
     verify_checkpoint(src)
-    cfg = build_config(os.path.join(src, "config.toml"))
+    return src, build_config(os.path.join(src, "config.toml"))
+
+
+def load_model_checkpoint(src: str, device: str = "cpu") -> tuple[nn.Module, JobConfig]:
+    """Single process: verify ``src`` (a checkpoint folder, or a run dir whose latest is
+    taken) and return the plain model with its weights and the checkpoint's config."""
+    src, cfg = model_checkpoint(src)
     model = build_model(cfg.model, device=device, seed=cfg.train.seed)
     model.load_state_dict(_read_model_weights(model, src))
     return model, cfg
 
 
+def read_model_tensors(folder: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fill ``tensors`` (model parameter name -> a tensor of its shape) from the model weights
+    of checkpoint ``folder``, reading only those: DCP reshards whatever layout saved them.
+    Returns ``tensors``."""
+    state = {"model": tensors}
+    load_state(state, folder)
+    return state["model"]
+
+
 def _read_model_weights(model: nn.Module, folder: str) -> dict[str, Any]:
     """The model weights of checkpoint ``folder`` as a state dict shaped (and sharded) like
     ``model``'s: DCP reads each rank's shards of whatever layout saved them."""
-    state = {"model": get_model_state_dict(model)}
-    load_state(state, folder)
-    return state["model"]
+    return read_model_tensors(folder, get_model_state_dict(model))
 
 
 # Model fields that decide the weights' names and shapes: they must match to start from a
@@ -412,11 +431,18 @@ def check_same_model(folder: str, model_cfg: ModelConfig, what: str) -> None:
     model differs from ``model_cfg`` in a field that decides the weights' names and shapes,
     naming each field: DCP would otherwise fail deep in loading with a traceback per rank."""
     saved = build_config(os.path.join(folder, "config.toml")).model
+    check_same_weights(saved, model_cfg, f"{what}: '{folder}'")
+
+
+def check_same_weights(saved: ModelConfig, model_cfg: ModelConfig, what: str) -> None:
+    """Raise CheckpointError ``"<what> is a different model: ..."`` naming each of
+    :data:`WEIGHT_FIELDS` where the checkpoint's config ``saved`` and ``model_cfg`` differ
+    (``vocab_size = 0`` in ``model_cfg`` means not resolved yet, and matches)."""
     differ = [f"{name} {getattr(saved, name)} (checkpoint) vs {getattr(model_cfg, name)}"
               for name in WEIGHT_FIELDS if getattr(saved, name) != getattr(model_cfg, name)
               and not (name == "vocab_size" and model_cfg.vocab_size == 0)]  # 0: not resolved yet
     if differ:
-        raise CheckpointError(f"{what}: '{folder}' is a different model: " + "; ".join(differ))
+        raise CheckpointError(f"{what} is a different model: " + "; ".join(differ))
 
 
 def load_model_weights(folder: str, parts: list[nn.Module]) -> None:
