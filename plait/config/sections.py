@@ -203,8 +203,9 @@ class CheckpointConfig:
     keep: int = field_spec(2, "checkpoints kept on disk (oldest removed)", min=1)
     resume: bool = field_spec(False, "continue from the latest checkpoint in run.dir")
     init_from: str = field_spec(
-        "", "start from these model weights (a checkpoint folder, a run dir's latest, or a 'plait convert' "
-            "output) with a fresh optimizer and step 0; ignored when the run resumes"
+        "", "start from these model weights with a fresh optimizer and step 0: a plait checkpoint folder, a run "
+            "dir's latest, or a Hugging Face folder (config.json + safetensors; each rank reads only its shards); "
+            "ignored when the run resumes"
     )
 
 

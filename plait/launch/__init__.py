@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from plait.checkpoint import store as ckpt
+from plait.checkpoint.starting import starting_weights
 from plait.config import JobConfig, check_folder, resolve_dp, torchrun_world_size, validate
 from plait.data import prepare_data, train_loader
 from plait.errors import CheckpointError, ConfigError
@@ -94,7 +95,7 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
 
 def _check_initial_weights(cfg: JobConfig) -> None:
     if cfg.checkpoint.init_from and not cfg.checkpoint.resume:
-        ckpt.initial_weights(cfg.checkpoint.init_from, cfg.model)
+        starting_weights(cfg.checkpoint.init_from, cfg.model)
 
 
 def launch_training(cfg: JobConfig):

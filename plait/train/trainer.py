@@ -38,6 +38,8 @@ from plait.parallel.zero import build_zero1_optimizer, state_bytes
 from plait.train.loss import plain, token_loss_sum
 from plait.train.pipeline_runner import PipelineRunner
 from plait.checkpoint import store as ckpt
+from plait.checkpoint.hf_source import HFWeights
+from plait.checkpoint.starting import starting_weights
 from plait.resilience.events import log_event
 from plait.train import memory_report as memory
 from plait.train.guard import StepGuard
@@ -111,11 +113,13 @@ class Trainer:
         self.clock = StepClock()
         self.data = load_data(cfg)
         self.cfg = cfg = with_vocab(cfg, self.data.tokenizer.vocab_size)
-        stage_ids = self._build_model(cfg)
+        start = (starting_weights(cfg.checkpoint.init_from, cfg.model)
+                 if cfg.checkpoint.init_from and not cfg.checkpoint.resume else None)
+        stage_ids = self._build_model(cfg, start if isinstance(start, HFWeights) else None)
         self.optimizer, self.scheduler = self._build_optimizer(cfg)
-        if cfg.checkpoint.init_from and not cfg.checkpoint.resume:
+        if isinstance(start, str):  # a plait checkpoint: DCP reshards it into this layout
             # Before the outer loop copies the weights its workers start from.
-            ckpt.load_model_weights(ckpt.initial_weights(cfg.checkpoint.init_from, cfg.model), self.parts)
+            ckpt.load_model_weights(start, self.parts)
         # DiLoCo family: the outer loop around the inner steps (workers = dp_replicate groups).
         self.outer = build_outer_loop(cfg.lowbw, self.parts, self.dims, self.device, self.guard.injector)
         n_micro = cfg.train.global_batch // (cfg.train.micro_batch * self.dims.dp)
@@ -149,12 +153,13 @@ class Trainer:
         comm.configure_emulation(*link_emulation(cfg))  # slow links (comm.emulate_*); else off
         return dims
 
-    def _build_model(self, cfg: JobConfig) -> list[int]:
+    def _build_model(self, cfg: JobConfig, hf_weights: HFWeights | None) -> list[int]:
         """Build this rank's part of the model in its layout, each rank materializing only its
-        own shards (:func:`parallelize_llama`); returns the global ids of this rank's stages."""
-        weights = init_source(cfg.model, cfg.train.seed)
-        self.n_params = sum(math.prod(shape) for shape in weights.shapes.values())
-        self.parts, stage_ids = parallelize_llama(cfg, self.dims, self.device, weights)
+        own shards (:func:`parallelize_llama`) from the seed's init or straight from a Hugging
+        Face checkpoint; returns the global ids of this rank's stages."""
+        fresh = init_source(cfg.model, cfg.train.seed)
+        self.n_params = sum(math.prod(shape) for shape in fresh.shapes.values())
+        self.parts, stage_ids = parallelize_llama(cfg, self.dims, self.device, hf_weights or fresh)
         self.model = self.parts[0]
         self._report_memory("after initialization", ("params", "peak"), None)
         return stage_ids
