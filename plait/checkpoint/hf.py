@@ -42,7 +42,7 @@ from plait.checkpoint.hf_source import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, HF
 from plait.checkpoint.store import MANIFEST, model_checkpoint, read_model_tensors, save_model_checkpoint
 from plait.config import JobConfig, ModelConfig, TrainConfig
 from plait.errors import CheckpointError
-from plait.models.llama import Llama, rope_inv_freq
+from plait.models.llama import Llama, model_from_state
 
 # Re-exported: the public HF interface is this module.
 __all__ = [
@@ -83,11 +83,8 @@ def from_pretrained(
     match, and PlaitError for an unsupported architecture.
     """
     weights = HFWeights(path)
-    with torch.device("meta"):
-        model = Llama(weights.cfg)
-    sd = {name: weights.read(name).to(device=device, dtype=dtype) for name in model.state_dict()}
-    model.load_state_dict(sd, assign=True)
-    model.inv_freq = rope_inv_freq(weights.cfg).to(device)  # non-persistent buffer, fp32 like init
+    names = list(weights.placements)
+    model = model_from_state(weights.cfg, {name: weights.read(name).to(device=device, dtype=dtype) for name in names})
     model.hf_architecture = weights.architecture
     return model
 

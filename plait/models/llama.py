@@ -256,6 +256,16 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
     return model
 
 
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> Llama:
+    """A model holding the tensors of ``state`` themselves (moved to ``device``), built on the
+    meta device so no second copy of the weights is ever allocated."""
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model.load_state_dict({name: tensor.to(device) for name, tensor in state.items()}, assign=True)
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # non-persistent buffer, fp32 like init
+    return model
+
+
 def init_source(cfg: ModelConfig, seed: int) -> InitWeights:
     """The weight source of a fresh run of ``cfg``: any region of any parameter's initial value."""
     with torch.device("meta"):

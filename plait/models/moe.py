@@ -56,7 +56,13 @@ def run_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: tor
             continue
         hidden = F.silu(rows @ w1[e].t()) * (rows @ w3[e].t())
         outputs.append(hidden @ w2[e].t())
-    return torch.cat(outputs) if outputs else x.new_zeros(0, w2.shape[1])
+    if outputs:
+        return torch.cat(outputs)
+    # No rows at all: still an output on the autograd graph (of x and the weights), so backward
+    # reaches the collectives that produced x on this rank too (expert parallelism's
+    # all-to-all, in which every rank takes part even with nothing to send).
+    rows = x[:0]
+    return (F.silu(rows @ w1[0].t()) * (rows @ w3[0].t())) @ w2[0].t()
 
 
 def _grouped_mm_fits(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ columns.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -23,6 +24,9 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from plait.models.init import Region
 
 WeightSource = Callable[[str, Region], torch.Tensor]
+
+# Elements asked of a source at once (64 MiB of fp32).
+CHUNK_ELEMENTS = 1 << 24
 
 
 def local_region(param: torch.Tensor) -> Region:
@@ -44,7 +48,18 @@ def materialize(module: nn.Module, device: torch.device, source: WeightSource) -
         local = param.to_local() if isinstance(param, DTensor) else param
         if local.numel() == 0:  # an uneven shard can be empty
             continue
-        values = source(name, local_region(param))
-        if tuple(values.shape) != tuple(local.shape):
-            raise ValueError(f"weight source gave {name} the shape {tuple(values.shape)}, expected {tuple(local.shape)}")
-        local.copy_(values)
+        region = local_region(param)
+        if local.dim() == 0:
+            local.copy_(source(name, region))
+            continue
+        # A few rows at a time: the source's tensor is a temporary beside the shard, so a
+        # bounded chunk keeps the peak at the shards plus CHUNK_ELEMENTS, not plus a tensor.
+        rows = max(1, CHUNK_ELEMENTS // max(math.prod(local.shape[1:]), 1))
+        for start in range(0, local.shape[0], rows):
+            stop = min(start + rows, local.shape[0])
+            first = region[0].start
+            values = source(name, (slice(first + start, first + stop), *region[1:]))
+            if tuple(values.shape) != (stop - start, *local.shape[1:]):
+                raise ValueError(f"weight source gave {name} the shape {tuple(values.shape)} "
+                                 f"for rows {first + start}..{first + stop} of {tuple(local.shape)}")
+            local[start:stop].copy_(values)

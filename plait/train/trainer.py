@@ -27,7 +27,7 @@ from plait.data import prepare_data, train_loader, DataBundle
 from plait.data.loader import val_batches
 from plait.infer.generate import generate
 from plait.lowbw.diloco import build_outer_loop
-from plait.models.llama import build_model, init_source
+from plait.models.llama import init_source, model_from_state
 from plait.telemetry import collectives as comm
 from plait.parallel.context_parallel import sequence_layout
 from plait.parallel.data_parallel import set_gradient_sync
@@ -347,8 +347,7 @@ class Trainer:
         state = ckpt.full_model_state(self.parts, self.dims.group("pp"))
         if self.rank != 0:
             return None
-        single = build_model(self.cfg.model, "cpu", seed=t.seed)
-        single.load_state_dict(state)
+        single = model_from_state(self.cfg.model, state)
         tok = self.data.tokenizer
         ids = generate(single, tok.encode(t.sample_prompt) or [tok.eos_id], t.sample_tokens, seed=t.seed, eos_id=tok.eos_id)
         return t.sample_prompt + tok.decode(ids)

@@ -289,5 +289,7 @@ def test_step_summary_aggregates_and_resets(ranks):
         assert first["comm_count"] == 2
         assert first["comm_payload_bytes"] == {"world": 3 * D * F32}
         assert first["comm_bytes"] == {"world": D * F32 + D * F32}  # 2(n-1)/n·64 + (n-1)/n·128
+        assert first["comm_op_bytes"] == {"world/all_reduce": D * F32, "world/broadcast": D * F32}
         assert first["comm_s"] > 0
-        assert out["summary"]["second"] == {"comm_bytes": {}, "comm_payload_bytes": {}, "comm_s": 0.0, "comm_count": 0}
+        assert out["summary"]["second"] == {"comm_bytes": {}, "comm_payload_bytes": {}, "comm_op_bytes": {},
+                                            "comm_s": 0.0, "comm_count": 0}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from plait.config import ModelConfig
 from plait.models.llama import build_model
-from plait.models.moe import MoE
+from plait.models.moe import MoE, run_experts
 from plait.train.moe_control import GlobalBatchCounts
 
 BASE = ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, ffn_dim=32, moe_experts=4, moe_top_k=2,
@@ -143,3 +143,17 @@ def test_grouped_matmul_path_matches_the_loop(monkeypatch):
     torch.testing.assert_close(grouped, looped, rtol=1e-6, atol=1e-6)
     for a, b in zip(grouped_grads, looped_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_with_no_rows_stay_on_the_autograd_graph():
+    """A rank whose experts receive no rows must still run backward through the exchange that
+    produced them: expert parallelism's all-to-all needs every rank, and a rank whose output
+    had no gradient path skipped it and deadlocked the others."""
+    x = torch.zeros(0, 8, requires_grad=True)
+    w1, w3 = torch.randn(2, 6, 8, requires_grad=True), torch.randn(2, 6, 8, requires_grad=True)
+    w2 = torch.randn(2, 8, 6, requires_grad=True)
+    out = run_experts(x, torch.zeros(2, dtype=torch.long), w1, w2, w3)
+    assert out.shape == (0, 8) and out.grad_fn is not None
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 8)
+    assert w1.grad is not None and torch.count_nonzero(w1.grad) == 0
