@@ -49,9 +49,11 @@ def job(workdir: str, name: str, **values):
         "data.tokenizer": "bpe:300", "data.cache_dir": os.path.join(workdir, "cache"),
         "data.val_fraction": 0.1,
         "train.steps": STEPS, "train.seq_len": 32, "train.global_batch": 8, "train.micro_batch": 2,
-        # A moderate lr: at 3e-3 this model has loss spikes that amplify fp32 rounding
-        # differences chaotically (1e-7 -> 1e-5 in a few steps), which says nothing about a layout.
-        "train.lr": 1e-3, "train.warmup_steps": 2, "train.eval_every": 10, "train.eval_batches": 4,
+        # A moderate lr and warmup: at 3e-3 (and, with the layout-invariant init, at 1e-3 with 2
+        # warmup steps) this model has gradient-norm spikes that amplify fp32 rounding
+        # differences chaotically (1e-7 -> 1e-5 in a few steps), which says nothing about a
+        # layout. test_parity.py::test_harness_is_not_chaotic guards this operating point.
+        "train.lr": 5e-4, "train.warmup_steps": 5, "train.eval_every": 10, "train.eval_batches": 4,
         "train.sample_tokens": 0, "train.device": "cpu",
         "metrics.tensorboard": False, "metrics.plot": False, "metrics.progress": False,
         "parallel.nproc": 1,

@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from plait.data.balanced_loader import BalancedLoader
 from plait.launch import spawn
@@ -212,6 +213,24 @@ def test_layout_parity(workdir, references, world):
         assert_close(f"{name} grad_norm", got["norms"], reference.grad_norms)
         for other in results[1:]:  # every rank reports the same global loss
             assert other[name]["losses"] == got["losses"], name
+
+
+@pytest.mark.parametrize("steps", [SHORT, STEPS])
+def test_harness_is_not_chaotic(workdir, references, steps):
+    """Guards the harness: weights perturbed by 1e-6 (relative, ten times fp32 rounding) move no
+    logged loss or gradient norm by more than RTOL / 2, so a parity failure is a layout's error,
+    not rounding amplified by the training dynamics."""
+    trainer = Trainer(job(workdir, f"perturbed{steps}", **{"train.steps": steps}))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.mul_(1 + 1e-6 * torch.randn(param.shape, generator=gen))
+    got, reference = trainer.run(), references({"train.steps": steps})
+    for step in reference.losses:
+        for name, value, want in (("loss", got.losses[step], reference.losses[step]),
+                                  ("grad_norm", got.grad_norms[step], reference.grad_norms[step])):
+            assert abs(value - want) / abs(want) <= RTOL / 2, (name, step, value, want)
+    assert got.losses != reference.losses or got.grad_norms != reference.grad_norms  # it was perturbed
 
 
 def test_reference_differs_with_other_seed(workdir, references):
