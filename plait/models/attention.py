@@ -29,9 +29,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("auto", "fused", "reference")
-
-
 @dataclass(frozen=True)
 class Rect:
     """One block of attention work: queries [q0, q1) of batch row ``row`` (None: every row)
@@ -80,10 +77,15 @@ def rects(q_keys: torch.Tensor | None, k_keys: torch.Tensor | None, same_chunk: 
     return out
 
 
+def _place(rect: Rect) -> slice:
+    """The batch rows a rectangle covers."""
+    return slice(None) if rect.row is None else slice(rect.row, rect.row + 1)
+
+
 def _rows(x: torch.Tensor, rect: Rect, keys: bool) -> torch.Tensor:
+    """The rectangle's queries (or, with ``keys``, its keys) of q, k, v or an output."""
     lo, hi = (rect.k0, rect.k1) if keys else (rect.q0, rect.q1)
-    rows = slice(None) if rect.row is None else slice(rect.row, rect.row + 1)
-    return x[rows, :, lo:hi]
+    return x[_place(rect), :, lo:hi]
 
 
 # ---- whole-sequence attention (one process, Ulysses after its all-to-all, generation)
@@ -165,10 +167,6 @@ def _empty_block(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, q_len, dim = q.shape
     return (torch.zeros(batch, heads, q_len, dim, dtype=acc, device=q.device),
             torch.full((batch, heads, q_len), float("-inf"), dtype=acc, device=q.device))
-
-
-def _place(rect: Rect) -> slice:
-    return slice(None) if rect.row is None else slice(rect.row, rect.row + 1)
 
 
 def fused_block_forward(q, k, v, work: list[Rect], scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,15 +6,19 @@ rank attends its queries to the block it holds, and merges the partial result in
 output with the log-sum-exp trick (online softmax), accumulating in fp32. While it computes,
 the next block is already on its way (isend/irecv posted before the compute).
 
-Backward recomputes each block's probabilities from the saved log-sum-exp (flash-attention
-style), so only q, k, v, the output and the log-sum-exp are kept for it: activation memory per
-rank is 1/ring of the whole sequence's. K/V go around the ring again, this time with their
-gradient accumulators, which arrive back at their owner after the last hop.
+Each (query chunk, key chunk) pair is computed by the block kernels of
+plait/models/attention.py (the fused kernel that returns the log-sum-exp, or the explicit
+reference math), which return the block's output and log-sum-exp; backward gives each block the
+merged output and log-sum-exp (flash-attention style), so only q, k, v, the output and the
+log-sum-exp are kept for it: activation memory per rank is 1/ring of the whole sequence's. K/V
+go around the ring again, this time with their gradient accumulators, which arrive back at
+their owner after the last hop.
 
 Masking works on whole chunk pairs: a key chunk after the query chunk is skipped (no work,
 no memory), one before it is fully visible, the same chunk is causal. Documents packed in one
 sequence are kept apart by per-token document keys (``global index - position id``: equal
-exactly for tokens of the same document), so no document needs to be a multiple of anything.
+exactly for tokens of the same document): a pair is cut into one rectangle per document the
+two chunks share, so no document needs to be a multiple of anything.
 
 Wire bytes per layer and rank: forward (ring - 1) K/V blocks; backward (ring - 1) K/V blocks
 plus ring dK/dV blocks.
