@@ -107,21 +107,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
     """Causal attention of q (batch, heads, seq, head_dim) over k/v (batch, kv_heads, seq,
     head_dim), kv_heads dividing heads (GQA), within the documents of ``keys``
     (:func:`document_keys`; None: one document per row)."""
-    repeats = q.shape[1] // k.shape[1]
-    k, v = _expand(k, repeats), _expand(v, repeats)
-    if keys is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if kernel == "reference":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(keys))
-    rows = []
-    for row in range(q.shape[0]):
-        pieces = [
-            F.scaled_dot_product_attention(q[row : row + 1, :, s:e], k[row : row + 1, :, s:e],
-                                           v[row : row + 1, :, s:e], is_causal=True)
-            for _, s, e in _runs(keys[row])
-        ]
-        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
-    return torch.cat(rows) if len(rows) > 1 else rows[0]
+    if keys is None or kernel == "reference":
+        repeats = q.shape[1] // k.shape[1]
+        k, v = _expand(k, repeats), _expand(v, repeats)
+        mask = None if keys is None else dense_mask(keys)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=keys is None)
+    out, _ = document_attention(q, k, v, keys, q.shape[-1] ** -0.5, fused_blocks(q.device, kernel))
+    return out
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -245,3 +237,57 @@ def block_kernels(device: torch.device, kernel: str):
     if fused_blocks(device, kernel):
         return fused_block_forward, fused_block_backward
     return reference_block_forward, reference_block_backward
+
+
+# ---- packed documents as one opaque operator
+#
+# The documents' lengths are data: traced into a compiled block they would be guarded on and
+# recompile the block for every batch. As a custom operator the whole loop over documents is
+# one node of the graph (shapes known from q), with its own backward.
+
+
+@torch.library.custom_op("plait::document_attention", mutates_args=())
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, scale: float,
+                       fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention within each document of ``keys``: (output in q's dtype, log-sum-exp)."""
+    forward = fused_block_forward if fused else reference_block_forward
+    out, lse = forward(q, k, v, rects(keys, keys, True, q.shape[2], k.shape[2]), scale)
+    return out.to(q.dtype), lse
+
+
+@document_attention.register_fake
+def _(q, k, v, keys, scale, fused):
+    # Contiguous, as the real outputs are (empty_like would copy q's transposed strides).
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q))
+
+
+@torch.library.custom_op("plait::document_attention_backward", mutates_args=())
+def document_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                out: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, scale: float,
+                                fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = accumulation_dtype(q)
+    grads = (torch.zeros(q.shape, dtype=acc, device=q.device), torch.zeros(k.shape, dtype=acc, device=k.device),
+             torch.zeros(v.shape, dtype=acc, device=v.device))
+    backward = fused_block_backward if fused else reference_block_backward
+    backward(grad_out.contiguous(), q, k, v, out, lse, rects(keys, keys, True, q.shape[2], k.shape[2]), scale, grads)
+    return grads[0].to(q.dtype), grads[1].to(k.dtype), grads[2].to(v.dtype)
+
+
+@document_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, keys, scale, fused):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, keys, scale, fused = inputs
+    ctx.save_for_backward(q, k, v, keys, *output)
+    ctx.scale, ctx.fused = scale, fused
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, keys, out, lse = ctx.saved_tensors
+    dq, dk, dv = document_attention_backward(grad_out, q, k, v, out, lse, keys, ctx.scale, ctx.fused)
+    return dq, dk, dv, None, None, None
+
+
+document_attention.register_autograd(_backward, setup_context=_setup)
