@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from plait.config import build_config
 from plait.launch import spawn
-from plait.models.llama import build_model, causal_attention
+from plait.models.attention import causal_attention
+from plait.models.llama import build_model
 from plait.parallel import ring_attention as ring
 from plait.parallel.context_parallel import apply_context_parallel, sequence_layout
 from plait.parallel.dims import ParallelDims

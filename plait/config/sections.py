@@ -49,6 +49,11 @@ class ModelConfig:
     qkv_bias: bool = field_spec(False, "bias on q/k/v projections (Qwen2)")
     tie_embeddings: bool = field_spec(False, "output layer shares the embedding matrix")
     init_std: float = field_spec(0.02, "std of the normal weight init", gt=0)
+    attention_kernel: Literal["auto", "fused", "reference"] = field_spec(
+        "auto", "fused: packed documents attended one by one with fused SDPA and ring blocks on the fused "
+                "log-sum-exp kernel (CPU); reference: one dense document mask and explicit ring math; auto: "
+                "fused, except ring blocks off the CPU"
+    )
     moe_experts: int = field_spec(0, "routed experts per block (mixture of experts); 0 = a dense SwiGLU MLP", min=0)
     moe_top_k: int = field_spec(2, "experts each token is routed to", min=1)
     moe_ffn_dim: int = field_spec(0, "hidden size of each routed expert; 0 = ffn_dim", min=0)

@@ -40,8 +40,19 @@ def under_torchrun() -> bool:
 def pick_backend(cfg: JobConfig) -> str:
     if cfg.parallel.backend != "auto":
         return cfg.parallel.backend
-    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    return "nccl" if on_cuda else "gloo"
+    return "nccl" if on_cuda(cfg) else "gloo"
+
+
+def check_attention_kernel(cfg: JobConfig) -> None:
+    """'fused' forces the CPU's fused attention kernels: refused for a job on CUDA."""
+    if cfg.model.attention_kernel == "fused" and on_cuda(cfg):
+        raise ConfigError("model.attention_kernel = 'fused' names the CPU's fused kernels; on CUDA use 'auto' "
+                          "(per-document attention, ring blocks on the explicit math) or 'reference'")
+
+
+def on_cuda(cfg: JobConfig) -> bool:
+    """Whether the job's ranks will run on CUDA devices."""
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
 
 
 def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfig:
@@ -53,6 +64,7 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
         raise ConfigError("train.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
     if cfg.parallel.backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("parallel.backend = 'nccl' needs CUDA devices; use 'gloo' or 'auto'")
+    check_attention_kernel(cfg)
     check_folder("run.dir", cfg.run.dir)
     check_folder("data.cache_dir", cfg.data.cache_dir)
     if cfg.checkpoint.resume:

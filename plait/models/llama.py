@@ -2,11 +2,13 @@
 
 RoPE uses the rotate-half layout of Hugging Face checkpoints, so weights load without
 permutation. Packed sequences carry ``position_ids`` that restart at 0 at every document; the
-attention mask is derived from them so no token attends across a document boundary.
+document keys are derived from them so no token attends across a document boundary
+(plait/models/attention.py picks the kernel).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.config import ModelConfig
+from plait.models.attention import cached_attention, causal_attention, document_keys
 from plait.models.init import InitWeights, full_region
 from plait.models.moe import MoE
 
@@ -46,34 +49,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (batch, heads, seq, head_dim); cos/sin: (batch, seq, head_dim)."""
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
-
-
-def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Boolean (batch, 1, seq, seq) causal mask that also blocks attention across documents.
-
-    A document starts wherever ``position_ids`` is 0. Returns None when every row is one
-    document, so attention can take the faster plain causal path.
-    """
-    starts = position_ids == 0
-    if int(starts[:, 1:].sum()) == 0:
-        return None
-    doc = torch.cumsum(starts.to(torch.int32), dim=-1)
-    seq = position_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Causal attention of q (batch, heads, seq, head_dim) over k/v (batch, kv_heads, seq,
-    head_dim), kv_heads dividing heads (GQA), within ``mask`` from ``document_mask`` if given.
-
-    The default ``Attention.core``: context parallelism swaps in a sequence-sharded one.
-    """
-    repeats = q.shape[1] // k.shape[1]
-    if repeats > 1:
-        k = k.repeat_interleave(repeats, dim=1)
-        v = v.repeat_interleave(repeats, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
 class RMSNorm(nn.Module):
@@ -116,16 +91,17 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
-        self.core = causal_attention  # (q, k, v, mask) -> output; replaced by context parallelism
+        # (q, k, v, document keys) -> output; context parallelism replaces it.
+        self.core = functools.partial(causal_attention, kernel=cfg.attention_kernel)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, keys, cache: KVCache | None = None, layer: int = 0):
         batch, seq, _ = x.shape
         # -1 instead of the head count lets tensor parallelism shard heads without a change here.
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.core(q, k, v, mask) if cache is None else self._cached_attention(q, k, v, cache, layer)
+        out = self.core(q, k, v, keys) if cache is None else self._cached_attention(q, k, v, cache, layer)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
     @staticmethod
@@ -134,18 +110,7 @@ class Attention(nn.Module):
         start, seq = cache.length, q.shape[2]
         cache.keys[layer][:, :, start : start + seq] = k
         cache.values[layer][:, :, start : start + seq] = v
-        k = cache.keys[layer][:, :, : start + seq]
-        v = cache.values[layer][:, :, : start + seq]
-        if start == 0:
-            return causal_attention(q, k, v, None)
-        # Query i sits at absolute position start+i and sees keys up to it: all of them when
-        # it is the only query.
-        mask = torch.ones(seq, start + seq, dtype=torch.bool, device=q.device)
-        if seq > 1:
-            key_pos = torch.arange(start + seq, device=q.device)
-            query_pos = torch.arange(start, start + seq, device=q.device)
-            mask = key_pos[None, :] <= query_pos[:, None]
-        return causal_attention(q, k, v, mask)
+        return cached_attention(q, cache.keys[layer][:, :, : start + seq], cache.values[layer][:, :, : start + seq], start)
 
 
 class FeedForward(nn.Module):
@@ -169,8 +134,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MoE(cfg) if cfg.moe_experts else FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, keys, cache=None, layer=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, keys, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -189,9 +154,9 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        # position_ids -> the mask every block's attention gets; context parallelism replaces it
-        # with one that knows the other ranks' parts of the sequence.
-        self.attention_mask = document_mask
+        # position_ids -> the document keys every block's attention gets (plait/models/attention.py);
+        # context parallelism replaces it with one that knows the other ranks' parts of the sequence.
+        self.attention_mask = document_keys
 
     def _apply(self, fn, recurse=True):
         # Keep the RoPE frequencies fp32 whatever dtype the weights are cast to: bf16 frequencies
@@ -230,13 +195,13 @@ class Llama(nn.Module):
         start = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + seq, device=input_ids.device).expand(batch, seq)
-        mask = self.attention_mask(position_ids) if doc_mask and cache is None else None
+        keys = self.attention_mask(position_ids) if doc_mask and cache is None else None
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
         freqs = position_ids[..., None].float() * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
         for name, layer in self.layers.items():
-            h = layer(h, cos, sin, mask, cache, int(name))
+            h = layer(h, cos, sin, keys, cache, int(name))
         if cache is not None:
             cache.length += seq
         if self.norm is None:

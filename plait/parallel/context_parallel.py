@@ -8,8 +8,8 @@ local tokens unchanged (RoPE takes the local position ids). Attention is replace
 ``ContextParallelAttention``:
 
 - ring: K/V blocks go around the cp ranks (plait/parallel/ring_attention.py);
-- ulysses: all-to-all to head-sharded full sequences, attention, all-to-all back
-  (plait/parallel/ulysses.py);
+- ulysses: all-to-all to head-sharded full sequences, attention with the single process's
+  kernel (chunks put in sequence order first), all-to-all back (plait/parallel/ulysses.py);
 - hybrid: Ulysses inside groups of ``cp_ulysses`` neighbouring ranks, then a ring across the
   groups over the union of each group's chunks.
 
@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.config import JobConfig
+from plait.models.attention import causal_attention
 from plait.parallel.dims import ParallelDims
 from plait.parallel.ring_attention import ChunkPlan, ring_attention
 from plait.parallel.ulysses import heads_to_sequence, sequence_to_heads
@@ -90,8 +91,8 @@ class ContextParallelAttention:
     """``Attention.core`` under cp: (q, k, v, document keys) of the local tokens -> output."""
 
     def __init__(self, layout: SequenceLayout, cp_rank: int, ring: int, ulysses: int,
-                 ring_group: dist.ProcessGroup | None, ulysses_group: dist.ProcessGroup | None):
-        self.ring_group, self.ulysses_group = ring_group, ulysses_group
+                 ring_group: dist.ProcessGroup | None, ulysses_group: dist.ProcessGroup | None, kernel: str):
+        self.ring_group, self.ulysses_group, self.kernel = ring_group, ulysses_group, kernel
         # The cp mesh is ring-major: cp rank = ring index * ulysses + ulysses index. After the
         # all-to-all a rank holds its Ulysses group's chunks, in the group's rank order.
         def group_chunks(ring_index: int) -> tuple[int, ...]:
@@ -100,12 +101,29 @@ class ContextParallelAttention:
 
         self.query_chunks = group_chunks(cp_rank // ulysses)
         self.block_chunks = tuple(group_chunks(j) for j in range(ring))
+        # Ulysses alone holds the whole sequence after its all-to-all, chunks in group order:
+        # this permutation puts them in sequence order for the single-process kernel.
+        self.order = torch.argsort(torch.tensor(self.query_chunks)) if ring == 1 else None
+
+    def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+        """Attention over the whole sequence with the single process's kernel (Ulysses)."""
+        n = len(self.query_chunks)
+        length = q.shape[2] // n
+        chunked = lambda x: x.unflatten(2, (n, length))  # noqa: E731
+        to_seq = lambda x: chunked(x)[:, :, self.order.to(x.device)].flatten(2, 3)  # noqa: E731
+        out = causal_attention(to_seq(q), to_seq(k), to_seq(v), keys, self.kernel)
+        back = torch.argsort(self.order).to(out.device)
+        return chunked(out)[:, :, back].flatten(2, 3)
 
     @torch.compiler.disable  # collectives and a custom autograd Function: left out of compiled graphs
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
         if self.ulysses_group is not None:
             q, k, v = (sequence_to_heads(x, self.ulysses_group) for x in (q, k, v))
-        out = ring_attention(q, k, v, ChunkPlan(self.query_chunks, self.block_chunks, keys), self.ring_group)
+        if self.ring_group is None:
+            out = self._local(q, k, v, keys)
+        else:
+            plan = ChunkPlan(self.query_chunks, self.block_chunks, keys)
+            out = ring_attention(q, k, v, plan, self.ring_group, kernel=self.kernel)
         if self.ulysses_group is not None:
             out = heads_to_sequence(out, self.ulysses_group)
         return out
@@ -127,7 +145,8 @@ def apply_context_parallel(model: nn.Module, dims: ParallelDims, cfg: JobConfig)
         ulysses_group = cp_group
     else:
         ring_group, ulysses_group = dims.group("cp_ring"), dims.group("cp_ulysses")
-    core = ContextParallelAttention(layout, dims.local_rank("cp"), dims.cp_ring, dims.cp_ulysses, ring_group, ulysses_group)
+    core = ContextParallelAttention(layout, dims.local_rank("cp"), dims.cp_ring, dims.cp_ulysses, ring_group,
+                                    ulysses_group, cfg.model.attention_kernel)
     model.attention_mask = DocumentKeys(layout, cp_group)
     for block in model.layers.values():
         block.attention.core = core

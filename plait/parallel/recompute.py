@@ -52,6 +52,8 @@ _SAVE_OPS = {
     "aten::matmul",
     "aten::linear",
     "aten::_scaled_mm",
+    # Packed documents' attention (plait/models/attention.py), one operator per block.
+    "plait::document_attention",
     # Tensor parallel: keep the result of the forward collective rather than repeat it.
     "_c10d_functional::reduce_scatter_tensor",
     "_c10d_functional::all_reduce",

@@ -151,7 +151,7 @@ def _backward_ops(mode: str) -> Counter:
 
 def test_op_mode_saves_matmuls_and_recomputes_norms():
     plain, full, op = _backward_ops("none"), _backward_ops("full"), _backward_ops("op")
-    sdpa = [k for k in full if k.startswith("_scaled_dot_product") and not k.endswith("backward")]
+    sdpa = [k for k in full if k.startswith(("_scaled_dot_product", "document_attention")) and not k.endswith("backward")]
     # Full recomputation reruns the forward matmuls and attention inside backward...
     assert full["mm"] > plain["mm"] and sdpa
     assert plain["rsqrt"] == 0 and full["rsqrt"] == 2 * CFG.n_layers

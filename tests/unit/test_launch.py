@@ -23,3 +23,18 @@ def test_usable_cores_without_an_affinity_mask(monkeypatch):
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     assert launch.usable_cores() == 6
+
+
+def test_fused_attention_kernel_is_refused_on_cuda(monkeypatch):
+    """'fused' names CPU kernels: a job that will run on CUDA is refused with one line."""
+    from plait.config import build_config
+    from plait.errors import ConfigError
+    from plait.launch import check_attention_kernel
+
+    cfg = build_config(values={"model.attention_kernel": "fused", "train.device": "auto"})
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    check_attention_kernel(cfg)  # on the CPU: fine
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(ConfigError, match="model.attention_kernel = 'fused'"):
+        check_attention_kernel(cfg)
+    check_attention_kernel(build_config(values={"train.device": "auto"}))  # auto is fine on CUDA

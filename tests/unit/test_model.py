@@ -6,7 +6,8 @@ import torch
 
 from plait.config import ModelConfig
 from plait.infer.generate import generate, sample_next
-from plait.models.llama import KVCache, build_model, document_mask, rope_inv_freq
+from plait.models.attention import dense_mask, document_keys
+from plait.models.llama import KVCache, build_model, rope_inv_freq
 
 CFG = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64)
 
@@ -26,8 +27,8 @@ def test_packed_documents_do_not_attend_across_boundaries():
 
 
 def test_document_mask_shape_and_fast_path():
-    assert document_mask(torch.arange(8)[None]) is None
-    mask = document_mask(torch.tensor([[0, 1, 2, 0, 1]]))
+    assert document_keys(torch.arange(8)[None]) is None
+    mask = dense_mask(document_keys(torch.tensor([[0, 1, 2, 0, 1]])))
     assert mask.shape == (1, 1, 5, 5)
     assert not mask[0, 0, 3, 2] and mask[0, 0, 4, 3] and not mask[0, 0, 1, 2]
 
