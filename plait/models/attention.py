@@ -112,8 +112,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
         k, v = _expand(k, repeats), _expand(v, repeats)
         mask = None if keys is None else dense_mask(keys)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=keys is None)
+    q, k, v = same_dtype(q, k, v)
     out, _ = document_attention(q, k, v, keys, q.shape[-1] ** -0.5, fused_blocks(q.device, kernel))
     return out
+
+
+def same_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in one dtype, as SDPA would take them: autocast's under autocast (RoPE leaves q
+    and k in fp32 beside a bf16 v), else the promoted one. Custom operators and autograd
+    Functions are not autocast, and the fused kernels want one dtype."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:

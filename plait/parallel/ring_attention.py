@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from plait.models.attention import Rect, accumulation_dtype, block_kernels, finite, rects
+from plait.models.attention import Rect, accumulation_dtype, block_kernels, finite, rects, same_dtype
 
 _KV_TAG, _GRAD_TAG = 0, 1  # separate P2P streams: a prefetched K/V never matches a gradient
 
@@ -153,4 +153,5 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Chun
     and values k/v (batch, kv_heads, tokens, head_dim) of every rank in ``group``, laid out by
     ``plan``. Differentiable; returns (batch, heads, tokens, head_dim) in q's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = same_dtype(q, k, v)
     return _RingAttention.apply(q, k, v, plan, group, scale, kernel)
