@@ -92,6 +92,15 @@ class DataConfig:
         nonempty=True,
     )
     cache_dir: str = field_spec(".plait_cache", "where tokenizers and tokenized data are cached", nonempty=True)
+    workers: int = field_spec(0, "processes that build the token cache; 0 = the cores available", min=0)
+    format: Literal["text", "chat"] = field_spec(
+        "text", "text: each record is a document; chat: each jsonl/dataset record holds 'messages' (role, content), "
+                "rendered with the chat template, and only the assistant's tokens count in the loss"
+    )
+    chat_template: str = field_spec(
+        "", "chat: a .jinja template file; empty = the tokenizer's own (tokenizer_config.json beside a tokenizer.json), "
+            "or plait's built-in one for bpe:N and gpt2"
+    )
     val_fraction: float = field_spec(0.05, "share of documents held out for validation", min=0, max=0.5)
     doc_mask: bool = field_spec(True, "attention never crosses a document boundary in packed windows")
     batching: Literal["packed", "balanced"] = field_spec(

@@ -99,6 +99,9 @@ class BalancedLoader:
             first = int(self.store.offsets[doc]) + start
             input_ids[at : at + length] = self.store.tokens[first : first + length]
             labels[at : at + length - 1] = input_ids[at + 1 : at + length]
+            if self.store.loss_mask is not None:  # chat data: only the assistant's tokens are targets
+                scored = self.store.loss_mask[first + 1 : first + length] == 1
+                labels[at : at + length - 1][~scored] = IGNORE_INDEX
             position_ids[at : at + length] = np.arange(length)
             at += length
         position_ids[at:] = np.arange(self.seq_len - at)

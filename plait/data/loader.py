@@ -37,7 +37,13 @@ class StepStats:
 
 
 class StepSampler:
-    """Which windows rank ``dp_rank`` reads at each optimizer step."""
+    """Which windows rank ``dp_rank`` reads at each optimizer step.
+
+    The position is global: the epoch and how many windows of that epoch's order the whole job
+    has consumed. A step takes the next ``global_batch`` of them (a new epoch begins when fewer
+    are left), so a run resumed on another data-parallel degree, or even another global batch,
+    continues the epoch exactly where it stopped: no window is read twice or skipped.
+    """
 
     def __init__(
         self, n_windows: int, global_batch: int, dp_rank: int, dp_size: int, seed: int
@@ -60,7 +66,8 @@ class StepSampler:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
-        self.next_step = 0
+        self.epoch_index, self.consumed = 0, 0  # where the next step starts
+        self.last: tuple[int, int] | None = None  # (epoch, start) of the step taken last
         # Steps per epoch; an epoch's last n_windows % G windows are dropped.
         self.steps_per_epoch = n_windows // global_batch
         self._epoch = -1
@@ -73,27 +80,39 @@ class StepSampler:
             self._epoch = epoch
         return self._perm
 
-    def indices(self, step: int) -> list[int]:
-        """This rank's window indices for optimizer step ``step`` (G / dp_size of them)."""
-        return self.rank_indices(step, self.dp_rank)
+    def advance(self) -> list[int]:
+        """Take the next step: this rank's window indices (G / dp_size of them)."""
+        if self.consumed + self.global_batch > self.n_windows:
+            self.epoch_index, self.consumed = self.epoch_index + 1, 0
+        self.last = (self.epoch_index, self.consumed)
+        self.consumed += self.global_batch
+        return self.window_ids(self.last, self.dp_rank)
 
-    def rank_indices(self, step: int, dp_rank: int) -> list[int]:
-        """Data-parallel rank ``dp_rank``'s window indices for step ``step``: any rank can
-        tell what every other rank reads."""
-        epoch, slot = divmod(step, self.steps_per_epoch)
+    def window_ids(self, at: tuple[int, int], dp_rank: int) -> list[int]:
+        """Data-parallel rank ``dp_rank``'s windows of the step starting at ``at`` = (epoch,
+        position in its order): any rank can tell what every other rank reads."""
+        epoch, start = at
         per_rank = self.global_batch // self.dp_size
-        start = slot * self.global_batch + dp_rank * per_rank
+        start += dp_rank * per_rank
         return self._permutation(epoch)[start : start + per_rank].tolist()
+
+    def indices(self, step: int) -> list[int]:
+        """This rank's windows at step ``step`` of a run that kept this global batch throughout."""
+        epoch, slot = divmod(step, self.steps_per_epoch)
+        return self.window_ids((epoch, slot * self.global_batch), self.dp_rank)
 
     def epoch(self, step: int) -> float:
         """How many passes over the train windows ``step`` steps make (fractional epochs)."""
         return step / self.steps_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"next_step": self.next_step}
+        return {"epoch": self.epoch_index, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.next_step = int(state["next_step"])
+        if "next_step" in state:  # checkpoints before the position was global counted steps
+            epoch, slot = divmod(int(state["next_step"]), self.steps_per_epoch)
+            state = {"epoch": epoch, "consumed": slot * self.global_batch}
+        self.epoch_index, self.consumed = int(state["epoch"]), int(state["consumed"])
 
 
 def collate(windows: Sequence[Batch]) -> Batch:
@@ -124,8 +143,7 @@ class StepLoader:
 
     def next_step(self) -> list[Batch]:
         """The next step's micro-batches for this rank, each tensor (micro_batch, seq_len)."""
-        ids = self.sampler.indices(self.sampler.next_step)
-        self.sampler.next_step += 1
+        ids = self.sampler.advance()
         mb = self.micro_batch
         return [collate([self.windows[i] for i in ids[k : k + mb]]) for k in range(0, len(ids), mb)]
 
@@ -133,11 +151,11 @@ class StepLoader:
         """Stats of the step ``next_step`` returned last. Every rank's windows follow from the
         deterministic sampler, so each rank computes every rank's work by itself. Windows are
         always full: no padding."""
-        step = self.sampler.next_step - 1
-        if step < 0:
+        at = self.sampler.last
+        if at is None:
             raise ValueError("step_stats() describes the last next_step(); no step was taken yet")
         rank_work = [
-            sum(work(self.windows.document_lengths(i), *self.coefs) for i in self.sampler.rank_indices(step, r))
+            sum(work(self.windows.document_lengths(i), *self.coefs) for i in self.sampler.window_ids(at, r))
             for r in range(self.sampler.dp_size)
         ]
         return StepStats(imbalance=imbalance(rank_work), padding=0.0)

@@ -1,92 +1,20 @@
-"""Tokenized-data cache and packing into fixed-length training windows.
+"""Packing a token stream into fixed-length training windows.
 
-The cache is two ``.npy`` files per split: ``<path>.tokens.npy`` (uint32, every document's
-tokens followed by EOS, back to back) and ``<path>.offsets.npy`` (int64, n_docs + 1 entries;
-document k is ``tokens[offsets[k]:offsets[k + 1]]``, its EOS included). Both are memory-mapped,
-so a large corpus costs page cache, not process memory, and every rank shares it.
+The stream is a :class:`~plait.data.token_store.TokenStore` (a split of the token cache): every
+document's tokens followed by EOS, back to back, with the documents' offsets and, for chat data,
+a loss mask.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from plait.checkpoint.atomic import atomic_write
-from plait.data.tokenizer import Tokenizer
-from plait.errors import DataError
+from plait.data.token_store import TokenStore
 
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss (torch cross_entropy)
-_CHUNK_DOCS = 1024  # documents per encode_batch call: parallel enough, bounded memory
 
-
-def cache_files(path: str) -> tuple[str, str]:
-    """The (tokens, offsets) file names for the cache prefix ``path``."""
-    return path + ".tokens.npy", path + ".offsets.npy"
-
-
-def tokenize_to_cache(documents: Sequence[str], tokenizer: Tokenizer, path: str) -> None:
-    """Tokenize ``documents`` (each followed by EOS) into the cache files at prefix ``path``.
-
-    Each file is written atomically; offsets go last, so a present offsets file means the
-    tokens file beside it is complete.
-    """
-    if tokenizer.vocab_size > 2**32:
-        raise DataError(f"tokenizer vocab_size {tokenizer.vocab_size} does not fit in uint32")
-    chunks, lengths = [], []
-    for start in range(0, len(documents), _CHUNK_DOCS):
-        for ids in tokenizer.encode_batch(documents[start : start + _CHUNK_DOCS]):
-            chunks.append(np.asarray(ids + [tokenizer.eos_id], dtype=np.uint32))
-            lengths.append(len(ids) + 1)
-    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint32)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens_file, offsets_file = cache_files(path)
-    with atomic_write(tokens_file) as fh:
-        np.save(fh, tokens)
-    with atomic_write(offsets_file) as fh:
-        np.save(fh, offsets)
-
-
-@dataclass
-class TokenStore:
-    """A split's token stream (uint32, memory-mapped) and its document offsets (int64)."""
-
-    tokens: np.ndarray
-    offsets: np.ndarray
-
-    @classmethod
-    def open(cls, path: str) -> TokenStore:
-        """Memory-map the cache at prefix ``path``; raises DataError if it is missing or corrupt."""
-        tokens_file, offsets_file = cache_files(path)
-        try:
-            tokens = np.load(tokens_file, mmap_mode="r")
-            offsets = np.load(offsets_file)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"token cache '{path}' cannot be read ({exc}); delete it") from None
-        ok = (
-            tokens.dtype == np.uint32 and offsets.dtype == np.int64 and len(offsets) >= 1
-            and offsets[0] == 0 and offsets[-1] == len(tokens)
-        )
-        if not ok:
-            raise DataError(f"token cache '{path}' is inconsistent; delete it and rerun")
-        return cls(tokens, offsets)
-
-    @classmethod
-    def exists(cls, path: str) -> bool:
-        """Whether both cache files at prefix ``path`` are present."""
-        return all(os.path.isfile(f) for f in cache_files(path))
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def n_docs(self) -> int:
-        return len(self.offsets) - 1
+__all__ = ["IGNORE_INDEX", "PackedWindows", "TokenStore"]
 
 
 class PackedWindows:
@@ -114,7 +42,8 @@ class PackedWindows:
         """Window ``i`` as int64 tensors of shape (seq_len,): input_ids, labels, position_ids.
 
         ``labels`` is -100 where the input is a document's closing EOS, so no document learns
-        to predict the next one's first token. ``position_ids`` restart at 0 at each document
+        to predict the next one's first token, and (chat data) where the target is not an
+        assistant token. ``position_ids`` restart at 0 at each document
         start and at the window start: a document boundary is exactly where they are 0.
         """
         if not 0 <= i < len(self):
@@ -127,6 +56,8 @@ class PackedWindows:
         # the EOS text itself, and that occurrence is not a boundary.
         doc = np.searchsorted(self._doc_starts, where, side="right") - 1
         labels[where == self._doc_ends[doc]] = IGNORE_INDEX
+        if self.store.loss_mask is not None:  # chat data: only the assistant's tokens are targets
+            labels[self.store.loss_mask[start + 1 : start + length + 1] == 0] = IGNORE_INDEX
         position_ids = where - np.maximum(self._doc_starts[doc], start)
         return {
             "input_ids": torch.from_numpy(input_ids),

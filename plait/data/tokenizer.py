@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
@@ -49,6 +49,13 @@ class Tokenizer:
             self._sp = spm.SentencePieceProcessor(model_proto=sp_proto)
         self.eos_id = eos_id
         self.name = name
+
+    def __getstate__(self) -> dict:
+        # The sentencepiece processor does not pickle; its serialized model rebuilds it.
+        return {"hf": self._hf, "sp_proto": self._sp_proto, "eos_id": self.eos_id, "name": self.name}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["hf"], state["sp_proto"], state["eos_id"], state["name"])
 
     @classmethod
     def from_hf(cls, hf: tokenizers.Tokenizer, name: str) -> Tokenizer:
@@ -147,7 +154,7 @@ def _load_sp_file(path: str) -> Tokenizer:
     return Tokenizer.from_sentencepiece(Path(path).read_bytes(), path)
 
 
-def _train_bpe(documents: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
+def _train_bpe(documents: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
     """A byte-level BPE of ``vocab_size`` ids trained on ``documents``; EOS is id 0."""
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -159,7 +166,8 @@ def _train_bpe(documents: Sequence[str], vocab_size: int) -> tokenizers.Tokenize
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    hf.train_from_iterator(documents, trainer=trainer, length=len(documents))
+    length = len(documents) if hasattr(documents, "__len__") else None
+    hf.train_from_iterator(documents, trainer=trainer, length=length)
     return hf
 
 
@@ -195,7 +203,7 @@ def _bpe_size(spec: str) -> int:
 
 def build_tokenizer(
     spec: str,
-    documents: Sequence[str] | Callable[[], Sequence[str]],
+    documents: Iterable[str] | Callable[[], Iterable[str]],
     cache_dir: str,
     fingerprint: str,
 ) -> Tokenizer:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from plait.checkpoint import store as ckpt
 from plait.checkpoint.starting import starting_weights
 from plait.config import JobConfig, check_folder, resolve_dp, torchrun_world_size, validate
-from plait.data import prepare_data, train_loader
+from plait.data import TokenizeReporter, prepare_data, train_loader
 from plait.errors import CheckpointError, ConfigError
 from plait.resilience.agent import finish_torchrun, join_torchrun, torchrun_attempt
 from plait.launch.ranks import RankFailed, sigterm_as_interrupt, spawn, start_ranks, usable_cores  # noqa: F401 (the launch API)
@@ -86,7 +86,11 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
     if not prepare:
         _check_initial_weights(cfg)
         return cfg
-    bundle = prepare_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
+    reporter = TokenizeReporter()
+    try:
+        bundle = prepare_data(cfg.data, cfg.train.seq_len, cfg.train.seed, reporter)
+    finally:
+        reporter.close()
     dp = resolve_dp(cfg, world_size)
     # Both raise DataError when the splits are too small: the validation split for one eval
     # micro-batch per data-parallel rank, the train split for one step's global batch.

@@ -23,7 +23,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from plait.config import JobConfig, link_emulation, to_toml
 from plait.errors import CheckpointError
-from plait.data import prepare_data, train_loader, DataBundle
+from plait.data import DataBundle, TokenizeReporter, prepare_data, train_loader
 from plait.data.loader import val_batches
 from plait.infer.generate import generate
 from plait.lowbw.diloco import build_outer_loop
@@ -75,14 +75,16 @@ def resolve_device(cfg: JobConfig) -> torch.device:
 
 
 def load_data(cfg: JobConfig) -> DataBundle:
-    """Rank 0 builds the tokenizer and token caches first; the others then read them."""
+    """The tokenizer and token caches, built by the first rank of each node (or of the nodes
+    sharing ``data.cache_dir``) that takes the cache's lock; the others wait on the lock, not
+    on a collective (a long build would outlast its timeout), and reuse what it built."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank != 0:
-        dist.barrier()
-    bundle = prepare_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
-    if rank == 0 and dist.is_initialized():
-        dist.barrier()
-    return bundle
+    reporter = TokenizeReporter() if rank == 0 else None
+    try:
+        return prepare_data(cfg.data, cfg.train.seq_len, cfg.train.seed, reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
 
 
 def validation_batches(cfg: JobConfig, data: DataBundle, dp_rank: int, dp: int) -> list:

@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-import plait.data as data_pkg
+import plait.data.prepare as prepare_mod
 import plait.data.tokenizer as tok_mod
 from plait.config import DataConfig
 from plait.data import DataBundle, prepare_data, split_documents
 from plait.data.demo import play_files
 from plait.data.balance import coefficients, work
 from plait.data.loader import StepLoader, StepSampler, val_batches
-from plait.data.packing import PackedWindows, TokenStore, cache_files, tokenize_to_cache
-from plait.data.sources import load_documents, source_fingerprint
+from plait.data.packing import PackedWindows, TokenStore
+from plait.data.sources import load_documents, plan_units, source_fingerprint
+from plait.data.token_cache import Encoding, build_cache, shard_files
+from plait.data.token_store import CachedCorpus
 from plait.data.tokenizer import Tokenizer, build_tokenizer
 from plait.errors import DataError
 
@@ -51,9 +53,13 @@ class CharTokenizer:
 
 
 def _store(tmp_path: Path, docs: list[str], name: str = "c") -> TokenStore:
-    prefix = str(tmp_path / name)
-    tokenize_to_cache(docs, CharTokenizer(), prefix)
-    return TokenStore.open(prefix)
+    """The documents through the token cache (one worker), as one split holding all of them."""
+    source = tmp_path / f"{name}.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    folder = str(tmp_path / name)
+    build_cache(Encoding(CharTokenizer(), "text"), plan_units(str(source)), folder, 1, "")
+    corpus = CachedCorpus.open(folder)
+    return corpus.split(np.arange(corpus.n_docs))
 
 
 # ---------------------------------------------------------------- sources
@@ -116,7 +122,7 @@ def test_demo_corpus_is_38_plays_split_into_clean_scenes() -> None:
     ("name", "content", "pattern"),
     [
         ("missing.txt", None, r"data.source '.*missing.txt' does not exist"),
-        ("x.csv", "a", r"unsupported file type '.csv'; use .txt, .md, .jsonl, .parquet or a"),
+        ("x.csv", "a", r"unsupported file type '.csv'; use .txt, .md, .jsonl, .parquet, .arrow, a datasets"),
         ("empty/", None, r"the folder holds no .txt, .md"),
         ("e.txt", " \n\n", r"holds no documents with text"),
         ("b.jsonl", '{"text": "ok"}\n{oops\n', r"b.jsonl' line 2 is not valid JSON"),
@@ -242,14 +248,15 @@ def test_tokenizer_errors(tmp_path: Path, spec: str, pattern: str) -> None:
 
 def test_token_cache_layout_and_atomicity(tmp_path: Path) -> None:
     store = _store(tmp_path, ["abc", "de", "fghij"])
-    assert isinstance(store.tokens, np.memmap) and store.tokens.dtype == np.uint32
+    assert store.tokens.dtype == np.uint32
     assert store.tokens.tolist() == [1, 2, 3, 0, 4, 5, 0, 6, 7, 8, 9, 10, 0]
     assert store.offsets.dtype == np.int64 and store.offsets.tolist() == [0, 4, 7, 13]
-    assert sorted(os.listdir(tmp_path)) == ["c.offsets.npy", "c.tokens.npy"]  # no temp files
-    tokens_file, _ = cache_files(str(tmp_path / "c"))
-    np.save(tokens_file, np.zeros(3, dtype=np.uint32))  # offsets no longer match
-    with pytest.raises(DataError, match="is inconsistent; delete it"):
-        TokenStore.open(str(tmp_path / "c"))
+    assert store.loss_mask is None  # plain text: every token is a target
+    assert sorted(os.listdir(tmp_path / "c")) == ["index.json", "shard_00000.docs.npy", "shard_00000.tokens"]
+    assert sorted(os.listdir(tmp_path)) == ["c", "c.jsonl"]  # no temp folders left
+    np.zeros(3, dtype=np.uint32).tofile(shard_files(str(tmp_path / "c"), 0)["tokens"])  # no longer matches
+    with pytest.raises(DataError, match="shard 0 does not match index.json; delete .* to rebuild it"):
+        CachedCorpus.open(str(tmp_path / "c"))
 
 
 def test_packed_windows_labels_and_positions_at_boundaries(tmp_path: Path) -> None:
@@ -332,7 +339,7 @@ def test_loader_resumes_from_state_dict(tmp_path: Path) -> None:
     state = run.state_dict()
     resumed = StepLoader(windows, StepSampler(len(windows), 4, 1, 2, seed=0), 2, COEFS)
     resumed.load_state_dict(state)
-    assert state == {"next_step": 3}
+    assert state == {"epoch": 0, "consumed": 12}
     pairs = zip(run.next_step(), resumed.next_step())
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in pairs)
 
@@ -420,14 +427,18 @@ def test_prepare_data_builds_then_hits_the_cache(
     def fail(*args, **kwargs):
         raise AssertionError("cache missed")
 
-    monkeypatch.setattr(data_pkg, "load_documents", fail)
-    monkeypatch.setattr(data_pkg, "tokenize_to_cache", fail)
+    monkeypatch.setattr(prepare_mod, "plan_units", fail)
+    monkeypatch.setattr(prepare_mod, "build_cache", fail)
     monkeypatch.setattr(tok_mod, "_train_bpe", fail)
     again = prepare_data(cfg, seq_len=16, seed=0)
     assert again.n_train_tokens == bundle.n_train_tokens
     assert torch.equal(again.train[3]["input_ids"], bundle.train[3]["input_ids"])
-    with pytest.raises(AssertionError, match="cache missed"):  # another split must tokenize again
-        prepare_data(cfg, seq_len=16, seed=1)
+    # Another split reuses the tokens: splits are views of the cache, chosen by the seed.
+    other = prepare_data(cfg, seq_len=16, seed=1)
+    assert other.n_train_tokens + other.n_val_tokens == expected
+    assert other.val.store.tokens.tolist() != bundle.val.store.tokens.tolist()
+    with pytest.raises(AssertionError, match="cache missed"):  # another tokenizer must tokenize again
+        prepare_data(_cfg(tmp_path, val_fraction=0.2, tokenizer="bpe:301"), seq_len=16, seed=0)
 
 
 def test_prepare_data_without_validation(tmp_path: Path) -> None:
