@@ -21,13 +21,15 @@ from plait.data.tokenizer import Tokenizer
 from plait.errors import DataError
 
 ASSISTANT = "assistant"
-MESSAGE_FORM = 'a list of {"role": string, "content": string} objects'
+MESSAGE_FORM = 'list of {"role": string, "content": string} objects'
 
 
 def messages_of(record: Any, where: str) -> list[dict]:
     """The validated ``messages`` of a parsed jsonl record; raises DataError naming the problem."""
     if not isinstance(record, dict) or "messages" not in record:
-        raise DataError(f"{where}: a chat record must be an object with \"messages\": {MESSAGE_FORM}")
+        raise DataError(
+            f"{where}: a chat record must be an object with \"messages\": a {MESSAGE_FORM}"
+        )
     return validated_messages(record["messages"], where)
 
 
@@ -50,7 +52,7 @@ def validated_messages(messages: Any, where: str) -> list[dict]:
 
 def _validated_message(message: Any, where: str) -> dict:
     if not isinstance(message, dict):
-        raise DataError(f"{where} is a {type(message).__name__}; messages are {MESSAGE_FORM}")
+        raise DataError(f"{where} is {_json_type(message)}; \"messages\" must be a {MESSAGE_FORM}")
     for key in ("role", "content"):
         value = message.get(key)
         if not isinstance(value, str):
