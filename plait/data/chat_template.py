@@ -89,7 +89,7 @@ class ChatTemplate:
         }
         try:
             marked = compiled.render(variables)
-        except jinja2.TemplateError as exc:
+        except Exception as exc:  # Jinja errors, and Python's own for e.g. 'a' + 1 in the template
             raise DataError(
                 f"{where}: chat template {self.origin} failed to render: {_one_line(exc)}"
             ) from None
@@ -105,14 +105,17 @@ def load_chat_template(tokenizer_spec: str, override: str = "") -> ChatTemplate:
     """
     tokenizer_file = tokenizer_spec.endswith((".json", ".model"))
     folder = os.path.dirname(os.path.expanduser(tokenizer_spec)) if tokenizer_file else ""
-    special = _special_tokens(os.path.join(folder, CONFIG_FILE)) if tokenizer_file else {}
+    if tokenizer_file:
+        special = _special_tokens(os.path.join(folder, CONFIG_FILE))
+    else:
+        special = dict(BUILTIN_SPECIAL_TOKENS)  # plait's BPE and gpt2 both end text with it
     if override:
         path = os.path.expanduser(override)
         template = ChatTemplate(_read_text(path, "data.chat_template"), path, special)
     elif tokenizer_file:
         template = _beside_tokenizer(tokenizer_spec, folder, special)
     else:
-        template = ChatTemplate(BUILTIN_TEMPLATE, "built-in", dict(BUILTIN_SPECIAL_TOKENS))
+        template = ChatTemplate(BUILTIN_TEMPLATE, "built-in", special)
     _compile(template.source, template.origin)  # a syntax error surfaces now, not per record
     return template
 

@@ -223,7 +223,8 @@ def test_template_sources(tmp_path: Path) -> None:
     override = tmp_path / "mine.jinja"
     override.write_text("O")
     assert load_chat_template(str(path), str(override)).source == "O"
-    assert load_chat_template("bpe:300", str(override)).source == "O"
+    mine = load_chat_template("bpe:300", str(override))
+    assert mine.source == "O" and mine.special_tokens == {"eos_token": "<|endoftext|>"}
     assert load_chat_template("gpt2").source == BUILTIN_TEMPLATE
 
     path = _write_tokenizer(tmp_path / "none", None)
@@ -264,6 +265,8 @@ def test_builtin_template_masks_exactly_the_replies(bpe_tokenizer: Tokenizer) ->
         ("{{ raise_exception('only user and assistant roles are supported') }}",
          "only user and assistant roles are supported"),
         ("{{ messages[0].content.upper }}{{ cycler.__init__.__globals__ }}", "unsafe"),
+        ("{{ messages[0].content + 1 }}", "can only concatenate str"),
+        ("{{ eos_token + undefined_name.attribute }}", "'undefined_name' is undefined"),
     ],
 )
 def test_sandbox_and_template_errors_are_one_line(
