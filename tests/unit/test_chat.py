@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from plait.data.chat import ChatEncoder, messages_of, tokens_in_spans
 from plait.data.chat_demo import demo_conversations
@@ -38,13 +39,18 @@ QWEN_TEMPLATE = (
     "{%- endif %}\n"
 )
 UNTAGGED_TEMPLATE = QWEN_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+# Qwen2's pre-tokenizer split (digits one by one, letters with one leading non-letter).
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PARAGRAPHS = [
     "The quick brown fox jumps over the lazy dog. You are a helpful assistant.",
     "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
     "Ünïcödé téxt, 日本語のテキスト, and emoji 🌍🚀 keep the byte-level alphabet busy.",
     "system user assistant: hello, how are you today? I am fine, thank you.\n\nNew lines too.",
-    "Paragraphs\n\nbreak\n\noften\n\n\nhere.",  # so "\n\n" becomes one token
+    "Paragraphs\n\nbreak\n\noften\n\n\nhere, 1234 5678 café.",  # so "\n\n" becomes one token
 ]
 FIXED_CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
@@ -66,10 +72,16 @@ FIXED_CONVERSATIONS = [
 
 
 def _train_chatml_tokenizer() -> HFTokenizer:
+    """A small BPE with Qwen2's pipeline: transformers' Qwen2Tokenizer rebuilds this pipeline
+    around the saved vocabulary, so plait (which runs tokenizer.json as written) must match it."""
     hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     hf.decoder = decoders.ByteLevel()
-    hf.post_processor = processors.ByteLevel(trim_offsets=False)  # as Qwen2's tokenizer.json
+    hf.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=SPECIALS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -83,7 +95,7 @@ def _write_tokenizer(folder: Path, chat_template: object | None) -> Path:
     path = folder / "tokenizer.json"
     path.write_text(_train_chatml_tokenizer().to_str())
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "tokenizer_class": "Qwen2Tokenizer",
         # transformers' older AddedToken form; plait reads its "content"
         "eos_token": {"__type": "AddedToken", "content": "<|im_end|>", "lstrip": False,
                       "normalized": False, "rstrip": False, "single_word": False, "special": True},
@@ -329,3 +341,10 @@ def test_sentencepiece_offsets_are_characters() -> None:
     assert ids == tokenizer.encode(text)
     assert "é" in [text[start:end] for start, end in offsets]
     assert offsets[-1][1] == len(text)
+
+
+def test_template_and_tokenizer_travel_to_workers(qwen_folder: Path) -> None:
+    """Tokenization workers get the template pickled, or rebuild it from the same strings."""
+    spec = str(qwen_folder / "tokenizer.json")
+    template = load_chat_template(spec)
+    assert pickle.loads(pickle.dumps(template)) == template == load_chat_template(spec)
