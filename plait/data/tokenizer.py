@@ -126,6 +126,18 @@ class Tokenizer:
             return self._hf.encode(text, add_special_tokens=False).ids
         return self._sp.encode(text)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode(text)`` and each token's ``(start, end)`` character span in ``text``.
+
+        Chat data maps the template's assistant character spans onto tokens with these.
+        """
+        if self._hf is not None:
+            encoding = self._hf.encode(text, add_special_tokens=False)
+            return encoding.ids, list(encoding.offsets)
+        pieces = _sp_pieces(self._sp, text)
+        char_at = _char_index_of_bytes(text)  # sentencepiece reports UTF-8 byte offsets
+        return [p.id for p in pieces], [(char_at[p.begin], char_at[p.end]) for p in pieces]
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text; runs on all cores (the Rust/C++ backends release the GIL)."""
         if self._hf is not None:
@@ -140,6 +152,20 @@ class Tokenizer:
         if self._hf is not None:
             return self._hf.decode(ids, skip_special_tokens=False)
         return self._sp.decode(ids)
+
+
+def _sp_pieces(sp: object, text: str) -> list:
+    """The pieces (id, byte begin/end) of ``text``; the call is named differently before 0.2.1."""
+    try:
+        return list(sp.encode(text, return_type="proto").pieces)
+    except TypeError:
+        return list(sp.encode_as_immutable_proto(text).pieces)
+
+
+def _char_index_of_bytes(text: str) -> list[int]:
+    """For each UTF-8 byte offset of ``text`` (end included), the index of the character holding it."""
+    index = [i for i, char in enumerate(text) for _ in char.encode("utf-8")]
+    return index + [len(text)]
 
 
 def _load_hf_file(path: str) -> Tokenizer:
