@@ -76,7 +76,7 @@ def _training_text(cfg: DataConfig) -> Iterator[str]:
 def _chat_template(cfg: DataConfig):
     if cfg.format != "chat":
         return None
-    from plait.data.chat import load_chat_template
+    from plait.data.chat_template import load_chat_template
 
     return load_chat_template(cfg.tokenizer, cfg.chat_template)
 

@@ -231,7 +231,7 @@ def read_unit(unit: Unit, field: str, hint: str = TEXT_HINT) -> Iterator[tuple[s
     ``hint`` ends the message of a record without ``field``."""
     for piece in unit:
         if piece.kind == "demo" and piece.path == "chat":
-            from plait.data.chat import demo_conversations
+            from plait.data.chat_demo import demo_conversations
 
             yield from (("data.source 'demo'", c) for c in demo_conversations())
         elif piece.kind == "demo":

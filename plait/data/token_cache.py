@@ -55,11 +55,11 @@ class Encoding:
         if self.chat is None:
             yield from self._texts(unit, hint)
             return
-        from plait.data.chat import ChatEncoder, messages_of
+        from plait.data.chat import ChatEncoder, validated_messages
 
         encoder = ChatEncoder(self.tokenizer, self.chat)
         for where, value in read_unit(unit, self.field, hint):
-            yield encoder.encode(messages_of({self.field: value}, where), where)
+            yield encoder.encode(validated_messages(value, where), where)
 
     def _texts(self, unit: Unit, hint: str) -> Iterator[tuple[list[int], None]]:
         batch: list[str] = []
@@ -133,8 +133,9 @@ def _run_unit(job: tuple[int, Unit]) -> tuple[int, int, int]:
 
 def _tokenize(encoding: Encoding, units: Sequence[Unit], folder: str, workers: int, hint: str,
               progress: Progress | None) -> list[tuple[int, int]]:
-    """Every unit's shard in ``folder``; returns each shard's (documents, tokens)."""
-    if workers <= 1 or len(units) == 1:
+    """Every unit's shard in ``folder``; returns each shard's (documents, tokens). More than one
+    unit always goes to worker processes, even to one: a worker is one core."""
+    if len(units) == 1:  # a small source: not worth starting a process
         counts = []
         done = [0, 0]
         for k, unit in enumerate(units):
