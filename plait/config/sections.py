@@ -98,8 +98,8 @@ class DataConfig:
                 "rendered with the chat template, and only the assistant's tokens count in the loss"
     )
     chat_template: str = field_spec(
-        "", "chat: a .jinja template file; empty = the tokenizer's own (tokenizer_config.json beside a tokenizer.json), "
-            "or plait's built-in one for bpe:N and gpt2"
+        "", "chat: a .jinja template file, or 'builtin' for plait's own; empty = the tokenizer's own "
+            "(tokenizer_config.json beside a tokenizer.json), or the built-in one for bpe:N and gpt2"
     )
     val_fraction: float = field_spec(0.05, "share of documents held out for validation", min=0, max=0.5)
     doc_mask: bool = field_spec(True, "attention never crosses a document boundary in packed windows")

@@ -96,10 +96,14 @@ class ChatTemplate:
         return _strip_span_marks(marked, where, self.origin)
 
 
+BUILTIN = "builtin"  # the data.chat_template value naming BUILTIN_TEMPLATE
+
+
 def load_chat_template(tokenizer_spec: str, override: str = "") -> ChatTemplate:
     """The chat template for ``tokenizer_spec`` (a ``data.tokenizer`` value).
 
-    ``override`` (``data.chat_template``) is a .jinja file that wins over everything. Otherwise a
+    ``override`` (``data.chat_template``) is a .jinja file, or ``"builtin"`` for plait's own
+    template, and wins over everything. Otherwise a
     tokenizer file's template comes from the ``tokenizer_config.json`` or ``chat_template.jinja``
     beside it, and plait's ``bpe:N``/``gpt2`` tokenizers get ``BUILTIN_TEMPLATE``.
     """
@@ -109,7 +113,9 @@ def load_chat_template(tokenizer_spec: str, override: str = "") -> ChatTemplate:
         special = _special_tokens(os.path.join(folder, CONFIG_FILE))
     else:
         special = dict(BUILTIN_SPECIAL_TOKENS)  # plait's BPE and gpt2 both end text with it
-    if override:
+    if override == BUILTIN:  # e.g. plait's own BPE saved as a tokenizer.json with a checkpoint
+        template = ChatTemplate(BUILTIN_TEMPLATE, "built-in", {**BUILTIN_SPECIAL_TOKENS, **special})
+    elif override:
         path = os.path.expanduser(override)
         template = ChatTemplate(_read_text(path, "data.chat_template"), path, special)
     elif tokenizer_file:

