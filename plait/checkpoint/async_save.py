@@ -27,7 +27,7 @@ from plait.telemetry import collectives as comm
 # Niceness of the writing thread (Linux schedules threads, so it applies to this thread alone):
 # where cores are shared with training, the write takes the time training leaves idle instead
 # of slowing the step. It still finishes well within a checkpoint interval.
-WRITER_NICE = 19
+WRITER_NICE = 10
 
 
 class BackgroundSaver:
