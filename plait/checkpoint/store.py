@@ -21,6 +21,8 @@ import shutil
 import warnings
 import zlib
 from collections.abc import Callable
+from copy import deepcopy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -223,6 +226,35 @@ def merged_view(parts: list[nn.Module]) -> nn.Module:
     return view
 
 
+@dataclass
+class StagedSave:
+    """One training checkpoint's content, ready to write: what :func:`write_checkpoint` needs.
+    Staged with ``copy`` it owns every tensor, so training may go on while it is written."""
+
+    run_dir: str
+    step: int
+    state: dict[str, Any]  # {"model": ..., "optim": ...}: this rank's DCP state dicts
+    rank_state: dict[str, Any]
+    cfg: JobConfig
+    tokenizer: Any
+    keep: int
+    worker: tuple[str, Any] | None = None
+
+
+def stage_checkpoint(run_dir: str, step: int, parts: list[nn.Module], optimizer: torch.optim.Optimizer,
+                     rank_state: dict[str, Any], cfg: JobConfig, tokenizer: Any, keep: int,
+                     worker: tuple[str, Any] | None = None, copy: bool = False) -> StagedSave:
+    """This rank's part of a save at ``step``. With ``copy`` the tensors are copied to CPU
+    memory (torch's own stager) and ``rank_state`` deep-copied: the optimizer updates the
+    parameters in place right after, and a background write must see this step's values."""
+    model_sd, optim_sd = _state_dicts(merged_view(parts), optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if copy:
+        state = BlockingAsyncStager().stage(state)
+        rank_state = deepcopy(rank_state)
+    return StagedSave(run_dir, step, state, rank_state, cfg, tokenizer, keep, worker)
+
+
 def save_checkpoint(
     run_dir: str,
     step: int,
@@ -233,14 +265,25 @@ def save_checkpoint(
     tokenizer: Any,
     keep: int,
     worker: tuple[str, Any] | None = None,
+    after_shards: Callable[[], None] | None = None,
 ) -> str:
     """Collective: every rank calls it. Returns the final checkpoint folder.
 
     ``worker = (name, group)``: lowbw workers hold different weights and optimizer states,
     so each worker writes its own DCP checkpoint into the subfolder ``name`` over its own
-    process group (DCP would otherwise keep one copy of what looks replicated)."""
-    root = checkpoint_root(run_dir)
-    name = f"step_{step:06d}"
+    process group (DCP would otherwise keep one copy of what looks replicated).
+    ``after_shards``: called once this rank's shards are written (fault injection)."""
+    staged = stage_checkpoint(run_dir, step, parts, optimizer, rank_state, cfg, tokenizer, keep, worker)
+    return write_checkpoint(staged, after_shards=after_shards)
+
+
+def write_checkpoint(save: StagedSave, group: Any = None, after_shards: Callable[[], None] | None = None) -> str:
+    """Collective over ``group`` (None: the world): write the staged ``save`` under
+    ``step_NNNNNN.tmp``, agree that every rank's part succeeded, then rank 0 writes the
+    manifest, publishes the folder and moves ``latest``. Returns the final folder; a failed
+    save removes its temp folder and raises (a CheckpointError for a write error)."""
+    root = checkpoint_root(save.run_dir)
+    name = f"step_{save.step:06d}"
     final = os.path.join(root, name)
     tmp = temp_folder_for(final)
     rank = _rank()
@@ -251,26 +294,28 @@ def save_checkpoint(
             os.makedirs(os.path.join(tmp, "state"))
 
     def write_shards() -> None:
-        model_sd, optim_sd = _state_dicts(merged_view(parts), optimizer)
-        folder, group = (os.path.join(tmp, worker[0]), worker[1]) if worker else (tmp, None)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder, process_group=group)
-        torch.save(rank_state, os.path.join(tmp, "state", f"rank{rank}.pt"))
+        worker = save.worker
+        folder, shard_group = (os.path.join(tmp, worker[0]), worker[1]) if worker else (tmp, group)
+        dcp.save(save.state, checkpoint_id=folder, process_group=shard_group)
+        if after_shards is not None:
+            after_shards()
+        torch.save(save.rank_state, os.path.join(tmp, "state", f"rank{rank}.pt"))
 
     def publish() -> None:
         if rank == 0:
-            _write_config(tmp, cfg)
-            if tokenizer is not None:
-                tokenizer.save(tmp)
+            _write_config(tmp, save.cfg)
+            if save.tokenizer is not None:
+                save.tokenizer.save(tmp)
             world = dist.get_world_size() if dist.is_initialized() else 1
-            _write_manifest(tmp, step, {"world_size": world})
+            _write_manifest(tmp, save.step, {"world_size": world})
             publish_folder(tmp, final)
             with atomic_write(os.path.join(root, LATEST), "w") as fh:
                 fh.write(name)
-            _prune(root, keep, step)
+            _prune(root, save.keep, save.step)
 
     try:
         for part in (prepare, write_shards, publish):
-            _on_every_rank(part, name)
+            _on_every_rank(part, name, group)
     except BaseException as exc:
         if rank == 0:  # a full disk must not stay full of a save that failed
             shutil.rmtree(tmp, ignore_errors=True)
@@ -282,20 +327,21 @@ def save_checkpoint(
     return final
 
 
-def _on_every_rank(part: Callable[[], None], name: str) -> None:
+def _on_every_rank(part: Callable[[], None], name: str, group: Any = None) -> None:
     """Run this rank's ``part`` of a save, then agree with every rank that all succeeded (this
     is the save's barrier): a rank whose write failed alone would otherwise leave the others
     waiting forever in the next collective. Raises this rank's error, or a CheckpointError
-    when another rank failed."""
+    when another rank failed. ``group``: the process group to agree on (None: the world)."""
     error: BaseException | None = None
     try:
         part()
     except (OSError, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         error = exc
     if dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        on_gpu = dist.get_backend(group) == "nccl"  # a checkpoint group is gloo whatever training uses
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
         failed = torch.tensor([int(error is not None)], device=device)
-        dist.all_reduce(failed)
+        dist.all_reduce(failed, group=group)
         if error is None and failed.item():
             raise CheckpointError(f"checkpoint {name} was not saved: another rank failed to write its part")
     if error is not None:

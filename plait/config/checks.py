@@ -31,6 +31,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
             "into one sequence, which must not attend to each other"
         )
     link_emulation(cfg)
+    validate_checkpoint(cfg)
     if p.layout == "auto":
         return  # the planner picks the layout (plait.plan.auto) and validates its choice
     world = world_size if world_size is not None else job_world_size(cfg)
@@ -44,6 +45,26 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     validate_precision(cfg, dp)
     validate_lowbw(cfg)
     check_batch(workload(cfg), dp)
+
+
+def validate_checkpoint(cfg: JobConfig) -> None:
+    """Asynchronous saves and ``crash_save`` injections fit the job."""
+    c = cfg.checkpoint
+    if c.async_save and cfg.lowbw.method != "none":
+        # Each lowbw worker saves its own weights over its worker group; a background save
+        # would need one more group per worker. Not supported: refuse rather than half-work.
+        raise ConfigError(f"checkpoint.async = true does not support lowbw.method = '{cfg.lowbw.method}' "
+                          "(each worker saves its own weights); set checkpoint.async = false")
+    injection = parse_injection(cfg.resilience.inject)
+    if injection is not None and injection.kind == "crash_save" and not saves_at(cfg, injection.step):
+        raise ConfigError(f"resilience.inject = 'crash_save:...' names step {injection.step}, which saves no "
+                          f"checkpoint (checkpoint.every = {c.every}, train.steps = {cfg.train.steps})")
+
+
+def saves_at(cfg: JobConfig, step: int) -> bool:
+    """Whether the trainer saves a checkpoint after ``step``: every ``checkpoint.every`` steps and at the end."""
+    every = cfg.checkpoint.every
+    return bool(every and step % every == 0) or step == cfg.train.steps
 
 
 def validate_precision(cfg: JobConfig, dp: int) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from plait.errors import ConfigError
 
 
-INJECTIONS = ("crash", "hang", "hang_collective", "slow", "nan", "crash_sync")
+INJECTIONS = ("crash", "hang", "hang_collective", "slow", "nan", "crash_sync", "crash_save")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 from plait.config.checks import validate
-from plait.config.sections import JobConfig
+from plait.config.sections import JobConfig, config_key
 from plait.errors import ConfigError, UsageError
 
 
@@ -35,7 +35,8 @@ SECTIONS: dict[str, type] = sections_of(JobConfig)
 
 
 def section_fields(section: str, root: Any = JobConfig) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(sections_of(root)[section])}
+    """A section's fields by the key users write (``config_key``: ``async`` for ``async_save``)."""
+    return {config_key(f): f for f in dataclasses.fields(sections_of(root)[section])}
 
 
 def has_key(root: Any, dotted: str) -> bool:
@@ -140,10 +141,11 @@ def set_key(root: Any, dotted: str, raw: Any, from_cli: bool) -> None:
         options = [f"{s}.{n}" for s in scope for n in section_fields(s, root)]
         raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, options)}")
     body = getattr(root, section)
-    hint = typing.get_type_hints(type(body))[name]
+    fld = section_fields(section, root)[name]
+    hint = typing.get_type_hints(type(body))[fld.name]
     value = _coerce(dotted, raw, hint, from_cli)
-    _check_range(dotted, value, hint, section_fields(section, root)[name].metadata)
-    setattr(body, name, value)
+    _check_range(dotted, value, hint, fld.metadata)
+    setattr(body, fld.name, value)
 
 
 def apply_toml(root: Any, path: str, known_only: bool = False) -> set[str]:
@@ -244,7 +246,7 @@ def reference_markdown() -> str:
     for section, kind in SECTIONS.items():
         hints = typing.get_type_hints(kind)
         for name, fld in section_fields(section).items():
-            hint = hints[name]
+            hint = hints[fld.name]
             if typing.get_origin(hint) is Literal:
                 kind = " \\| ".join(str(c) for c in typing.get_args(hint))
             else:

@@ -1,7 +1,8 @@
 """The job's typed sections: every field with its default, one-line doc and limits.
 
 A field's name is the same in the TOML file, on the command line (``--train.steps 200``), in the
-code and in the docs. Range limits and allowed choices are declared next to the field
+code and in the docs, except where the name users write is a Python keyword: then ``key=`` gives
+it (``checkpoint.async`` is the attribute ``async_save``) and the parser maps one to the other. Range limits and allowed choices are declared next to the field
 (``metadata``); the one parser (``config.parse``) checks them, so the validator and the README agree.
 """
 
@@ -18,11 +19,17 @@ from plait.errors import ConfigError
 SEED_MAX = 2**63 - 1
 
 
-def field_spec(default: Any, doc: str, **limits: Any) -> Any:
+def field_spec(default: Any, doc: str, key: str | None = None, **limits: Any) -> Any:
     """A config field with its one-line doc and optional limits: ``min``/``max`` (inclusive),
     ``gt``/``lt`` (exclusive), ``nonempty`` (a string that must not be blank). An int field
-    without ``max`` is bounded by the parser's INT_MAX."""
-    return field(default=default, metadata={"doc": doc, **limits})
+    without ``max`` is bounded by the parser's INT_MAX. ``key``: the name users write when it
+    cannot be the attribute's (a Python keyword such as ``async``)."""
+    return field(default=default, metadata={"doc": doc, **({"key": key} if key else {}), **limits})
+
+
+def config_key(fld: dataclasses.Field) -> str:
+    """The name users write for field ``fld`` (TOML, command line, docs): its ``key`` if it has one."""
+    return fld.metadata.get("key", fld.name)
 
 
 @dataclass
@@ -216,6 +223,10 @@ class CheckpointConfig:
     every: int = field_spec(0, "save every N steps; 0 saves only at the end", min=0)
     keep: int = field_spec(2, "checkpoints kept on disk (oldest removed)", min=1)
     resume: bool = field_spec(False, "continue from the latest checkpoint in run.dir")
+    async_save: bool = field_spec(
+        False, "write checkpoints in the background while training goes on (one save in flight; the step's "
+               "weights are copied first); not with lowbw", key="async"
+    )
     init_from: str = field_spec(
         "", "start from these model weights with a fresh optimizer and step 0: a plait checkpoint folder, a run "
             "dir's latest, or a Hugging Face folder (config.json + safetensors; each rank reads only its shards); "
@@ -270,4 +281,6 @@ class JobConfig:
     lowbw: LowBWConfig = field(default_factory=LowBWConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """{section: {key users write: value}} (what config.toml holds)."""
+        return {section.name: {config_key(f): getattr(body, f.name) for f in dataclasses.fields(body)}
+                for section in dataclasses.fields(self) for body in [getattr(self, section.name)]}

@@ -9,7 +9,11 @@
   as long;
 - ``nan:rank=R:step=S``: rank R's loss at step S is NaN;
 - ``crash_sync:rank=R:step=S``: rank R kills itself while the lowbw outer sync launched after
-  step S is in flight (the other workers are inside the exchange).
+  step S is in flight (the other workers are inside the exchange);
+- ``crash_save:rank=R:step=S``: rank R kills itself with SIGKILL in the middle of the
+  checkpoint save of step S, once its DCP shards are written and before its state file and
+  the all-rank agreement (with ``checkpoint.async`` inside the background write): the
+  checkpoint must not be published, and ``latest`` stays on the previous one.
 Injections fire only in a job's first attempt, so a restart runs clean. Each one is noted in
 ``<run.dir>/injections.jsonl`` (time, kind, rank, step) just before it fires, so tests and
 bench/faults.py can measure detection latency.
@@ -62,6 +66,18 @@ class Injector:
         if inj is not None and inj.kind == "crash_sync" and step == inj.step:
             self._note(step)
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def during_save(self, step: int):
+        """The callback a checkpoint save of ``step`` runs once this rank's shards are written
+        (``crash_save``), or None."""
+        inj = self.injection
+        if inj is None or inj.kind != "crash_save" or step != inj.step:
+            return None
+
+        def crash() -> None:
+            self._note(step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return crash
 
     def slow_down(self, step: int, compute_s: float) -> None:
         """Sleep so this step's compute took ``factor`` times ``compute_s``."""

@@ -117,9 +117,11 @@ _totals: collections.Counter = collections.Counter()  # dim -> wire bytes since 
 
 class _Paused(threading.local):
     """How deep this thread is in ``paused()``: a background thread's collectives stay counted
-    (and emulated) while the main thread reduces its metrics."""
+    (and emulated) while the main thread reduces its metrics. ``hidden``: this thread is in
+    ``background()``."""
 
     depth = 0
+    hidden = False
 
 
 _pause = _Paused()
@@ -183,7 +185,8 @@ def _begin(op: str, key, payload, splits=None) -> Record:
         emulation = _emulation  # one read: configure_emulation may rebind it meanwhile
         if emulation is not None and n > 1:
             rec.deadline = _deadline(rec, *emulation)
-    _blocked[rec.seq] = rec
+    if not _pause.hidden:
+        _blocked[rec.seq] = rec
     return rec
 
 
@@ -248,7 +251,8 @@ def _waited(handle, wait, *args, **kwargs):
 @contextlib.contextmanager
 def _blocking(rec: Record) -> Iterator[Record]:
     """The host waits for ``rec`` inside: in_flight() shows it, and its end is taken after."""
-    _blocked[rec.seq] = rec
+    if not _pause.hidden:
+        _blocked[rec.seq] = rec
     try:
         yield rec
     finally:
@@ -413,6 +417,19 @@ def paused() -> Iterator[None]:
         yield
     finally:
         _pause.depth -= 1
+
+
+@contextlib.contextmanager
+def background() -> Iterator[None]:
+    """For a thread whose collectives are not the training's (a checkpoint written in the
+    background on its own group): uncounted, not emulated, and never in ``in_flight()``, where
+    its long waits for slower ranks would read as the training hanging in a collective."""
+    _pause.hidden = True
+    try:
+        with paused():
+            yield
+    finally:
+        _pause.hidden = False
 
 
 def records() -> list[Record]:

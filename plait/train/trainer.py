@@ -38,6 +38,7 @@ from plait.parallel.zero import build_zero1_optimizer, state_bytes
 from plait.train.loss import plain, token_loss_sum
 from plait.train.pipeline_runner import PipelineRunner
 from plait.checkpoint import store as ckpt
+from plait.checkpoint.async_save import BackgroundSaver
 from plait.checkpoint.hf_source import HFWeights
 from plait.checkpoint.starting import starting_weights
 from plait.resilience.events import log_event
@@ -132,6 +133,8 @@ class Trainer:
             if self.dims.pp_enabled else None
         )
         self._build_data(cfg)
+        # checkpoint.async: the save in flight and its own process group (collective to create).
+        self.saver = BackgroundSaver() if cfg.checkpoint.async_save else None
         self.start_step = 0
         self.model_state_bytes: dict[str, int] = {}
         if cfg.checkpoint.resume:
@@ -372,6 +375,8 @@ class Trainer:
                 self._checkpoint(step, result)
             if step % cfg.metrics.log_every == 0 or "val_loss" in record or step == cfg.train.steps:
                 metrics.log(record)
+        if self.saver is not None:  # training is over when its last checkpoint is
+            self._saved(self.saver.wait(), result)
         self._finish(result, metrics)
         return result
 
@@ -413,14 +418,29 @@ class Trainer:
         record["val_loss"], record["val_ppl"] = val, float(torch.tensor(val).exp())
 
     def _checkpoint(self, step: int, result: TrainResult) -> None:
+        """Save (collective). With ``checkpoint.async`` this step's state is copied and written
+        in the background once the previous save is published (its error surfaces here)."""
         cfg = self.cfg
         self.guard.phase("checkpoint")
-        result.checkpoint = ckpt.save_checkpoint(
-            cfg.run.dir, step, self.parts, self.optimizer, self._rank_state(step), cfg,
-            self.data.tokenizer, cfg.checkpoint.keep, self._worker(),
-        )
+        after_shards = self.guard.injector.during_save(step)
+        if self.saver is None:
+            folder = ckpt.save_checkpoint(
+                cfg.run.dir, step, self.parts, self.optimizer, self._rank_state(step), cfg,
+                self.data.tokenizer, cfg.checkpoint.keep, self._worker(), after_shards,
+            )
+            self._saved((step, folder), result)
+            return
+        staged = ckpt.stage_checkpoint(cfg.run.dir, step, self.parts, self.optimizer, self._rank_state(step), cfg,
+                                       self.data.tokenizer, cfg.checkpoint.keep, copy=True)
+        self._saved(self.saver.save(staged, after_shards), result)
+
+    def _saved(self, done: tuple[int, str] | None, result: TrainResult) -> None:
+        """A save was published: the run's latest checkpoint, and its event (rank 0)."""
+        if done is None:
+            return
+        step, result.checkpoint = done
         if self.rank == 0:
-            log_event(cfg.run.dir, "checkpoint", rank=0, step=step, detail=os.path.basename(result.checkpoint))
+            log_event(self.cfg.run.dir, "checkpoint", rank=0, step=step, detail=os.path.basename(result.checkpoint))
 
     def _announce(self) -> None:
         if self.rank != 0:

@@ -240,9 +240,15 @@ def test_reference_differs_with_other_seed(workdir, references):
     assert abs(other.losses[2] - reference.losses[2]) / reference.losses[2] > RTOL
 
 
-@pytest.mark.parametrize("world,zero", [(1, 3), (2, 3), (2, 1)], ids=["1rank", "2ranks_fsdp", "2ranks_zero1"])
-def test_resume_is_bit_identical(workdir, world, zero):
-    if world == 1:
+@pytest.mark.parametrize("world,zero,background", [(1, 3, False), (2, 3, False), (2, 1, False), (2, 3, True)],
+                         ids=["1rank", "2ranks_fsdp", "2ranks_zero1", "2ranks_fsdp_async"])
+def test_resume_is_bit_identical(workdir, world, zero, background):
+    """``background``: checkpoint.async, the checkpoints written while training goes on."""
+    if background:
+        values = {"parallel.dp_shard": 2, "parallel.zero": zero, "checkpoint.async": True}
+        out = spawn(run_resume, world, (workdir, values, "resume2_async"))[0]
+        full, resumed = out["full"], out["resumed"]
+    elif world == 1:
         common = {"checkpoint.every": 10, "checkpoint.keep": 5}
         full = run_training(job(workdir, "resume1", **common)).losses
         roll_back(os.path.join(workdir, "runs", "resume1"), 10)

@@ -131,6 +131,22 @@ def test_worker_crash_during_an_outer_sync_restarts_cleanly(workdir):
     assert losses == clean_losses
 
 
+def test_rank_killed_in_an_async_save_resumes_from_the_previous_checkpoint(workdir, clean):
+    """checkpoint.async: rank 1 dies inside the background write of step 4, its shards written,
+    while the others go on training. step_000004 is never published (``latest`` stays on
+    step_000002), the crash is named, the job resumes from step 2 (itself an async save) and
+    the loss curve is the synchronous fault-free one bit for bit."""
+    name = "crash_save"
+    losses, events = run_job(workdir, name, **{"checkpoint.async": True, "resilience.inject": "crash_save:rank=1:step=4"})
+    fault = fault_of(events, "crash")
+    assert fault["ranks"] == [1], fault
+    assert fault["time"] - injected_at(workdir, name) <= BOUND_S, fault
+    kinds = [e["kind"] for e in events]
+    assert kinds.index("restart") > kinds.index("crash") and kinds[-1] == "done"
+    assert fault_of(events, "resume")["detail"] == "step_000002"
+    assert losses == clean
+
+
 def test_torchrun_hang_is_named_stopped_and_resumed(workdir, clean):
     """Under torchrun, a rank that hangs outside any collective would keep the others waiting
     for the process-group timeout (30 min on gloo). plait's monitor, started by rank 0,
