@@ -331,3 +331,61 @@ def test_control_characters_survive_config_toml(env, trained_run):
         assert tomllib.load(fh)["train"]["sample_prompt"] == PROMPT
     code, err = run_cli(env, "generate", trained_run, "--max-new-tokens", "2", tiny=False)
     assert code == 0, err
+
+
+GOOD_CHAT = {"messages": [{"role": "user", "content": "Speak, friend."}, {"role": "assistant", "content": "Enter."}]}
+BAD_CHAT = {
+    "no_assistant_turn": ({"messages": [{"role": "user", "content": "hello"}]}, "assistant"),
+    "messages_not_a_list": ({"messages": "hello"}, "messages"),
+    "content_not_text": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]},
+                         "content"),
+    "no_messages": ({"text": "plain"}, "'messages'"),
+}
+
+
+def _tokens_folders(cache: str) -> list[str]:
+    folder = os.path.join(cache, "tokens")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CHAT))
+def test_bad_chat_record_is_one_line_and_leaves_no_cache(env, tmp_path, name):
+    import json
+
+    record, needle = BAD_CHAT[name]
+    source = tmp_path / "chat.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in [GOOD_CHAT] * 2 + [record] + [GOOD_CHAT] * 20))
+    before = _tokens_folders(env["cache"])
+    code, err = run_cli(env, "train", "--data.source", str(source), "--data.format", "chat")
+    assert_one_line(code, err, "chat.jsonl' line 3", needle)
+    assert _tokens_folders(env["cache"]) == before  # nothing half-written
+    assert not os.path.exists(os.path.join(env["root"], "run"))
+
+
+@pytest.mark.parametrize("template, needle", [
+    ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+    ("{% for m in messages %}{{ m.content ", "chat template"),
+    ("{{ messages.__class__.__mro__ }}", "unsafe"),
+])
+def test_chat_template_that_fails_is_one_line(env, tmp_path, template, needle):
+    import json
+
+    source = tmp_path / "chat.jsonl"
+    source.write_text("".join(json.dumps(GOOD_CHAT) + "\n" for _ in range(20)))
+    (tmp_path / "bad.jinja").write_text(template)
+    before = _tokens_folders(env["cache"])
+    code, err = run_cli(env, "train", "--data.source", str(source), "--data.format", "chat",
+                        "--data.chat_template", str(tmp_path / "bad.jinja"))
+    assert_one_line(code, err, needle)
+    assert _tokens_folders(env["cache"]) == before
+
+
+def test_unreadable_token_shard_is_one_line(env, tmp_path):
+    cache = str(tmp_path / "cache")
+    code, err = run_cli(env, "train", "--data.cache_dir", cache, "--run.dir", str(tmp_path / "first"))
+    assert code == 0, err
+    (folder,) = _tokens_folders(cache)
+    with open(os.path.join(cache, "tokens", folder, "shard_00000.tokens"), "r+b") as fh:
+        fh.truncate(12)
+    code, err = run_cli(env, "train", "--data.cache_dir", cache)
+    assert_one_line(code, err, "shard 0 does not match index.json", "to rebuild it")
