@@ -3,7 +3,7 @@ and by 2 worker processes, side by side.
 
 Each case runs ``prepare_data`` in a fresh process (as the launcher does, torch imported) on
 an empty cache folder, while this script samples the resident memory of that process and all
-its children (the workers) every 0.2 s. The issue's bars: the whole build's peak resident
+its children (the workers) every 0.5 s. The issue's bars: the whole build's peak resident
 memory (the sum over the processes) stays under 1 GB, 2 workers are at least 1.7x faster than
 1 on this 2-core machine, and the cached ids equal tokenizing each document alone (checked on
 a sample of documents spread over the corpus).
@@ -97,7 +97,7 @@ def build(corpus: str, cache: str, workers: int) -> dict:
                 peak = max(peak, tree_rss(watched))
             except psutil.NoSuchProcess:
                 break
-            time.sleep(0.2)
+            time.sleep(0.5)
 
     sampler = threading.Thread(target=sample)
     sampler.start()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,21 @@ def _read_text(path: Path) -> str:
         raise DataError(f"data file '{path}' is not UTF-8 text (byte {exc.start})") from None
 
 
+class LineOf:
+    """Names a jsonl record for messages: ``data file '<path>' line <n>``. Line numbers are not
+    counted while reading (a range of a large file starts mid-file); the first time a record of
+    the range is named, the lines before the range are counted once."""
+
+    def __init__(self, path: str, lines_before: Callable[[], int], line_in_range: int) -> None:
+        self.path, self.lines_before, self.line_in_range = path, lines_before, line_in_range
+
+    def __str__(self) -> str:
+        return f"data file '{self.path}' line {self.lines_before() + self.line_in_range}"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 def _line_number(path: str, offset: int) -> int:
     """1-based number of the line starting at byte ``offset`` (only computed for an error)."""
     count = 1
@@ -174,23 +189,30 @@ def _jsonl_records(piece: Piece, field: str, hint: str) -> Iterator[tuple[str, A
         if at > 0:  # a line that began before the range belongs to the previous piece
             fh.seek(at - 1)
             at += len(fh.readline()) - 1
+        first, counted, number = at, [], 0
+
+        def lines_before() -> int:
+            if not counted:
+                counted.append(_line_number(piece.path, first) - 1)
+            return counted[0]
+
         while at < piece.stop:
             line = fh.readline()
             if not line:
                 break
-            start, at = at, at + len(line)
+            at, number = at + len(line), number + 1
             if not line.strip():
                 continue
-            where = lambda: f"data file '{piece.path}' line {_line_number(piece.path, start)}"  # noqa: E731
+            where = LineOf(piece.path, lines_before, number)
             try:
                 record = json.loads(line)
             except UnicodeDecodeError:
-                raise DataError(f"{where()} is not UTF-8 text") from None
+                raise DataError(f"{where} is not UTF-8 text") from None
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where()} is not valid JSON ({exc.msg})") from None
+                raise DataError(f"{where} is not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict) or field not in record:
-                raise DataError(f"{where()} has no field '{field}'{hint}")
-            yield where(), record[field]
+                raise DataError(f"{where} has no field '{field}'{hint}")
+            yield where, record[field]
 
 
 def _table_records(piece: Piece, field: str, hint: str) -> Iterator[tuple[str, Any]]:

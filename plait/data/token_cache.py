@@ -17,9 +17,11 @@ stays bounded whatever the corpus size.
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -180,6 +182,7 @@ def build_cache(encoding: Encoding, units: Sequence[Unit], folder: str, workers:
     if encoding.tokenizer.vocab_size > 2**32:
         raise DataError(f"tokenizer vocab_size {encoding.tokenizer.vocab_size} does not fit in uint32")
     began = time.perf_counter()
+    _remove_dead_builds(folder)
     with atomic_folder(folder) as tmp:
         counts = _tokenize(encoding, units, tmp, workers, hint, progress)
         index = {
@@ -190,6 +193,14 @@ def build_cache(encoding: Encoding, units: Sequence[Unit], folder: str, workers:
         }
         with open(os.path.join(tmp, INDEX), "w") as fh:
             json.dump(index, fh, indent=1)
+
+
+def _remove_dead_builds(folder: str) -> None:
+    """Remove temp folders of earlier builds of ``folder`` (atomic_folder's ``.<name>.tmp-*``):
+    under the lock, one can only be left by a builder that was killed."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def cache_exists(folder: str) -> bool:

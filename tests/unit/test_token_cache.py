@@ -140,3 +140,14 @@ def test_unreadable_shard_is_one_line(tmp_path) -> None:
     with pytest.raises(DataError, match=r"shard 0 cannot be read; delete .* to rebuild it") as info:
         prepare_data(cfg, seq_len=16, seed=0)
     assert "\n" not in str(info.value)
+
+
+def test_a_killed_build_leaves_nothing_behind_the_next(tmp_path) -> None:
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(20)))
+    dead = tmp_path / "cache" / ".key.tmp-dead0001"
+    dead.mkdir(parents=True)
+    (dead / "shard_00000.tokens").write_bytes(b"half")
+    tokenizer = build_tokenizer("bpe:300", _docs(20), str(tmp_path / "tok"), "fp")
+    build_cache(Encoding(tokenizer, "text"), plan_units(str(source)), str(tmp_path / "cache" / "key"), 1, "")
+    assert sorted(os.listdir(tmp_path / "cache")) == ["key"]
