@@ -348,3 +348,24 @@ def test_template_and_tokenizer_travel_to_workers(qwen_folder: Path) -> None:
     spec = str(qwen_folder / "tokenizer.json")
     template = load_chat_template(spec)
     assert pickle.loads(pickle.dumps(template)) == template == load_chat_template(spec)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["role", "content", "x"]), inner,
+                                                                  max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(record=st.dictionaries(st.sampled_from(["messages", "text"]), JSON_VALUES, max_size=2))
+def test_any_malformed_record_is_one_line_or_valid(record: dict) -> None:
+    """Generated records: each is either a valid conversation or one DataError line."""
+    try:
+        messages = messages_of(record, "data file 'x.jsonl' line 7")
+    except DataError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("data file 'x.jsonl' line 7")
+        return
+    assert any(m["role"] == "assistant" for m in messages)
+    assert all(isinstance(m["content"], str) for m in messages)

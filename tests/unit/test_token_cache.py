@@ -151,3 +151,21 @@ def test_a_killed_build_leaves_nothing_behind_the_next(tmp_path) -> None:
     tokenizer = build_tokenizer("bpe:300", _docs(20), str(tmp_path / "tok"), "fp")
     build_cache(Encoding(tokenizer, "text"), plan_units(str(source)), str(tmp_path / "cache" / "key"), 1, "")
     assert sorted(os.listdir(tmp_path / "cache")) == ["key"]
+
+
+def test_progress_reports_documents_and_tokens_per_second(tmp_path, capsys) -> None:
+    from plait.data import TokenizeReporter
+
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(300)))
+    reporter = TokenizeReporter(every=0.0)  # not a terminal here: a line per report
+    cfg = DataConfig(source=str(source), tokenizer="bpe:300", cache_dir=str(tmp_path / "cache"), val_fraction=0.1)
+    prepare_data(cfg, seq_len=16, seed=0, progress=reporter)
+    reporter.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("plait: tokenizing: 300 documents,") and "docs/s" in lines[0] and "tokens/s" in lines[0]
+    assert lines[-1].startswith("plait: tokenized 300 documents,")
+    again = TokenizeReporter(every=0.0)
+    prepare_data(cfg, seq_len=16, seed=0, progress=again)  # the cache is reused: nothing to report
+    again.close()
+    assert capsys.readouterr().err == ""
