@@ -146,17 +146,19 @@ def _complement(n: int, ids: np.ndarray) -> np.ndarray:
 
 
 class TokenizeReporter:
-    """Progress of a token-cache build on stderr: a rich bar on a terminal, else a line every
-    ``every`` seconds; documents and tokens per second either way."""
+    """Progress of a token-cache build on stdout (stderr is kept for the one line of an error):
+    a rich bar on a terminal, else a line every ``every`` seconds; documents and tokens per
+    second either way."""
 
     def __init__(self, every: float = 10.0) -> None:
         self.began = self.last = time.perf_counter()
         self.every, self.bar, self.task, self.line = every, None, None, ""
-        if sys.stderr.isatty():
+        if sys.stdout.isatty():
+            from rich.console import Console
             from rich.progress import Progress as Bar, SpinnerColumn, TextColumn, TimeElapsedColumn
 
             self.bar = Bar(SpinnerColumn(), TextColumn("tokenizing {task.description}"), TimeElapsedColumn(),
-                           transient=True)
+                           transient=True, console=Console(file=sys.stdout))
 
     def __call__(self, docs: int, tokens: int) -> None:
         now = time.perf_counter()
@@ -168,7 +170,7 @@ class TokenizeReporter:
                 self.task = self.bar.add_task(line)
             self.bar.update(self.task, description=line)
         elif now - self.last >= self.every:
-            print(f"plait: tokenizing: {line}", file=sys.stderr, flush=True)
+            print(f"plait: tokenizing: {line}", flush=True)
             self.last = now
 
     def close(self) -> None:
@@ -177,4 +179,4 @@ class TokenizeReporter:
             self.bar.stop()
         if self.line:
             seconds = time.perf_counter() - self.began
-            print(f"plait: tokenized {self.line.split(' (')[0]} in {seconds:.1f} s", file=sys.stderr, flush=True)
+            print(f"plait: tokenized {self.line.split(' (')[0]} in {seconds:.1f} s", flush=True)

@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -149,14 +150,22 @@ def _tokenize(encoding: Encoding, units: Sequence[Unit], folder: str, workers: i
     ctx = multiprocessing.get_context("spawn")
     counter = ctx.Array("q", 2)
     counts: list[tuple[int, int]] = [(0, 0)] * len(units)
-    with ctx.Pool(min(workers, len(units)), _init_worker, (encoding, folder, hint, counter)) as pool:
-        pending = pool.map_async(_run_unit, list(enumerate(units)), chunksize=1)
-        while not pending.ready():
-            pending.wait(0.5)
-            if progress is not None:
-                progress(counter[0], counter[1])
-        for k, docs, tokens in pending.get():  # re-raises a worker's DataError here
-            counts[k] = (docs, tokens)
+    # An executor, not a Pool: a worker that dies breaks it (BrokenProcessPool) instead of
+    # leaving the build waiting for a result that never comes.
+    with ProcessPoolExecutor(min(workers, len(units)), ctx, _init_worker, (encoding, folder, hint, counter)) as pool:
+        pending = {pool.submit(_run_unit, (k, unit)) for k, unit in enumerate(units)}
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    k, docs, tokens = future.result()  # re-raises a worker's DataError here
+                    counts[k] = (docs, tokens)
+                if progress is not None:
+                    progress(counter[0], counter[1])
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
     if progress is not None:
         progress(sum(c[0] for c in counts), sum(c[1] for c in counts))
     return counts

@@ -162,10 +162,10 @@ def test_progress_reports_documents_and_tokens_per_second(tmp_path, capsys) -> N
     cfg = DataConfig(source=str(source), tokenizer="bpe:300", cache_dir=str(tmp_path / "cache"), val_fraction=0.1)
     prepare_data(cfg, seq_len=16, seed=0, progress=reporter)
     reporter.close()
-    lines = capsys.readouterr().err.splitlines()
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("plait: tokenizing: 300 documents,") and "docs/s" in lines[0] and "tokens/s" in lines[0]
     assert lines[-1].startswith("plait: tokenized 300 documents,")
     again = TokenizeReporter(every=0.0)
     prepare_data(cfg, seq_len=16, seed=0, progress=again)  # the cache is reused: nothing to report
     again.close()
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().out == ""
