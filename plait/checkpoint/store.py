@@ -46,7 +46,7 @@ from plait.checkpoint.atomic import (
     publish_folder,
     temp_folder_for,
 )
-from plait.checkpoint.checksums import FileSum, file_crc32, file_sum, summing_writer
+from plait.checkpoint.checksums import FileSum, file_crc32, file_sum, no_record_crc32, summing_writer
 from plait.checkpoint.pull_save import Source, save_pulled
 from plait.checkpoint.safe_dcp import METADATA_FILE, first_failure, load_state, one_line, read_metadata_file
 from plait.checkpoint.staging import ReusedStaging
@@ -295,7 +295,8 @@ def write_checkpoint(save: StagedSave, group: Any = None, after_shards: Callable
         worker = save.worker
         folder, shard_group = (os.path.join(tmp, worker[0]), worker[1]) if worker else (tmp, group)
         writer, files = summing_writer(folder)
-        dcp.save(save.state, storage_writer=writer, process_group=shard_group)
+        with no_record_crc32():
+            dcp.save(save.state, storage_writer=writer, process_group=shard_group)
         if after_shards is not None:
             after_shards()
         state_file = os.path.join(tmp, "state", f"rank{rank}.pt")
