@@ -90,14 +90,9 @@ def _read_on_load(rel: str) -> bool:
 
 def _write_manifest(folder: str, step: int, extra: dict[str, Any], known: dict[str, FileSum] | None = None) -> None:
     """Write the manifest of every file under ``folder``. ``known``: sums the writing ranks took
-    as they wrote (path relative to ``folder``); only the other files are read back here, and a
-    known file whose size differs on disk is read back too (its sum is then what is on disk)."""
+    as they wrote (path relative to ``folder``); only the other files are read back here."""
     known = known or {}
-    files = {}
-    for rel in _files_under(folder):
-        entry = known.get(rel)
-        path = os.path.join(folder, rel)
-        files[rel] = entry if entry is not None and entry["bytes"] == os.path.getsize(path) else file_sum(path)
+    files = {rel: file_sum(os.path.join(folder, rel), known.get(rel)) for rel in _files_under(folder)}
     manifest = {"step": step, "files": files, **extra}
     with open(os.path.join(folder, MANIFEST), "w") as fh:
         json.dump(manifest, fh, indent=1)
@@ -309,8 +304,7 @@ def write_checkpoint(save: StagedSave, group: Any = None, after_shards: Callable
             if save.tokenizer is not None:
                 save.tokenizer.save(tmp)
             world = dist.get_world_size() if dist.is_initialized() else 1
-            known = {rel: entry for rank_sums in sums for rel, entry in rank_sums.items()}
-            _write_manifest(tmp, save.step, {"world_size": world}, known)
+            _write_manifest(tmp, save.step, {"world_size": world}, {k: v for part in sums for k, v in part.items()})
             publish_folder(tmp, final)
             with atomic_write(os.path.join(root, LATEST), "w") as fh:
                 fh.write(name)

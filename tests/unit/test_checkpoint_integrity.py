@@ -242,7 +242,11 @@ def test_the_manifest_is_written_from_the_sums_taken_while_writing(tmp_path, mon
 
     read_back: list[str] = []
     real_file_sum = store.file_sum
-    monkeypatch.setattr(store, "file_sum", lambda path: (read_back.append(path), real_file_sum(path))[1])
+    def recording_file_sum(path, known=None):
+        if known is None:
+            read_back.append(path)
+        return real_file_sum(path, known)
+    monkeypatch.setattr(store, "file_sum", recording_file_sum)
     folder = training_checkpoint(str(tmp_path / "run"), 1)
     read = {os.path.relpath(path, folder + ".tmp") for path in read_back}
     assert read == {os.path.join("state", "rank0.pt"), "config.toml"}, read
