@@ -2,7 +2,9 @@
 
 This package owns saving and loading training checkpoints (torch DCP shards, per-rank state,
 the resolved config) and model-only checkpoints, with their manifest of sizes and CRC32s and
-``checkpoint.init_from`` (:mod:`.store`); Hugging Face ``config.json`` + safetensors folders
+``checkpoint.init_from`` (:mod:`.store`; each rank sums the files it writes as it writes
+them, :mod:`.checksums`), the background save of ``checkpoint.async`` (:mod:`.async_save`,
+its reused CPU copy in :mod:`.staging`); Hugging Face ``config.json`` + safetensors folders
 in and out, and ``plait convert`` (:mod:`.hf`, :mod:`.hf_mapping`, :mod:`.hf_moe`, with the config values
 checked in :mod:`.hf_fields`), a Hugging Face folder as a weight source that reads any block of a
 parameter alone (:mod:`.hf_source`, through the placements of :mod:`.hf_placement`), DCP saves

@@ -1,6 +1,7 @@
 """``checkpoint.async``: the save in flight, written by a background thread while training goes on.
 
-The training thread stages a save (a CPU copy of this rank's shards, :func:`.store.stage_checkpoint`)
+The training thread waits for the save in flight, stages the next one (a CPU copy of this rank's
+shards, :func:`.store.stage_checkpoint`, into buffers reused from save to save: :mod:`.staging`)
 and hands it over; a background thread writes it with :func:`.store.write_checkpoint` exactly as
 a synchronous save would (shards, per-rank state, the all-rank agreement, rank 0's manifest,
 the rename and ``latest``), so a crash mid-save still leaves ``latest`` on the previous good
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from plait.checkpoint.staging import ReusedStaging
 from plait.checkpoint.store import StagedSave, write_checkpoint
 from plait.telemetry import collectives as comm
 
@@ -39,11 +41,15 @@ class BackgroundSaver:
         self._thread: threading.Thread | None = None
         self._done: tuple[int, str] | None = None
         self._error: BaseException | None = None
+        self._staging = ReusedStaging()  # read by the save in flight: refilled only after it
 
-    def save(self, staged: StagedSave, after_shards: Callable[[], None] | None = None) -> tuple[int, str] | None:
-        """Wait for the save in flight (raising its error), then start writing ``staged``.
+    def save(self, stage: Callable[[ReusedStaging], StagedSave],
+             after_shards: Callable[[], None] | None = None) -> tuple[int, str] | None:
+        """Wait for the save in flight (raising its error), then stage the next save with
+        ``stage`` (which copies the state into the given buffers) and start writing it.
         Returns (step, folder) of the save that was waited for, None if there was none."""
         finished = self.wait()
+        staged = stage(self._staging)
         self._thread = threading.Thread(target=self._write, args=(staged, after_shards),
                                         name="plait-checkpoint", daemon=True)
         self._thread.start()

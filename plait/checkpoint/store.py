@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import warnings
-import zlib
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -48,8 +46,10 @@ from plait.checkpoint.atomic import (
     publish_folder,
     temp_folder_for,
 )
+from plait.checkpoint.checksums import FileSum, file_crc32, file_sum, no_record_crc32, summing_writer
 from plait.checkpoint.pull_save import Source, save_pulled
 from plait.checkpoint.safe_dcp import METADATA_FILE, first_failure, load_state, one_line, read_metadata_file
+from plait.checkpoint.staging import ReusedStaging
 from plait.config import JobConfig, ModelConfig, build_config, to_toml
 from plait.errors import CheckpointError
 from plait.parallel.zero import load_zero1_state_dict, zero1_state_dict
@@ -71,14 +71,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _crc32(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 def _files_under(folder: str) -> list[str]:
     """Every file below ``folder``, as paths relative to it."""
     return [os.path.relpath(os.path.join(root, name), folder)
@@ -96,11 +88,11 @@ def _read_on_load(rel: str) -> bool:
     return parts[-1] in READ_ON_LOAD or parts[-1].endswith(".distcp") or "state" in parts[:-1]
 
 
-def _write_manifest(folder: str, step: int, extra: dict[str, Any]) -> None:
-    files = {}
-    for rel in _files_under(folder):
-        path = os.path.join(folder, rel)
-        files[rel] = {"bytes": os.path.getsize(path), "crc32": _crc32(path)}
+def _write_manifest(folder: str, step: int, extra: dict[str, Any], known: dict[str, FileSum] | None = None) -> None:
+    """Write the manifest of every file under ``folder``. ``known``: sums the writing ranks took
+    as they wrote (path relative to ``folder``); only the other files are read back here."""
+    known = known or {}
+    files = {rel: file_sum(os.path.join(folder, rel), known.get(rel)) for rel in _files_under(folder)}
     manifest = {"step": step, "files": files, **extra}
     with open(os.path.join(folder, MANIFEST), "w") as fh:
         json.dump(manifest, fh, indent=1)
@@ -151,7 +143,7 @@ def verify_checkpoint(folder: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint '{folder}' is corrupt: '{min(unlisted)}' is not in its {MANIFEST}")
     for rel, want in sorted(manifest["files"].items()):
         path = os.path.join(folder, rel)
-        if os.path.getsize(path) != want["bytes"] or _crc32(path) != want["crc32"]:
+        if os.path.getsize(path) != want["bytes"] or file_crc32(path) != want["crc32"]:
             raise CheckpointError(f"checkpoint '{folder}' is corrupt: '{rel}' does not match its checksum")
     for rel in sorted(listed):
         if os.path.basename(rel) == METADATA_FILE:
@@ -229,7 +221,7 @@ def merged_view(parts: list[nn.Module]) -> nn.Module:
 @dataclass
 class StagedSave:
     """One training checkpoint's content, ready to write: what :func:`write_checkpoint` needs.
-    Staged with ``copy`` it owns every tensor, so training may go on while it is written."""
+    Staged into a ``staging`` it owns every tensor, so training may go on while it is written."""
 
     run_dir: str
     step: int
@@ -243,14 +235,14 @@ class StagedSave:
 
 def stage_checkpoint(run_dir: str, step: int, parts: list[nn.Module], optimizer: torch.optim.Optimizer,
                      rank_state: dict[str, Any], cfg: JobConfig, tokenizer: Any, keep: int,
-                     worker: tuple[str, Any] | None = None, copy: bool = False) -> StagedSave:
-    """This rank's part of a save at ``step``. With ``copy`` the tensors are copied to CPU
-    memory (torch's own stager) and ``rank_state`` deep-copied: the optimizer updates the
-    parameters in place right after, and a background write must see this step's values."""
+                     worker: tuple[str, Any] | None = None, staging: ReusedStaging | None = None) -> StagedSave:
+    """This rank's part of a save at ``step``. With ``staging`` the tensors are copied into its
+    CPU buffers and ``rank_state`` deep-copied: the optimizer updates the parameters in place
+    right after, and a background write must see this step's values."""
     model_sd, optim_sd = _state_dicts(merged_view(parts), optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    if copy:
-        state = BlockingAsyncStager().stage(state)
+    if staging is not None:
+        state = staging.stage(state)
         rank_state = deepcopy(rank_state)
     return StagedSave(run_dir, step, state, rank_state, cfg, tokenizer, keep, worker)
 
@@ -293,29 +285,35 @@ def write_checkpoint(save: StagedSave, group: Any = None, after_shards: Callable
             fresh_folder(tmp)
             os.makedirs(os.path.join(tmp, "state"))
 
-    def write_shards() -> None:
+    def write_shards() -> dict[str, FileSum]:
+        """This rank's files, and their sums taken as they were written."""
         worker = save.worker
         folder, shard_group = (os.path.join(tmp, worker[0]), worker[1]) if worker else (tmp, group)
-        dcp.save(save.state, checkpoint_id=folder, process_group=shard_group)
+        writer, files = summing_writer(folder)
+        with no_record_crc32():
+            dcp.save(save.state, storage_writer=writer, process_group=shard_group)
         if after_shards is not None:
             after_shards()
-        torch.save(save.rank_state, os.path.join(tmp, "state", f"rank{rank}.pt"))
+        state_file = os.path.join(tmp, "state", f"rank{rank}.pt")
+        torch.save(save.rank_state, state_file)
+        return {**files.relative_sums(tmp), os.path.relpath(state_file, tmp): file_sum(state_file)}
 
-    def publish() -> None:
+    def publish(sums: list[dict[str, FileSum]]) -> None:
         if rank == 0:
             _write_config(tmp, save.cfg)
             if save.tokenizer is not None:
                 save.tokenizer.save(tmp)
             world = dist.get_world_size() if dist.is_initialized() else 1
-            _write_manifest(tmp, save.step, {"world_size": world})
+            _write_manifest(tmp, save.step, {"world_size": world}, {k: v for part in sums for k, v in part.items()})
             publish_folder(tmp, final)
             with atomic_write(os.path.join(root, LATEST), "w") as fh:
                 fh.write(name)
             _prune(root, save.keep, save.step)
 
     try:
-        for part in (prepare, write_shards, publish):
-            _on_every_rank(part, name, group)
+        _on_every_rank(prepare, name, group)
+        sums = _on_every_rank(write_shards, name, group)
+        _on_every_rank(lambda: publish(sums), name, group)
     except BaseException as exc:
         if rank == 0:  # a full disk must not stay full of a save that failed
             shutil.rmtree(tmp, ignore_errors=True)
@@ -327,25 +325,27 @@ def write_checkpoint(save: StagedSave, group: Any = None, after_shards: Callable
     return final
 
 
-def _on_every_rank(part: Callable[[], None], name: str, group: Any = None) -> None:
+def _on_every_rank(part: Callable[[], Any], name: str, group: Any = None) -> list[Any]:
     """Run this rank's ``part`` of a save, then agree with every rank that all succeeded (this
     is the save's barrier): a rank whose write failed alone would otherwise leave the others
-    waiting forever in the next collective. Raises this rank's error, or a CheckpointError
+    waiting forever in the next collective. Returns what ``part`` returned on each rank, in
+    rank order (the agreement carries it). Raises this rank's error, or a CheckpointError
     when another rank failed. ``group``: the process group to agree on (None: the world)."""
     error: BaseException | None = None
+    result: Any = None
     try:
-        part()
+        result = part()
     except (OSError, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         error = exc
+    outcomes = [(error is None, result)]
     if dist.is_initialized():
-        on_gpu = dist.get_backend(group) == "nccl"  # a checkpoint group is gloo whatever training uses
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
-        failed = torch.tensor([int(error is not None)], device=device)
-        dist.all_reduce(failed, group=group)
-        if error is None and failed.item():
+        outcomes = [None] * dist.get_world_size(group)
+        dist.all_gather_object(outcomes, (error is None, result), group=group)
+        if error is None and not all(ok for ok, _ in outcomes):
             raise CheckpointError(f"checkpoint {name} was not saved: another rank failed to write its part")
     if error is not None:
         raise error
+    return [rank_result for _, rank_result in outcomes]
 
 
 def _prune(root: str, keep: int, step: int) -> None:

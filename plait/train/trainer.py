@@ -40,6 +40,7 @@ from plait.train.pipeline_runner import PipelineRunner
 from plait.checkpoint import store as ckpt
 from plait.checkpoint.async_save import BackgroundSaver
 from plait.checkpoint.hf_source import HFWeights
+from plait.checkpoint.staging import ReusedStaging
 from plait.checkpoint.starting import starting_weights
 from plait.resilience.events import log_event
 from plait.train import memory_report as memory
@@ -430,9 +431,12 @@ class Trainer:
             )
             self._saved((step, folder), result)
             return
-        staged = ckpt.stage_checkpoint(cfg.run.dir, step, self.parts, self.optimizer, self._rank_state(step), cfg,
-                                       self.data.tokenizer, cfg.checkpoint.keep, copy=True)
-        self._saved(self.saver.save(staged, after_shards), result)
+        rank_state = self._rank_state(step)
+
+        def stage(staging: ReusedStaging) -> ckpt.StagedSave:
+            return ckpt.stage_checkpoint(cfg.run.dir, step, self.parts, self.optimizer, rank_state, cfg,
+                                         self.data.tokenizer, cfg.checkpoint.keep, staging=staging)
+        self._saved(self.saver.save(stage, after_shards), result)
 
     def _saved(self, done: tuple[int, str] | None, result: TrainResult) -> None:
         """A save was published: the run's latest checkpoint, and its event (rank 0)."""

@@ -57,7 +57,9 @@ def test_bad_combinations_stop_before_any_rank_starts(tmp_path, capsys, args, me
 
 
 def staged(run_dir: str, step: int, model, optimizer, keep: int = 3):
-    return stage_checkpoint(run_dir, step, [model], optimizer, rank_state(step), tiny_job(), None, keep, copy=True)
+    """What the trainer hands a BackgroundSaver: stages the save into the saver's buffers."""
+    return lambda staging: stage_checkpoint(run_dir, step, [model], optimizer, rank_state(step), tiny_job(), None,
+                                            keep, staging=staging)
 
 
 def test_a_background_save_writes_the_step_it_was_given(tmp_path, monkeypatch):
@@ -109,3 +111,21 @@ def test_a_failed_background_write_surfaces_at_the_next_wait_in_one_line(tmp_pat
     assert step_folders(run_dir) == ["latest", "step_000001"]  # the temp folder was removed
     assert latest_checkpoint(run_dir) == previous
     assert saver.wait() is None  # the error is reported once
+
+
+def test_staging_reuses_its_buffers_and_takes_each_save_values():
+    """The second save is copied into the first one's buffers (no new allocation), with its own
+    tensors and its own plain values (a learning rate the scheduler changed)."""
+    from plait.checkpoint.staging import ReusedStaging
+
+    staging = ReusedStaging()
+    weight = torch.ones(4, 3)
+    first = staging.stage({"model": {"w": weight}, "optim": {"lr": 1.0}})
+    pointer = first["model"]["w"].data_ptr()
+    weight.add_(1.0)
+    assert first["model"]["w"].data_ptr() != weight.data_ptr() and first["model"]["w"].eq(1.0).all()
+    second = staging.stage({"model": {"w": weight}, "optim": {"lr": 0.5}})
+    assert second["model"]["w"].data_ptr() == pointer and second["model"]["w"].eq(2.0).all()
+    assert second["optim"]["lr"] == 0.5
+    third = staging.stage({"model": {"w": weight, "b": torch.zeros(2)}, "optim": {"lr": 0.5}})  # new keys
+    assert third["model"]["b"].eq(0.0).all() and third["model"]["w"].eq(2.0).all()
