@@ -1,7 +1,7 @@
 """Checkpoints: everything plait writes to disk to resume, share or convert a model.
 
 This package owns saving and loading training checkpoints (torch DCP shards, per-rank state,
-the resolved config) and model-only checkpoints, with their manifest of sizes and CRC32s and
+the resolved config) and model-only checkpoints, with their manifest of sizes and CRC32s (:mod:`.manifest`) and
 ``checkpoint.init_from`` (:mod:`.store`; each rank sums the files it writes as it writes
 them, :mod:`.checksums`), the background save of ``checkpoint.async`` (:mod:`.async_save`,
 its reused CPU copy in :mod:`.staging`); Hugging Face ``config.json`` + safetensors folders

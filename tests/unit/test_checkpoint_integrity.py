@@ -238,7 +238,7 @@ def test_a_training_checkpoint_round_trips(tmp_path):
 def test_the_manifest_is_written_from_the_sums_taken_while_writing(tmp_path, monkeypatch):
     """Rank 0 reads back none of the shards to checksum them: the writing ranks' sums are
     used, and they are what a read-back gives (verify_checkpoint reads every file)."""
-    from plait.checkpoint import store
+    from plait.checkpoint import manifest as manifest_mod, store
 
     read_back: list[str] = []
     real_file_sum = store.file_sum
@@ -247,6 +247,7 @@ def test_the_manifest_is_written_from_the_sums_taken_while_writing(tmp_path, mon
             read_back.append(path)
         return real_file_sum(path, known)
     monkeypatch.setattr(store, "file_sum", recording_file_sum)
+    monkeypatch.setattr(manifest_mod, "file_sum", recording_file_sum)
     folder = training_checkpoint(str(tmp_path / "run"), 1)
     read = {os.path.relpath(path, folder + ".tmp") for path in read_back}
     assert read == {os.path.join("state", "rank0.pt"), "config.toml"}, read

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import os
 import random
 from pathlib import Path
@@ -94,10 +95,10 @@ def test_ranks_sharing_a_cache_build_it_once(tmp_path) -> None:
     source = tmp_path / "d.jsonl"
     source.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(300)))
     (tmp_path / "markers").mkdir()
-    ctx = multiprocessing.get_context("spawn")
     args = (str(tmp_path / "cache"), str(source), str(tmp_path / "markers"))
-    with ctx.Pool(3) as pool:
-        counts = pool.starmap(_prepare_and_report, [args] * 3)
+    # An executor rather than a Pool: a child that cannot start fails the test instead of hanging it.
+    with ProcessPoolExecutor(3, multiprocessing.get_context("spawn")) as pool:
+        counts = list(pool.map(_prepare_and_report, *zip(*[args] * 3), timeout=300))
     assert len(set(counts)) == 1 and counts[0] > 0
     assert len(os.listdir(tmp_path / "markers")) == 1
 

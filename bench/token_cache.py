@@ -8,7 +8,7 @@ memory (the sum over the processes) stays under 1 GB, 2 workers are at least 1.7
 1 on this 2-core machine, and the cached ids equal tokenizing each document alone (checked on
 a sample of documents spread over the corpus).
 
-    .venv/bin/python bench/tokenize.py [--gb 1.0] [--corpus /tmp/plait_corpus] [--json out.json]
+    .venv/bin/python bench/token_cache.py [--gb 1.0] [--corpus /tmp/plait_corpus] [--json out.json]
 
 The corpus is written once (sentences of random words with numbers and punctuation, documents
 of 50 to 3,000 words, 16 jsonl files) and reused by later runs.
