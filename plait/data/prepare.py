@@ -19,7 +19,7 @@ import numpy as np
 
 from plait.config import DataConfig
 from plait.data.packing import PackedWindows
-from plait.data.sources import plan_units, read_unit, source_fingerprint, text_of
+from plait.data.sources import TEXT_HINT, plan_units, read_unit, source_fingerprint, text_of
 from plait.data.token_cache import CACHE_FORMAT, Encoding, Progress, build_cache, cache_exists, cache_lock
 from plait.data.token_store import CachedCorpus, TokenStore, validation_ids
 from plait.data.tokenizer import Tokenizer, build_tokenizer
@@ -51,7 +51,7 @@ def _field(cfg: DataConfig) -> str:
 
 
 def _hint(cfg: DataConfig) -> str:
-    return CHAT_HINT if cfg.format == "chat" else "; set data.text_field to the text's field"
+    return CHAT_HINT if cfg.format == "chat" else TEXT_HINT
 
 
 def _training_text(cfg: DataConfig) -> Iterator[str]:
