@@ -21,7 +21,7 @@ from plait.config import DataConfig
 from plait.data.packing import PackedWindows
 from plait.data.sources import TEXT_HINT, plan_units, read_unit, source_fingerprint, text_of
 from plait.data.token_cache import CACHE_FORMAT, Encoding, Progress, build_cache, cache_exists, cache_lock
-from plait.data.token_store import CachedCorpus, TokenStore, validation_ids
+from plait.data.token_store import CachedCorpus, validation_ids
 from plait.data.tokenizer import Tokenizer, build_tokenizer
 from plait.errors import DataError
 
