@@ -145,7 +145,7 @@ class Degrees:
     zero: int = 3
     schedule: str = "1f1b"
     pp_split: str = ""
-    cp_mode: str = "ring"  # ring | ulysses | hybrid
+    cp_mode: str = "ring"  # auto | ring | ulysses | hybrid (softmax layers) | lasp2 (GLA alone)
     cp_ulysses: int = 2
     cp_shard: str = "zigzag"  # zigzag | contiguous
     workers: bool = False  # lowbw: dp_replicate groups are DiLoCo workers exchanging no gradients
@@ -167,6 +167,12 @@ class Workload:
     activation_checkpointing: str = "none"
     moe_balance_scope: str = "global_batch"
     profile_pipeline: bool = False
+    gla_layers: int = 0  # blocks whose token mixer is gated linear attention
+    gla_gate_rank: int = 16
+
+    @property
+    def softmax_layers(self) -> int:
+        return self.n_layers - self.gla_layers
 
     @property
     def kv_heads(self) -> int:
@@ -253,6 +259,9 @@ def check_model_parallel(d: Degrees, w: Workload, dp: int) -> None:
             f"parallel.tp = {d.tp} with replicated data parallelism (parallel.zero = {d.zero}, dp_shard = "
             f"{d.dp_shard}) is not supported; use parallel.zero = 2 or 3 with dp_shard > 1"
         )
+    if w.gla_layers and w.gla_gate_rank % d.tp:
+        raise ConfigError(f"parallel.tp = {d.tp} must divide model.gla_gate_rank = {w.gla_gate_rank} (GLA gates are "
+                          "split over tp)")
     check_context_parallel(d, w)
     check_experts(d, w, shard)
     if (d.tp > 1 or d.pp > 1) and w.tie_embeddings:
@@ -318,6 +327,16 @@ def check_context_parallel(d: Degrees, w: Workload) -> None:
     """The sequence splits into the cp layout's chunks, and Ulysses can split the heads."""
     if d.cp == 1:
         return
+    if d.cp_mode == "lasp2" and w.softmax_layers:
+        raise ConfigError(
+            "parallel.cp_mode = 'lasp2' is for GLA layers, and this model has softmax layers (model.attention, "
+            "model.layer_pattern); they need 'auto', 'ring', 'ulysses' or 'hybrid' (GLA layers use LASP-2 in every mode)"
+        )
+    if not w.softmax_layers and d.cp_mode not in ("auto", "lasp2"):
+        raise ConfigError(
+            f"parallel.cp_mode = '{d.cp_mode}' is for softmax attention, and every layer of this model is GLA; "
+            "use 'lasp2' (or 'auto')"
+        )
     if d.cp_mode == "hybrid" and (d.cp % d.cp_ulysses or not 1 < d.cp_ulysses < d.cp):
         raise ConfigError(
             f"parallel.cp_mode = 'hybrid' needs parallel.cp_ulysses strictly between 1 and parallel.cp = {d.cp} "
@@ -331,7 +350,7 @@ def check_context_parallel(d: Degrees, w: Workload) -> None:
             + (f", and sequence parallel splits each rank's part over parallel.tp = {d.tp}" if d.tp > 1 else "")
         )
     _, ulysses = cp_degrees(d)
-    if ulysses == 1:
+    if ulysses == 1 or not w.softmax_layers:
         return
     heads, kv_heads = w.n_heads // d.tp, w.kv_heads // d.tp
     if heads % ulysses or (kv_heads % ulysses and ulysses % kv_heads):

@@ -156,6 +156,9 @@ def config_to_hf(
     PlaitError, and so does a dense model as Mixtral/Qwen2-MoE or an MoE model as a dense one.
     """
     arch = _arch(architecture)
+    if cfg.has_gla():
+        raise PlaitError("a model with GLA layers (model.attention, model.layer_pattern) has no Hugging Face "
+                         "transformers architecture to be written as; keep it as a plait checkpoint")
     is_moe_arch = arch in hf_moe.MOE_ARCHITECTURES
     if bool(cfg.moe_experts) != is_moe_arch:
         kind = "mixture-of-experts" if cfg.moe_experts else "dense"

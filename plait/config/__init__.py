@@ -13,7 +13,8 @@ from plait.config.parse import (
     split_overrides, to_toml,
 )
 from plait.config.rules import (
-    PP_MULTI_STAGE, PP_V_SHAPED, cp_degrees, degrees, pp_stage_layers, resolve_dp, validate_context_parallel,
+    PP_MULTI_STAGE, PP_V_SHAPED, cp_degrees, degrees, pp_stage_layers, resolve_dp, resolved_cp_shard,
+    validate_context_parallel,
     validate_experts, validate_model_parallel, workload,
 )
 from plait.config.sections import (
@@ -26,7 +27,7 @@ __all__ = [
     "DataConfig", "check_folder", "Injection", "JobConfig", "LowBWConfig", "MetricsConfig", "MoEConfig", "ModelConfig",
     "ParallelConfig", "ResilienceConfig", "RunConfig", "SEED_MAX", "TrainConfig", "build_config", "config_key", "cp_degrees", "degrees", "field_spec",
     "finite_float", "job_world_size", "link_emulation", "load_toml", "parse_injection", "parse_link_values", "pp_stage_layers",
-    "reference_markdown", "resolve_dp", "saves_at", "section_fields", "split_overrides", "to_toml", "torchrun_world_size",
+    "reference_markdown", "resolve_dp", "resolved_cp_shard", "saves_at", "section_fields", "split_overrides", "to_toml", "torchrun_world_size",
     "validate", "validate_context_parallel", "validate_experts", "validate_lowbw", "validate_model_parallel",
     "workload",
 ]

@@ -8,7 +8,7 @@ from plait.config.sections import JobConfig
 from plait.layout import PP_MULTI_STAGE, PP_V_SHAPED
 
 __all__ = [
-    "PP_MULTI_STAGE", "PP_V_SHAPED", "cp_degrees", "degrees", "pp_stage_layers", "resolve_dp",
+    "PP_MULTI_STAGE", "PP_V_SHAPED", "cp_degrees", "degrees", "pp_stage_layers", "resolve_dp", "resolved_cp_shard",
     "validate_context_parallel", "validate_experts", "validate_model_parallel", "workload",
 ]
 
@@ -19,7 +19,7 @@ def degrees(cfg: JobConfig, world: int = 0) -> layout.Degrees:
     return layout.Degrees(
         world=world, tp=p.tp, pp=p.pp, vpp=p.pp_virtual_stages, cp=p.cp, ep=p.ep, dp_replicate=p.dp_replicate,
         dp_shard=p.dp_shard, zero=p.zero, schedule=p.pp_schedule, pp_split=p.pp_split, cp_mode=p.cp_mode,
-        cp_ulysses=p.cp_ulysses, cp_shard=p.cp_shard, workers=cfg.lowbw.method != "none",
+        cp_ulysses=p.cp_ulysses, cp_shard=resolved_cp_shard(cfg), workers=cfg.lowbw.method != "none",
     )
 
 
@@ -31,7 +31,16 @@ def workload(cfg: JobConfig) -> layout.Workload:
         global_batch=t.global_batch, micro_batch=t.micro_batch, moe_experts=m.moe_experts,
         tie_embeddings=m.tie_embeddings, activation_checkpointing=t.activation_checkpointing,
         moe_balance_scope=cfg.moe.balance_scope, profile_pipeline=cfg.metrics.profile_pipeline,
+        gla_layers=m.mixers().count("gla"), gla_gate_rank=m.gla_gate_rank,
     )
+
+
+def resolved_cp_shard(cfg: JobConfig) -> str:
+    """parallel.cp_shard with 'auto' resolved: zigzag evens out causal softmax work; a model of
+    GLA layers alone has even work per token, and a contiguous split gives LASP-2 one state per rank."""
+    if cfg.parallel.cp_shard != "auto":
+        return cfg.parallel.cp_shard
+    return "zigzag" if cfg.model.has_softmax() else "contiguous"
 
 
 def resolve_dp(cfg: JobConfig, world: int) -> int:

@@ -74,6 +74,22 @@ class ModelConfig:
         "dropless", "dropless: every token reaches its experts; capacity: at most capacity_factor x fair share"
     )
     moe_capacity_factor: float = field_spec(1.25, "capacity dispatch: tokens per expert = factor x tokens x top_k / experts", gt=0)
+    attention: Literal["softmax", "gla"] = field_spec(
+        "softmax", "token mixer of every block: softmax attention, or gated linear attention (GLA: a fixed-size "
+                   "state per head, O(s) in the sequence)"
+    )
+    layer_pattern: str = field_spec(
+        "", "hybrid models: one letter per block, s (softmax) or g (GLA), repeated to n_layers (e.g. 'gggs'); "
+            "empty: every block is model.attention"
+    )
+    gla_expand_k: float = field_spec(0.5, "GLA: total key/query width as a fraction of dim (d_k = dim x this / heads)", gt=0)
+    gla_expand_v: float = field_spec(1.0, "GLA: total value width as a fraction of dim (d_v = dim x this / heads)", gt=0)
+    gla_gate_rank: int = field_spec(16, "GLA: rank of the low-rank projection that makes the forget gate", min=1)
+    gla_gate_norm: float = field_spec(16.0, "GLA: gate temperature; the gate is sigmoid(.)^(1/this)", gt=0)
+    gla_chunk: int = field_spec(64, "GLA: chunk length of the chunked training form", min=1)
+    gla_kernel: Literal["auto", "eager", "compiled"] = field_spec(
+        "auto", "GLA chunk math: eager PyTorch, or torch.compile'd (inductor); auto: compiled on CUDA, eager elsewhere"
+    )
 
     def check_shape(self) -> None:
         """The rules between model fields that ``plait train`` and ``plait plan`` share: heads divide
@@ -87,6 +103,37 @@ class ModelConfig:
             raise ConfigError(
                 f"model.moe_top_k = {self.moe_top_k} is larger than model.moe_experts = {self.moe_experts}"
             )
+        self.mixers()
+        if self.has_gla():
+            for name, expand in (("gla_expand_k", self.gla_expand_k), ("gla_expand_v", self.gla_expand_v)):
+                width = self.dim * expand
+                if width != int(width) or int(width) % self.n_heads:
+                    raise ConfigError(f"model.dim x model.{name} = {width:g} must be a whole multiple of "
+                                      f"model.n_heads = {self.n_heads} (GLA head widths)")
+
+    def mixers(self) -> tuple[str, ...]:
+        """The token mixer of each block, 'softmax' or 'gla', from model.attention and
+        model.layer_pattern; raises ConfigError on a bad pattern."""
+        pattern = self.layer_pattern.strip().lower()
+        if not pattern:
+            return (self.attention,) * self.n_layers
+        if set(pattern) - {"s", "g"} or self.n_layers % len(pattern):
+            raise ConfigError(
+                f"model.layer_pattern = {self.layer_pattern!r} must be letters s (softmax) and g (GLA) whose "
+                f"length divides model.n_layers = {self.n_layers}"
+            )
+        names = {"s": "softmax", "g": "gla"}
+        return tuple(names[pattern[i % len(pattern)]] for i in range(self.n_layers))
+
+    def has_gla(self) -> bool:
+        return "gla" in self.mixers()
+
+    def has_softmax(self) -> bool:
+        return "softmax" in self.mixers()
+
+    def gla_dims(self) -> tuple[int, int]:
+        """(d_k, d_v): the key and value width of one GLA head."""
+        return int(self.dim * self.gla_expand_k) // self.n_heads, int(self.dim * self.gla_expand_v) // self.n_heads
 
 
 @dataclass
@@ -168,13 +215,16 @@ class ParallelConfig:
     pp_split: str = field_spec("", "layers per stage, e.g. '3,3,2'; empty balances by parameter count")
     ep: int = field_spec(1, "expert-parallel degree: each MoE layer's experts are split over ep of the dp_shard ranks", min=1)
     cp: int = field_spec(1, "context-parallel degree: every sequence is split over cp ranks", min=1)
-    cp_mode: Literal["ring", "ulysses", "hybrid"] = field_spec(
-        "ring", "ring: K/V blocks passed around the cp ranks; ulysses: all-to-all from sequence to heads; "
-        "hybrid: Ulysses inside groups of cp_ulysses ranks, ring across them"
+    cp_mode: Literal["auto", "ring", "ulysses", "hybrid", "lasp2"] = field_spec(
+        "auto", "softmax layers: ring (K/V blocks passed around the cp ranks), ulysses (all-to-all from sequence "
+        "to heads) or hybrid (Ulysses inside groups of cp_ulysses ranks, ring across them); GLA layers always "
+        "use lasp2 (one all-gather of per-rank states per layer), the only choice for a model of GLA layers "
+        "alone; auto: ring for softmax layers"
     )
     cp_ulysses: int = field_spec(2, "hybrid: the Ulysses (inner) degree; the ring degree is cp / cp_ulysses", min=1)
-    cp_shard: Literal["zigzag", "contiguous"] = field_spec(
-        "zigzag", "sequence split: zigzag (rank r holds chunks r and 2cp-1-r, equal causal work) or contiguous"
+    cp_shard: Literal["auto", "zigzag", "contiguous"] = field_spec(
+        "auto", "sequence split: zigzag (rank r holds chunks r and 2cp-1-r, equal causal work) or contiguous; "
+        "auto: zigzag when the model has softmax layers, contiguous for GLA alone (its work is even per token)"
     )
     backend: Literal["auto", "gloo", "nccl"] = field_spec("auto", "auto: nccl on cuda, gloo on cpu")
     layout: Literal["manual", "auto"] = field_spec(

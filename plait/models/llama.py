@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,9 @@ from torch import nn
 from plait.config import ModelConfig
 from plait.models.attention import cached_attention, causal_attention, document_keys
 from plait.models.init import InitWeights, full_region
+from plait.models.gla import GatedLinearAttention
 from plait.models.moe import MoE
+from plait.models.norm import RMSNorm
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -51,34 +53,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 like the reference implementations, then return the input dtype.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
 @dataclass
 class KVCache:
-    """Preallocated keys/values for generation: one (batch, kv_heads, max_len, head_dim) pair
-    per layer, and ``length`` tokens already filled."""
+    """Generation's memory: preallocated keys/values, one (batch, kv_heads, max_len, head_dim)
+    pair per softmax layer (None for GLA layers), one GLA state per GLA layer (``states``,
+    filled by the first forward), and ``length`` tokens already seen."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
     length: int = 0
+    states: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
         kv_heads = cfg.n_kv_heads or cfg.n_heads
         shape = (batch, kv_heads, max_len, cfg.dim // cfg.n_heads)
-        make = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
-        return cls([make() for _ in range(cfg.n_layers)], [make() for _ in range(cfg.n_layers)])
+        make = lambda mixer: torch.zeros(shape, device=device, dtype=dtype) if mixer == "softmax" else None  # noqa: E731
+        return cls([make(m) for m in cfg.mixers()], [make(m) for m in cfg.mixers()])
 
 
 class Attention(nn.Module):
@@ -127,10 +118,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Pre-norm residual block; its token mixer is softmax ``Attention`` or GLA (``mixer``)."""
+
+    def __init__(self, cfg: ModelConfig, mixer: str = "softmax"):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = GatedLinearAttention(cfg) if mixer == "gla" else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MoE(cfg) if cfg.moe_experts else FeedForward(cfg.dim, cfg.ffn_dim)
 
@@ -150,7 +143,7 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         # Keyed by the layer's global index, so a pipeline stage that keeps layers 4..7 still
         # names them layers.4..layers.7 and checkpoints move between layouts.
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, mixer) for i, mixer in enumerate(cfg.mixers())})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

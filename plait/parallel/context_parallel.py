@@ -24,45 +24,18 @@ Models stay plain: ``apply_context_parallel`` sets ``Llama.attention_mask`` and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.config import JobConfig
+from plait.config import JobConfig, resolved_cp_shard
 from plait.models.attention import causal_attention
+from plait.models.gla import GatedLinearAttention
 from plait.parallel.dims import ParallelDims
+from plait.parallel.lasp2 import Lasp2
 from plait.parallel.ring_attention import ChunkPlan, ring_attention
+from plait.parallel.sequence_layout import SequenceLayout, all_gather_rows
 from plait.parallel.ulysses import heads_to_sequence, sequence_to_heads
-
-
-@dataclass(frozen=True)
-class SequenceLayout:
-    """How a sequence is cut into chunks and which chunks each of the ``cp`` ranks holds."""
-
-    cp: int
-    zigzag: bool = True
-
-    @property
-    def n_chunks(self) -> int:
-        return 2 * self.cp if self.zigzag else self.cp
-
-    def rank_chunks(self, rank: int) -> tuple[int, ...]:
-        return (rank, 2 * self.cp - 1 - rank) if self.zigzag else (rank,)
-
-    def token_index(self, rank: int, seq_len: int, device=None) -> torch.Tensor:
-        """Global positions of rank ``rank``'s tokens, in its local order."""
-        length = seq_len // self.n_chunks
-        return torch.cat([torch.arange(c * length, (c + 1) * length, device=device) for c in self.rank_chunks(rank)])
-
-    def shard(self, tensor: torch.Tensor, rank: int) -> torch.Tensor:
-        """Rank ``rank``'s part of a (batch, seq, ...) tensor."""
-        return tensor.index_select(1, self.token_index(rank, tensor.shape[1], tensor.device))
-
-
-# torch 2.13 renamed all_gather_into_tensor (the old name warns); older versions lack the new one.
-_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
 class DocumentKeys:
@@ -75,9 +48,7 @@ class DocumentKeys:
     def __call__(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         local = position_ids.contiguous()
         batch, tokens = local.shape
-        gathered = torch.empty(self.layout.cp * batch, tokens, dtype=local.dtype, device=local.device)
-        _all_gather(gathered, local, group=self.group)  # gloo wants ranks along dim 0
-        gathered = gathered.view(self.layout.cp, batch, tokens)
+        gathered = all_gather_rows(local, self.layout.cp, self.group).view(self.layout.cp, batch, tokens)
         seq = tokens * self.layout.cp
         positions = torch.empty(batch, seq, dtype=local.dtype, device=local.device)
         for rank in range(self.layout.cp):
@@ -130,7 +101,7 @@ class ContextParallelAttention:
 
 
 def sequence_layout(cfg: JobConfig) -> SequenceLayout:
-    return SequenceLayout(cfg.parallel.cp, zigzag=cfg.parallel.cp_shard == "zigzag")
+    return SequenceLayout(cfg.parallel.cp, zigzag=resolved_cp_shard(cfg) == "zigzag")
 
 
 def apply_context_parallel(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> None:
@@ -147,6 +118,7 @@ def apply_context_parallel(model: nn.Module, dims: ParallelDims, cfg: JobConfig)
         ring_group, ulysses_group = dims.group("cp_ring"), dims.group("cp_ulysses")
     core = ContextParallelAttention(layout, dims.local_rank("cp"), dims.cp_ring, dims.cp_ulysses, ring_group,
                                     ulysses_group, cfg.model.attention_kernel)
+    lasp2 = Lasp2(layout, dims.local_rank("cp"), cp_group, cfg.model.gla_chunk, cfg.model.gla_kernel)
     model.attention_mask = DocumentKeys(layout, cp_group)
     for block in model.layers.values():
-        block.attention.core = core
+        block.attention.core = lasp2 if isinstance(block.attention, GatedLinearAttention) else core

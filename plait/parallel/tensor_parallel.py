@@ -3,6 +3,7 @@
 What is sharded, per block, over t ranks:
 - attention: wq/wk/wv column-wise (each rank holds n_heads/t query heads and n_kv_heads/t KV
   heads), wo row-wise; the MLP: w1/w3 column-wise, w2 row-wise;
+- GLA blocks: the same, plus their gates and output norm (``gla_plan``);
 - between blocks the residual stream is sequence-sharded (sequence parallel): norms run on
   seq/t tokens, and each column-wise input is all-gathered along the sequence;
 - the embedding is split by vocabulary rows, the output by vocabulary columns, and the loss is
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from plait.models.gla import GatedLinearAttention
 from plait.models.moe import MoE
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
@@ -57,12 +59,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: 
                 input_layouts=(Shard(1), None, None, None, None, None),
                 desired_input_layouts=(Replicate(), None, None, None, None, None),
             ),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
+            **{f"attention.{name}": ColwiseParallel() for name in ("wq", "wk", "wv")},
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
         }
+        if isinstance(block.attention, GatedLinearAttention):
+            plan.update(gla_plan())
         if isinstance(block.feed_forward, MoE):
             # Experts are not split over tp: every tp rank routes the whole (gathered)
             # sequence through the same replicated MoE, so their gradients agree without a
@@ -79,3 +81,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: 
                 "feed_forward.w3": ColwiseParallel(),
             })
         parallelize_module(block, tp_mesh, plan)
+
+
+def gla_plan() -> dict[str, object]:
+    """GLA's extra modules, heads split like q/k/v: the gate's low-rank down-projection split by
+    rank and gathered (every head's gate needs all of it), its up-projection and the output
+    gate column-wise, and the per-head output norm run on this rank's heads (dim 2) with its
+    shared weight replicated, its gradient summed over the tp ranks."""
+    return {
+        "attention.gate_down": ColwiseParallel(output_layouts=Replicate()),
+        "attention.gate_up": ColwiseParallel(),
+        "attention.wr": ColwiseParallel(),
+        "attention.out_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+    }

@@ -12,13 +12,13 @@ import os
 
 import torch
 
-from plait.config import JobConfig, job_world_size, validate
+from plait.config import JobConfig, job_world_size, resolved_cp_shard, validate
 from plait.errors import ConfigError
 from plait.launch import preflight
 from plait.plan.estimate import Estimate
 from plait.plan.hardware import GIB
 from plait.plan.search import PLAIT_RECOMPUTE, search
-from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
+from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster, refuse_gla
 
 # torch.cuda.get_device_name() fragments -> catalog names; the first match wins.
 DEVICE_NAMES = (("H200", "h200"), ("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("B200", "b200"),
@@ -67,13 +67,14 @@ def with_layout(cfg: JobConfig, est: Estimate) -> JobConfig:
 def trainer_settings(cfg: JobConfig) -> dict:
     """The job's settings that plait's layout rules read and the planner does not model."""
     p = cfg.parallel
-    return {"cp_mode": p.cp_mode, "cp_ulysses": p.cp_ulysses, "cp_shard": p.cp_shard,
+    return {"cp_mode": p.cp_mode, "cp_ulysses": p.cp_ulysses, "cp_shard": resolved_cp_shard(cfg),
             "moe_balance_scope": cfg.moe.balance_scope, "profile_pipeline": cfg.metrics.profile_pipeline}
 
 
 def apply_auto_layout(cfg: JobConfig) -> JobConfig:
     """The config with the planner's best runnable layout for this world; prints the choice."""
     world = job_world_size(cfg)
+    refuse_gla(cfg.model, "parallel.layout = 'auto'")
     if not cfg.model.vocab_size:
         cfg = preflight(cfg, world)  # the tokenizer decides the vocabulary, and so the output layer
     model, train, cluster_spec = plan_inputs(cfg, world)

@@ -154,8 +154,16 @@ def build_request(path: str | None, overrides: list[tuple[str, str]]) -> PlanReq
 def validate_model(m: PlanModel) -> None:
     """The trainer's model rules, and a vocabulary the planner can count."""
     m.check_shape()
+    refuse_gla(m, "plait plan")
     if not m.vocab_size:
         raise ConfigError("model.vocab_size = 0 takes the tokenizer's in plait train; plait plan needs the number")
+
+
+def refuse_gla(m, who: str) -> None:
+    """The cost model prices softmax attention only: a model with GLA layers is refused, not mispriced."""
+    if m.has_gla():
+        raise ConfigError(f"{who} models softmax attention only, and this model has GLA layers (model.attention, "
+                          "model.layer_pattern); set the layout by hand")
 
 
 def build_cluster(c: PlanCluster) -> Cluster:
