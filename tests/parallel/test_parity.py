@@ -34,6 +34,17 @@ CONTIGUOUS = {"parallel.cp_shard": "contiguous"}
 GQA = {"model.n_kv_heads": 2}  # 2 KV heads under Ulysses 4: each is repeated to two ranks
 
 
+# Gated linear attention: every layer GLA, or three GLA layers then one softmax (hybrid). The
+# 32-token sequences make 16-token chunks: several per rank at cp2, one at cp4.
+GLA = {"model.attention": "gla", "model.gla_chunk": 16}
+HYBRID = {"model.layer_pattern": "gggs", "model.gla_chunk": 16}
+
+
+def lasp2(degree: int, model: dict, **extra) -> dict:
+    """LASP-2 for the GLA layers (cp_mode auto: ring for a hybrid model's softmax layers)."""
+    return {"parallel.cp": degree, "train.steps": CP_STEPS, **model, **extra}
+
+
 MOE_STEPS = 10
 
 
@@ -80,6 +91,11 @@ CASES = {
         "cp2_ring_zigzag_nodocs": cp(2, **NO_DOCS),
         "cp2_ulysses": cp(2, "ulysses"),
         "cp2_ulysses_nodocs": cp(2, "ulysses", **NO_DOCS),
+        "gla_cp2": lasp2(2, GLA),
+        "gla_cp2_nodocs": lasp2(2, GLA, **NO_DOCS),
+        "hybrid_cp2": lasp2(2, HYBRID),
+        "hybrid_cp2_nodocs": lasp2(2, HYBRID, **NO_DOCS),
+        "gla_tp2": {**GLA, "parallel.tp": 2, "train.steps": CP_STEPS},
         "moe_fsdp2": moe(4),
         "moe_ep2": moe(4, **{"parallel.ep": 2}),
         "moe_ep2_micro_scope": moe(2, **{"parallel.ep": 2}, **MICRO_SCOPE),
@@ -112,6 +128,16 @@ CASES = {
         "cp4_ulysses_gqa": cp(4, "ulysses", **GQA),
         "cp4_hybrid": cp(4, "hybrid", **{"parallel.cp_ulysses": 2}),
         "cp4_hybrid_nodocs": cp(4, "hybrid", **{"parallel.cp_ulysses": 2}, **NO_DOCS),
+        "gla_cp4": lasp2(4, GLA),
+        "gla_cp4_nodocs": lasp2(4, GLA, **NO_DOCS),
+        "gla_cp4_zigzag": lasp2(4, GLA, **{"parallel.cp_shard": "zigzag"}),
+        "hybrid_cp4": lasp2(4, HYBRID),
+        "hybrid_cp4_nodocs": lasp2(4, HYBRID, **NO_DOCS),
+        "hybrid_cp4_ulysses": lasp2(4, HYBRID, **{"parallel.cp_mode": "ulysses"}),
+        "gla_cp2_dp2": lasp2(2, GLA),
+        "gla_cp2_tp2": lasp2(2, GLA, **{"parallel.tp": 2}),
+        "gla_cp2_pp2": lasp2(2, GLA, **{"parallel.pp": 2, "parallel.pp_schedule": "1f1b"}),
+        "hybrid_cp2_tp2": lasp2(2, HYBRID, **{"parallel.tp": 2}),
         "cp2_dp2": cp(2),
         "cp2_ddp2": cp(2, **{"parallel.dp_replicate": 2, "parallel.dp_shard": 1, "parallel.zero": 0}),
         "cp2_tp2": cp(2, **{"parallel.tp": 2}),

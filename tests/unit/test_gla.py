@@ -158,3 +158,75 @@ def test_document_resets_from_keys():
     keys = torch.tensor([[0, 0, 0, 3, 3, 5]])
     assert document_resets(keys).tolist() == [[False, False, False, True, False, True]]
     assert document_resets(None) is None
+
+
+# ---- config and layout rules of GLA models
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from plait.layout import Degrees, Workload, layout_problem  # noqa: E402
+from plait.models.flops import forward_coefficients, mixer_matmul_params  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="sgSGx ", min_size=1, max_size=9), st.integers(1, 12))
+def test_any_pattern_is_accepted_exactly_when_it_tiles_the_layers(pattern, layers):
+    cfg = config(**{"model.n_layers": 1}).model
+    cfg.n_layers, cfg.layer_pattern = layers, pattern
+    text = pattern.strip().lower()
+    valid = not text or (set(text) <= {"s", "g"} and layers % len(text) == 0)
+    if valid:
+        mixers = cfg.mixers()
+        assert len(mixers) == layers
+        if text:
+            assert all(m == ("gla" if text[i % len(text)] == "g" else "softmax") for i, m in enumerate(mixers))
+    else:
+        with pytest.raises(ConfigError, match="layer_pattern"):
+            cfg.mixers()
+
+
+def work(gla_layers: int, **extra) -> Workload:
+    return Workload(n_layers=4, n_heads=4, n_kv_heads=0, ffn_dim=64, seq_len=64, global_batch=8, micro_batch=1,
+                    gla_layers=gla_layers, **extra)
+
+
+def test_cp_modes_follow_the_mixers():
+    assert layout_problem(Degrees(world=2, cp=2, cp_mode="auto"), work(4)) is None
+    assert layout_problem(Degrees(world=2, cp=2, cp_mode="lasp2"), work(4)) is None
+    for mode in ("ring", "ulysses"):
+        assert "every layer of this model is GLA" in layout_problem(Degrees(world=2, cp=2, cp_mode=mode), work(4))
+    assert "has softmax layers" in layout_problem(Degrees(world=2, cp=2, cp_mode="lasp2"), work(3))
+    assert layout_problem(Degrees(world=2, cp=2, cp_mode="ulysses"), work(3)) is None
+    assert "gla_gate_rank" in layout_problem(Degrees(world=4, tp=4, zero=3), work(4, gla_gate_rank=6))
+
+
+def test_cp_shard_auto_follows_the_mixers():
+    from plait.config import resolved_cp_shard
+
+    assert resolved_cp_shard(config()) == "contiguous"
+    assert resolved_cp_shard(config(**{"model.layer_pattern": "gs"})) == "zigzag"
+    assert resolved_cp_shard(config(**{"parallel.cp_shard": "zigzag"})) == "zigzag"
+
+
+def test_flops_count_the_layers_own_weights():
+    """The FLOP model's GLA weights are the layer's matrices (biases and norms left out), and
+    GLA layers add nothing quadratic in the document length."""
+    cfg = config(**{"model.layer_pattern": "gs"}).model
+    layer = GatedLinearAttention(cfg)
+    weights = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    assert mixer_matmul_params(cfg, "gla") == weights
+    attn_all_gla, _ = forward_coefficients(config().model)
+    attn_hybrid, _ = forward_coefficients(cfg)
+    assert attn_all_gla == 0 and attn_hybrid == 2.0 * cfg.dim * 2
+
+
+def test_plan_and_hf_refuse_gla_in_one_line():
+    from plait.checkpoint.hf_mapping import config_to_hf
+    from plait.errors import PlaitError
+    from plait.plan.spec import refuse_gla
+
+    with pytest.raises(ConfigError, match="GLA layers"):
+        refuse_gla(config().model, "plait plan")
+    with pytest.raises(PlaitError, match="GLA layers"):
+        config_to_hf(config().model)
