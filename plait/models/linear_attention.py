@@ -19,6 +19,10 @@ of small gates underflow to an honest 0 instead of losing precision along the wa
 - ``chunked`` compiled (``model.gla_kernel``): the per-chunk math through torch.compile; the
   boundary recurrence stays eager (a loop over chunks would unroll in the graph).
 
+Training keeps only q, k, v, the gates and the chunk boundary states for backward: the
+per-chunk math is recomputed there (activation memory per token of the order of softmax
+flash attention's, for about a third more of the mixer's compute).
+
 Packed documents: ``resets`` (batch, seq) marks each token that starts a document; the state
 is reset before it (decay 0 across the boundary), in every form.
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 SUB_CHUNK = 16  # tokens per diagonal block of the exact pairwise decays
 
@@ -151,7 +156,13 @@ def chunked(q, k, v, g, resets=None, chunk: int = 64, state=None, compiled: bool
     view = lambda x: x.unflatten(2, (n, chunk))  # noqa: E731
     r = None if resets is None else _pad(resets, pad, dim=1).unflatten(1, (n, chunk))
     math = _compiled_chunk_math() if compiled else chunk_math
-    intra, q_in, decay, summary = math(view(q), view(k), view(v), view(g), r, chunk)
+    args = (view(q), view(k), view(v), view(g), r, chunk)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g)):
+        # Recomputed in backward, as flash attention does: the pairwise decays would otherwise
+        # keep ~16·d_k floats per token and head alive, several times softmax attention's.
+        intra, q_in, decay, summary = checkpoint(math, *args, use_reentrant=False)
+    else:
+        intra, q_in, decay, summary = math(*args)
     # The boundary recurrence: the state entering each chunk.
     entering = []
     current = q.new_zeros(batch, heads, dk, v.shape[-1]) if state is None else state.to(dtype)
