@@ -224,8 +224,7 @@ def fmt_bytes(n: int) -> str:
     return f"{n / 2**10:,.1f} KiB"
 
 
-def print_tables(args: argparse.Namespace, cp_table: list[dict], lm_table: list[dict]) -> None:
-    gla_dims = lm_config(args, "gla", 64).model.gla_dims()
+def print_cp_table(args: argparse.Namespace, cp_table: list[dict]) -> None:
     d_k, d_v = layer_config(args, "gla", 64, args.cp).model.gla_dims()
     print(f"\nA) one block's token mixer, forward + backward, cp = {args.cp} (gloo, 1 thread per rank), batch 1, "
           f"dim {args.dim}, {args.heads} heads (softmax head dim {args.dim // args.heads}; GLA d_k {d_k}, d_v {d_v})")
@@ -246,6 +245,9 @@ def print_tables(args: argparse.Namespace, cp_table: list[dict], lm_table: list[
     print(f"LASP-2 bytes equal (cp-1)·heads·(d_k·d_v+d_k)·4 = {fwd:,} forward and (cp-1)·heads·d_k·d_v·4 = "
           f"{bwd:,} backward at every length (asserted).")
 
+
+def print_one_process_table(args: argparse.Namespace, lm_table: list[dict]) -> None:
+    gla_dims = lm_config(args, "gla", 64).model.gla_dims()
     print(f"\nB) one process, {args.threads} threads, forward + backward (cross entropy, no optimizer), batch 1: "
           f"dim {args.b_dim}, {args.b_layers} layers, {args.b_heads} heads, vocab {args.b_vocab} "
           f"(GLA d_k {gla_dims[0]}, d_v {gla_dims[1]})")
@@ -261,6 +263,8 @@ def print_tables(args: argparse.Namespace, cp_table: list[dict], lm_table: list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("both", "A", "B"), default="both",
+                        help="A: cp = 4, LASP-2 against ring; B: one process's tokens/s")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2k and 4k tokens, fewer repeats")
     parser.add_argument("--out", help="write every figure (and each run's seconds) to this JSON file")
     parser.add_argument("--cp", type=int, default=4)
@@ -287,20 +291,25 @@ def main() -> None:
 
     # The machine is shared: the load before and after each part says whether a figure is clean.
     load = {"start": os.getloadavg()}
-    start = time.perf_counter()
-    cp_table = summarize_cp(args, spawn(mixer_rank, args.cp, (args,)))
-    cp_seconds, load["after A"] = time.perf_counter() - start, os.getloadavg()
-    start = time.perf_counter()
-    lm_table = throughput(args)
-    lm_seconds, load["after B"] = time.perf_counter() - start, os.getloadavg()
-    print_tables(args, cp_table, lm_table)
-    print(f"\nwall time: part A {cp_seconds:.0f} s, part B {lm_seconds:.0f} s; load average (1, 5, 15 min) "
+    figures: dict[str, list[dict]] = {}
+    if args.part in ("both", "A"):
+        start = time.perf_counter()
+        figures["context_parallel"] = summarize_cp(args, spawn(mixer_rank, args.cp, (args,)))
+        print_cp_table(args, figures["context_parallel"])
+        load["after A"] = os.getloadavg()
+        print(f"part A: {time.perf_counter() - start:.0f} s")
+    if args.part in ("both", "B"):
+        start = time.perf_counter()
+        figures["one_process"] = throughput(args)
+        print_one_process_table(args, figures["one_process"])
+        load["after B"] = os.getloadavg()
+        print(f"part B: {time.perf_counter() - start:.0f} s")
+    print("load average (1, 5, 15 min): "
           + ", ".join(f"{when} {' '.join(f'{x:.2f}' for x in values)}" for when, values in load.items()))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"command": sys.argv, "torch": torch.__version__, "cores": os.cpu_count(), "args": vars(args),
-                       "load_average": load, "context_parallel": cp_table, "one_process": lm_table}, fh, indent=1)
-
+                       "load_average": load, **figures}, fh, indent=1)
 
 if __name__ == "__main__":
     main()
