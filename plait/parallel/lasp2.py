@@ -39,21 +39,27 @@ def _scan(decays: list[torch.Tensor], summaries: list[torch.Tensor]) -> list[tor
     return entering
 
 
+def _by_piece(local: torch.Tensor, layout: SequenceLayout, group) -> list[torch.Tensor]:
+    """All-gather each rank's (pieces, ...) rows; returns every piece's row in sequence order."""
+    pieces = local.shape[0]
+    rows = all_gather_rows(local.flatten(1), layout.cp, group)
+    ordered = [None] * layout.n_chunks
+    for owner in range(layout.cp):
+        for slot, piece in enumerate(layout.rank_chunks(owner)):
+            ordered[piece] = rows[owner * pieces + slot]
+    return ordered
+
+
 class _EnteringStates(torch.autograd.Function):
     """(D, M) of this rank's pieces, (P, b, h, d_k) and (P, b, h, d_k, d_v) -> the states
     entering them, (P, b, h, d_k, d_v); one all-gather forward, one backward."""
 
     @staticmethod
     def forward(ctx, decay, summary, layout: SequenceLayout, rank: int, group):
-        pieces, shape = decay.shape[0], summary.shape
-        packed = torch.cat([summary.flatten(1), decay.flatten(1)], dim=1).contiguous()
-        rows = all_gather_rows(packed, layout.cp, group)  # (cp * P, numel)
-        decays, summaries = [None] * layout.n_chunks, [None] * layout.n_chunks
-        for owner in range(layout.cp):
-            for slot, piece in enumerate(layout.rank_chunks(owner)):
-                row = rows[owner * pieces + slot]
-                summaries[piece] = row[: summary[0].numel()].view(shape[1:])
-                decays[piece] = row[summary[0].numel():].view(decay.shape[1:])
+        state_size = summary[0].numel()
+        rows = _by_piece(torch.cat([summary.flatten(1), decay.flatten(1)], dim=1), layout, group)
+        summaries = [row[:state_size].view(summary.shape[1:]) for row in rows]
+        decays = [row[state_size:].view(decay.shape[1:]) for row in rows]
         entering = _scan(decays, summaries)
         ctx.save_for_backward(*decays, *entering)
         ctx.layout, ctx.rank, ctx.group = layout, rank, group
@@ -61,25 +67,18 @@ class _EnteringStates(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_entering):
-        layout, rank = ctx.layout, ctx.rank
-        n = layout.n_chunks
+        n = ctx.layout.n_chunks
         decays, entering = ctx.saved_tensors[:n], ctx.saved_tensors[n:]
-        pieces = grad_entering.shape[0]
-        rows = all_gather_rows(grad_entering.flatten(1).contiguous(), layout.cp, ctx.group)
-        direct = [None] * n
-        for owner in range(layout.cp):
-            for slot, piece in enumerate(layout.rank_chunks(owner)):
-                direct[piece] = rows[owner * pieces + slot].view(grad_entering.shape[1:])
-        # adjoint[p]: the total gradient of the state entering piece p (p = n: after the last,
-        # which nothing reads). M_p feeds S_{p+1}; D_p scales S_p into S_{p+1}.
-        adjoint = [None] * (n + 1)
-        adjoint[n] = torch.zeros_like(direct[0])
+        direct = [row.view(grad_entering.shape[1:]) for row in _by_piece(grad_entering, ctx.layout, ctx.group)]
+        # adjoint[p]: the total gradient of the state entering piece p; adjoint[n], the state
+        # after the last piece, is read by nothing. S_{p+1} = D_p ⊙ S_p + M_p, so M_p's
+        # gradient is adjoint[p + 1] and D_p's is Σ_{d_v} adjoint[p + 1] ⊙ S_p.
+        adjoint = [None] * n + [torch.zeros_like(direct[0])]
         for p in range(n - 1, -1, -1):
-            adjoint[p] = direct[p] + decays[p][..., None] * adjoint[p + 1] if p < n - 1 else direct[p]
-        mine = layout.rank_chunks(rank)
-        grad_summary = torch.stack([adjoint[p + 1] if p < n - 1 else torch.zeros_like(direct[p]) for p in mine])
-        grad_decay = torch.stack([(adjoint[p + 1] * entering[p]).sum(-1) if p < n - 1
-                                  else torch.zeros_like(decays[p]) for p in mine])
+            adjoint[p] = direct[p] + decays[p][..., None] * adjoint[p + 1]
+        mine = ctx.layout.rank_chunks(ctx.rank)
+        grad_summary = torch.stack([adjoint[p + 1] for p in mine])
+        grad_decay = torch.stack([(adjoint[p + 1] * entering[p]).sum(-1) for p in mine])
         return grad_decay, grad_summary, None, None, None
 
 
