@@ -48,7 +48,7 @@ from plait.checkpoint.atomic import (
 from plait.checkpoint.checksums import FileSum, file_sum, no_record_crc32, summing_writer
 from plait.checkpoint.manifest import MANIFEST, verify_checkpoint, write_manifest
 from plait.checkpoint.pull_save import Source, save_pulled
-from plait.checkpoint.safe_dcp import first_failure, load_state, one_line
+from plait.checkpoint.safe_dcp import METADATA_FILE, first_failure, load_state, one_line, read_metadata_file
 from plait.checkpoint.staging import ReusedStaging
 from plait.config import JobConfig, ModelConfig, build_config, to_toml
 from plait.errors import CheckpointError
@@ -119,11 +119,20 @@ def latest_good_checkpoint(run_dir: str, skipped: list[str] | None = None) -> st
     return None
 
 
-def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, for_load: bool = False):
-    """(model, optimizer) state dicts keyed by parameter name whatever the layout."""
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, for_load: bool = False, flat: bool = True):
+    """(model, optimizer) state dicts keyed by parameter name whatever the layout. ``flat``:
+    the optimizer's param-group settings keyed by parameter name too; nested, they are keyed
+    by group index, which every pipeline stage shares, so one stage's groups overwrote the
+    others' in the checkpoint (checkpoints written before 2026-12-06 are nested)."""
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         return get_model_state_dict(model), zero1_state_dict(optimizer, model, for_load)
-    return get_state_dict(model, optimizer)
+    return get_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=flat))
+
+
+def _nested_param_groups(shards: str) -> bool:
+    """Whether the checkpoint in ``shards`` keys its optimizer's param groups by index."""
+    metadata = read_metadata_file(os.path.join(shards, METADATA_FILE))
+    return any(re.match(r"optim\.param_groups\.\d+\.", key) for key in metadata.state_dict_metadata)
 
 
 def merged_view(parts: list[nn.Module]) -> nn.Module:
@@ -294,18 +303,20 @@ def load_checkpoint(folder: str, parts: list[nn.Module], optimizer: torch.optim.
         check_same_model(folder, model_cfg, "--resume")
     model = merged_view(parts)
     zero1 = isinstance(optimizer, ZeroRedundancyOptimizer)
-    model_sd, optim_sd = _state_dicts(model, optimizer, for_load=True)
-    state = {"model": model_sd, "optim": {"state": optim_sd["state"]} if zero1 else optim_sd}
     shards, group = (os.path.join(folder, worker[0]), worker[1]) if worker else (folder, None)
     if worker and not os.path.isdir(shards):
         raise CheckpointError(f"checkpoint '{folder}' has no weights for lowbw worker '{worker[0]}' "
                               "(saved with another lowbw.method or number of workers)")
+    flat = zero1 or not _nested_param_groups(shards)
+    model_sd, optim_sd = _state_dicts(model, optimizer, for_load=True, flat=flat)
+    state = {"model": model_sd, "optim": {"state": optim_sd["state"]} if zero1 else optim_sd}
     load_state(state, shards, group)
     if zero1:
         set_model_state_dict(model, state["model"])
         load_zero1_state_dict(optimizer, model, state["optim"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(flatten_optimizer_state_dict=flat))
     path = os.path.join(folder, "state", f"rank{_rank()}.pt")
     if not os.path.isfile(path):
         path = os.path.join(folder, "state", "rank0.pt")

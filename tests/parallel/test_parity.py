@@ -266,11 +266,17 @@ def test_reference_differs_with_other_seed(workdir, references):
     assert abs(other.losses[2] - reference.losses[2]) / reference.losses[2] > RTOL
 
 
-@pytest.mark.parametrize("world,zero,background", [(1, 3, False), (2, 3, False), (2, 1, False), (2, 3, True)],
-                         ids=["1rank", "2ranks_fsdp", "2ranks_zero1", "2ranks_fsdp_async"])
+@pytest.mark.parametrize("world,zero,background", [(1, 3, False), (2, 3, False), (2, 1, False), (2, 3, True),
+                                                     (2, "pp", False)],
+                         ids=["1rank", "2ranks_fsdp", "2ranks_zero1", "2ranks_fsdp_async", "2ranks_pp"])
 def test_resume_is_bit_identical(workdir, world, zero, background):
-    """``background``: checkpoint.async, the checkpoints written while training goes on."""
-    if background:
+    """``background``: checkpoint.async, the checkpoints written while training goes on.
+    ``pp``: two pipeline stages, whose optimizer param groups must not overwrite each other's."""
+    if zero == "pp":
+        values = {"parallel.pp": 2, "parallel.pp_schedule": "1f1b", "parallel.dp_shard": -1}
+        out = spawn(run_resume, world, (workdir, values, "resume2_pp"))[0]
+        full, resumed = out["full"], out["resumed"]
+    elif background:
         values = {"parallel.dp_shard": 2, "parallel.zero": zero, "checkpoint.async": True}
         out = spawn(run_resume, world, (workdir, values, "resume2_async"))[0]
         full, resumed = out["full"], out["resumed"]

@@ -351,3 +351,27 @@ def test_composes_with_tensor_parallel_and_fsdp2():
         port = s.getsockname()[1]
     # fork: the children reuse the imported torch instead of spending seconds importing it again.
     mp.start_processes(_tp_ac_fsdp_worker, args=(2, port), nprocs=2, start_method="fork")
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested_before_2026_12_06"])
+def test_optimizer_state_round_trips_in_both_key_formats(tmp_path, monkeypatch, nested):
+    """Param-group settings are saved keyed by parameter name (pipeline stages share group
+    indices); checkpoints written keyed by group index still load, moments and settings alike."""
+    import functools
+
+    from plait.checkpoint import store
+    from tests.unit.checkpoint_factory import model_and_optimizer, tiny_job, training_checkpoint
+
+    if nested:
+        monkeypatch.setattr(store, "_state_dicts", functools.partial(store._state_dicts, flat=False))
+    folder = training_checkpoint(str(tmp_path / "run"), 1)
+    monkeypatch.undo()
+    assert store._nested_param_groups(folder) == nested
+    saved, saved_opt = model_and_optimizer(tiny_job())
+    model, _ = model_and_optimizer(tiny_job(), seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2, weight_decay=0.3)
+    store.load_checkpoint(folder, [model], optimizer)
+    assert optimizer.param_groups[0]["lr"] == 1e-3 and optimizer.param_groups[0]["weight_decay"] == 0.01
+    for (name, p), q in zip(model.named_parameters(), saved.parameters()):
+        assert torch.equal(p, q), name
+        assert torch.equal(optimizer.state[p]["exp_avg"], saved_opt.state[q]["exp_avg"]), name
