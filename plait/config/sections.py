@@ -82,8 +82,10 @@ class ModelConfig:
         "", "hybrid models: one letter per block, s (softmax) or g (GLA), repeated to n_layers (e.g. 'gggs'); "
             "empty: every block is model.attention"
     )
-    gla_expand_k: float = field_spec(0.5, "GLA: total key/query width as a fraction of dim (d_k = dim x this / heads)", gt=0)
-    gla_expand_v: float = field_spec(1.0, "GLA: total value width as a fraction of dim (d_v = dim x this / heads)", gt=0)
+    gla_expand_k: float = field_spec(0.5, "GLA: total key/query width as a fraction of dim (d_k = dim x this / heads)",
+                                     gt=0, max=16)
+    gla_expand_v: float = field_spec(1.0, "GLA: total value width as a fraction of dim (d_v = dim x this / heads)",
+                                     gt=0, max=16)
     gla_gate_rank: int = field_spec(16, "GLA: rank of the low-rank projection that makes the forget gate", min=1)
     gla_gate_norm: float = field_spec(16.0, "GLA: gate temperature; the gate is sigmoid(.)^(1/this)", gt=0)
     gla_chunk: int = field_spec(64, "GLA: chunk length of the chunked training form", min=1)

@@ -116,3 +116,21 @@ def run_cross_layout_resume(workdir: str) -> dict:
         dist.barrier()
         out[name] = run_training(job(workdir, name, **common, **layout, **{"checkpoint.resume": True})).losses
     return out
+
+
+def context_parallel_model(cfg, world: int):
+    """Inside a spawned rank: ``cfg``'s model with context parallelism applied over ``world``
+    ranks, and every collective counted by mesh dim (the cp dim as "cp")."""
+    from plait.models.llama import build_model
+    from plait.parallel.context_parallel import apply_context_parallel
+    from plait.parallel.dims import ParallelDims
+    from plait.telemetry import collectives as comm
+
+    dims = ParallelDims.from_config(cfg, world)
+    dims.build_mesh("cpu")
+    comm.install()
+    comm.register_mesh(dims.mesh)
+    comm.register_group(dims.cp_mesh.get_group(), "cp")
+    model = build_model(cfg.model)
+    apply_context_parallel(model, dims, cfg)
+    return model, dims

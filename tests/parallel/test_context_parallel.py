@@ -13,8 +13,8 @@ from plait.config import build_config
 from plait.launch import spawn
 from plait.models.llama import build_model
 from plait.telemetry import collectives as comm
-from plait.parallel.context_parallel import apply_context_parallel, sequence_layout
-from plait.parallel.dims import ParallelDims
+from plait.parallel.context_parallel import sequence_layout
+from tests.parallel.harness import context_parallel_model
 
 BATCH, SEQ, DIM, HEADS, LAYERS = 2, 64, 64, 4, 2
 HEAD_DIM = DIM // HEADS
@@ -67,13 +67,7 @@ def measure(cp: int) -> dict:
     out: dict[str, dict] = {}
     for mode, extra in MODES.items():
         cfg = config(cp, mode, **extra)
-        dims = ParallelDims.from_config(cfg, cp)
-        dims.build_mesh("cpu")
-        comm.install()
-        comm.register_mesh(dims.mesh)
-        comm.register_group(dims.cp_mesh.get_group(), "cp")
-        model = build_model(cfg.model)
-        apply_context_parallel(model, dims, cfg)
+        model, dims = context_parallel_model(cfg, cp)
         layout = sequence_layout(cfg)
         figures = {}
         for docs in (None, (10, 30, 24)):

@@ -10,9 +10,9 @@ import torch
 from plait.config import build_config
 from plait.launch import spawn
 from plait.models.llama import build_model
-from plait.parallel.context_parallel import apply_context_parallel, sequence_layout
-from plait.parallel.dims import ParallelDims
+from plait.parallel.context_parallel import sequence_layout
 from plait.telemetry import collectives as comm
+from tests.parallel.harness import context_parallel_model
 
 CP, DIM, HEADS, LAYERS = 4, 32, 2, 2
 LENGTHS = (4096, 16384, 65536)
@@ -38,14 +38,7 @@ def doc_positions() -> torch.Tensor:
 
 
 def cp_model(cfg):
-    dims = ParallelDims.from_config(cfg, CP)
-    dims.build_mesh("cpu")
-    comm.install()
-    comm.register_mesh(dims.mesh)
-    comm.register_group(dims.cp_mesh.get_group(), "cp")
-    model = build_model(cfg.model)
-    apply_context_parallel(model, dims, cfg)
-    return model, dims
+    return context_parallel_model(cfg, CP)
 
 
 def measure() -> dict:
