@@ -18,13 +18,13 @@ from plait.config.rules import (
     validate_experts, validate_model_parallel, workload,
 )
 from plait.config.sections import (
-    CheckpointConfig, CommConfig, DataConfig, JobConfig, LowBWConfig, MetricsConfig, ModelConfig, MoEConfig,
+    CheckpointConfig, CommConfig, DataConfig, JobConfig, LowBWConfig, MemoryConfig, MetricsConfig, ModelConfig, MoEConfig,
     SEED_MAX, ParallelConfig, ResilienceConfig, RunConfig, TrainConfig, config_key, field_spec,
 )
 
 __all__ = [
     "INJECTIONS", "INT_MAX", "LINK_DIMS", "PP_MULTI_STAGE", "PP_V_SHAPED", "SECTIONS", "CheckpointConfig", "CommConfig", "CommandParser",
-    "DataConfig", "check_folder", "Injection", "JobConfig", "LowBWConfig", "MetricsConfig", "MoEConfig", "ModelConfig",
+    "DataConfig", "check_folder", "Injection", "JobConfig", "LowBWConfig", "MemoryConfig", "MetricsConfig", "MoEConfig", "ModelConfig",
     "ParallelConfig", "ResilienceConfig", "RunConfig", "SEED_MAX", "TrainConfig", "build_config", "config_key", "cp_degrees", "degrees", "field_spec",
     "finite_float", "job_world_size", "link_emulation", "load_toml", "parse_injection", "parse_link_values", "pp_stage_layers",
     "reference_markdown", "resolve_dp", "resolved_cp_shard", "saves_at", "section_fields", "split_overrides", "to_toml", "torchrun_world_size",

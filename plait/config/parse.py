@@ -57,6 +57,14 @@ INT_MAX = 2**31 - 1
 
 def _coerce(key: str, raw: Any, hint: Any, from_cli: bool) -> Any:
     """Turn ``raw`` into the field's type, or raise ConfigError naming the key and the type."""
+    if typing.get_origin(hint) is typing.Union:  # a number or a word: ``int | Literal["auto"]``
+        number, word = _number_or_word(hint)
+        if raw in typing.get_args(word):
+            return raw
+        try:
+            return _number(key, raw, number, from_cli)
+        except ConfigError:
+            raise ConfigError(f"{key} = {_short(raw)} is not {_type_name(hint)}") from None
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         if raw not in choices:
@@ -80,6 +88,24 @@ def _coerce(key: str, raw: Any, hint: Any, from_cli: bool) -> Any:
             raise ConfigError(f"{key} = {raw!r} is not valid UTF-8 text") from None
         return raw
     raise ConfigError(f"{key}: unsupported field type {hint}")  # pragma: no cover
+
+
+def _number_or_word(hint: Any) -> tuple[type, Any]:
+    """(the number type, the Literal of words) of an ``int | Literal[...]`` field."""
+    args = typing.get_args(hint)
+    number = next(a for a in args if a in (int, float))
+    word = next(a for a in args if typing.get_origin(a) is Literal)
+    return number, word
+
+
+def _type_name(hint: Any) -> str:
+    """How the config reference and messages name a field's type."""
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(str(c) for c in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Union:
+        number, word = _number_or_word(hint)
+        return f"{'an integer' if number is int else 'a number'} or {_type_name(word)}"
+    return hint.__name__
 
 
 def _number(key: str, raw: Any, hint: type, from_cli: bool) -> int | float:
@@ -118,6 +144,10 @@ def _short(raw: Any) -> str:
 def _check_range(dotted: str, value: Any, hint: Any, meta: Any) -> None:
     """The field's declared limits (``min``/``max``/``gt``/``lt``, ``nonempty`` in its metadata);
     an int field without a ``max`` is bounded by INT_MAX."""
+    if isinstance(value, str) and typing.get_origin(hint) is typing.Union:
+        return  # the word of an ``int | Literal["auto"]`` field
+    if typing.get_origin(hint) is typing.Union:
+        hint = _number_or_word(hint)[0]
     shown = _short(value)
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{dotted} = {shown} is out of range; it must be >= {meta['min']}")
@@ -247,10 +277,7 @@ def reference_markdown() -> str:
         hints = typing.get_type_hints(kind)
         for name, fld in section_fields(section).items():
             hint = hints[fld.name]
-            if typing.get_origin(hint) is Literal:
-                kind = " \\| ".join(str(c) for c in typing.get_args(hint))
-            else:
-                kind = hint.__name__
+            kind = _type_name(hint).replace("|", "\\|")
             default = fld.default
             text = "true" if default is True else "false" if default is False else repr(default) if isinstance(default, str) else str(default)
             rows.append(f"| `{section}.{name}` | {kind} | `{text}` | {fld.metadata['doc']} |")

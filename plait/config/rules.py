@@ -28,7 +28,9 @@ def workload(cfg: JobConfig) -> layout.Workload:
     m, t = cfg.model, cfg.train
     return layout.Workload(
         n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, ffn_dim=m.ffn_dim, seq_len=t.seq_len,
-        global_batch=t.global_batch, micro_batch=t.micro_batch, moe_experts=m.moe_experts,
+        # train.micro_batch = auto is tried on the device among the divisors of the per-rank batch.
+        global_batch=t.global_batch, micro_batch=1 if t.micro_batch == "auto" else t.micro_batch,
+        moe_experts=m.moe_experts,
         tie_embeddings=m.tie_embeddings, activation_checkpointing=t.activation_checkpointing,
         moe_balance_scope=cfg.moe.balance_scope, profile_pipeline=cfg.metrics.profile_pipeline,
         gla_layers=m.mixers().count("gla"), gla_gate_rank=m.gla_gate_rank,

@@ -172,7 +172,10 @@ class TrainConfig:
     seed: int = field_spec(0, "seed for init, data order and sampling", min=0, max=SEED_MAX)
     seq_len: int = field_spec(256, "tokens per sequence", min=2)
     global_batch: int = field_spec(8, "sequences per optimizer step, over all data-parallel ranks", min=1)
-    micro_batch: int = field_spec(4, "sequences per forward/backward on one rank", min=1)
+    micro_batch: int | Literal["auto"] = field_spec(
+        4, "sequences per forward/backward on one rank; auto: before training, try growing micro-batches "
+           "(forward, backward, optimizer step on the real layout) and keep the largest that fits the memory "
+           "budget (memory.budget_gib, memory.headroom)", min=1)
     lr: float = field_spec(3e-3, "peak learning rate", gt=0)
     min_lr_ratio: float = field_spec(0.1, "final lr as a fraction of the peak", min=0, max=1)
     warmup_steps: int = field_spec(20, "linear warmup steps", min=0)
@@ -319,6 +322,29 @@ class LowBWConfig:
 
 
 @dataclass
+class MemoryConfig:
+    offload: Literal["none", "optimizer", "params"] = field_spec(
+        "none", "model state in host memory: optimizer = AdamW moments and the update on the host, parameters "
+                "and gradients stay on the device (ZeRO-Offload); params = FSDP2 CPU offload: sharded "
+                "parameters, gradients and optimizer state on the host, the update on the host (ZeRO-Infinity "
+                "to CPU), each block's parameters copied in for its forward and backward"
+    )
+    activation_offload: int = field_spec(
+        0, "blocks whose tensors saved for backward go to host memory in forward and come back for their "
+           "backward (pinned and prefetched one block ahead on CUDA): the first N blocks by layer index; "
+           "-1 every block; 0 none", min=-1)
+    recompute_fraction: float = field_spec(
+        0.0, "token-wise recompute (MEMO): the share of each block's tokens whose per-token activations "
+             "(projections, norms, MLP) are recomputed in backward instead of kept; 0 keeps all; "
+             "needs train.activation_checkpointing = none", min=0, max=1)
+    budget_gib: float = field_spec(
+        0.0, "train.micro_batch = auto: device memory one rank may use, in GiB; required on CPU (allocation "
+             "there does not fail cleanly); 0 on CUDA: the GPU's memory", min=0, max=1e6)
+    headroom: float = field_spec(
+        0.1, "train.micro_batch = auto keeps a try's peak at or below (1 - headroom) x the budget", min=0, lt=1)
+
+
+@dataclass
 class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -331,6 +357,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     lowbw: LowBWConfig = field(default_factory=LowBWConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """{section: {key users write: value}} (what config.toml holds)."""
