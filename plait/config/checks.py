@@ -8,6 +8,7 @@ import os
 
 from plait.config.injection import parse_injection
 from plait.config.links import link_emulation
+from plait.config.memory_rules import validate_memory
 from plait.config.rules import degrees, resolve_dp, validate_model_parallel, workload
 from plait.config.sections import JobConfig
 from plait.errors import ConfigError
@@ -32,6 +33,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         )
     link_emulation(cfg)
     validate_checkpoint(cfg)
+    validate_memory(cfg)
     if p.layout == "auto":
         return  # the planner picks the layout (plait.plan.auto) and validates its choice
     world = world_size if world_size is not None else job_world_size(cfg)

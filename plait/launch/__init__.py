@@ -21,6 +21,7 @@ import torch.distributed as dist
 from plait.checkpoint import store as ckpt
 from plait.checkpoint.starting import starting_weights
 from plait.config import JobConfig, check_folder, resolve_dp, torchrun_world_size, validate
+from plait.config.memory_rules import needs_budget
 from plait.data import TokenizeReporter, prepare_data, train_loader
 from plait.errors import CheckpointError, ConfigError
 from plait.resilience.agent import finish_torchrun, join_torchrun, torchrun_attempt
@@ -40,7 +41,10 @@ def under_torchrun() -> bool:
 def pick_backend(cfg: JobConfig) -> str:
     if cfg.parallel.backend != "auto":
         return cfg.parallel.backend
-    return "nccl" if on_cuda(cfg) else "gloo"
+    if not on_cuda(cfg):
+        return "gloo"
+    # Offloaded state lives on the host: its reductions (gradient norms) need gloo beside NCCL.
+    return "cpu:gloo,cuda:nccl" if cfg.memory.offload != "none" else "nccl"
 
 
 def check_attention_kernel(cfg: JobConfig) -> None:
@@ -65,6 +69,7 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
     if cfg.parallel.backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("parallel.backend = 'nccl' needs CUDA devices; use 'gloo' or 'auto'")
     check_attention_kernel(cfg)
+    needs_budget(cfg, on_cuda(cfg))
     check_folder("run.dir", cfg.run.dir)
     check_folder("data.cache_dir", cfg.data.cache_dir)
     if cfg.checkpoint.resume:

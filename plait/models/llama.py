@@ -86,13 +86,22 @@ class Attention(nn.Module):
         self.core = functools.partial(causal_attention, kernel=cfg.attention_kernel)
 
     def forward(self, x, cos, sin, keys, cache: KVCache | None = None, layer: int = 0):
+        q, k, v = self.project(x, cos, sin)
+        out = self.core(q, k, v, keys) if cache is None else self._cached_attention(q, k, v, cache, layer)
+        return self.output(out)
+
+    def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per token: queries, keys and values (batch, heads, seq, head_dim), RoPE applied."""
         batch, seq, _ = x.shape
         # -1 instead of the head count lets tensor parallelism shard heads without a change here.
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.core(q, k, v, keys) if cache is None else self._cached_attention(q, k, v, cache, layer)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Per token: the heads' outputs (batch, heads, seq, head_dim) back to the model width."""
+        batch, _, seq, _ = out.shape
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
     @staticmethod
@@ -129,6 +138,10 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, keys, cache=None, layer=0):
         x = x + self.attention(self.attention_norm(x), cos, sin, keys, cache, layer)
+        return self.mlp_residual(x)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The second half of the block, token by token."""
         return x + self.feed_forward(self.ffn_norm(x))
 
 

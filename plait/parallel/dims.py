@@ -16,7 +16,9 @@ so for gradients they are data-parallel ranks: gradients are reduced over ``dp Ã
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -136,7 +138,10 @@ class ParallelDims:
         self.mesh = mesh
         if not self.cp_enabled:
             self.grad_mesh = mesh["dp_shard"] if self.workers else self.dp_mesh
-            self.fsdp_mesh = mesh["dp_replicate", "dp_shard"] if self.hsdp_enabled else mesh["dp_shard"]
+            # Replicated over dp_replicate whenever that is a real dim: HSDP, or FSDP with a shard
+            # of one under DDP (memory.offload = params).
+            replicated = self.dp_replicate > 1 and not self.workers
+            self.fsdp_mesh = mesh["dp_replicate", "dp_shard"] if replicated else mesh["dp_shard"]
             return mesh
         self.cp_mesh = mesh["cp_ring", "cp_ulysses"]._flatten("cp")
         shard = mesh["dp_shard", "cp_ring", "cp_ulysses"]._flatten("dp_shard_cp")
@@ -249,3 +254,19 @@ class ParallelDims:
 
     def pp_rank(self) -> int:
         return self.local_rank("pp")
+
+
+@contextlib.contextmanager
+def local_process_group(needed: bool, cuda: bool) -> Iterator[None]:
+    """A one-rank process group for a single process that needs one (FSDP2's CPU offload runs
+    on a mesh), torn down afterwards; nothing when ``needed`` is false or a group exists."""
+    if not needed or dist.is_initialized():
+        yield
+        return
+    # On CUDA, offloaded tensors on the host need gloo next to NCCL (gradient-norm reductions).
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -39,11 +39,17 @@ def local_region(param: torch.Tensor) -> Region:
 
 
 @torch.no_grad()
-def materialize(module: nn.Module, device: torch.device, source: WeightSource) -> None:
+def materialize(module: nn.Module, device: torch.device, source: WeightSource, on_host: bool = False) -> None:
     """Allocate ``module``'s parameters and buffers on ``device`` (only this rank's shards) and
     fill every parameter from ``source``. Buffers are recomputed by the model's own ``_apply``
-    (RoPE frequencies), which ``to_empty`` runs."""
-    module.to_empty(device=device)
+    (RoPE frequencies), which ``to_empty`` runs. ``on_host``: the parameters stay in host memory
+    (FSDP2's CPU offload copies them in for each unit's compute); buffers go to ``device``."""
+    module.to_empty(device=torch.device("cpu") if on_host else device)
+    if on_host:
+        for owner in module.modules():
+            for key, buffer in owner._buffers.items():
+                if buffer is not None:
+                    owner._buffers[key] = buffer.to(device)
     for name, param in module.named_parameters():
         local = param.to_local() if isinstance(param, DTensor) else param
         if local.numel() == 0:  # an uneven shard can be empty

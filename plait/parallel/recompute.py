@@ -138,7 +138,7 @@ def _validate(mode: str, every: int) -> None:
         raise ValueError(f"ac_every must be an integer >= 1, got {every!r}")
 
 
-def _blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+def model_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """(global layer index, block) for each child of ``model.layers``."""
     layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.Module):
@@ -163,7 +163,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
     previous mode. Module structure, parameter names and ``state_dict`` keys are unchanged.
     """
     _validate(mode, every)
-    for index, block in _blocks(model):
+    for index, block in model_blocks(model):
         _unwrap(block)
         if _picked(mode, every, index):
             _wrap(block, "op" if mode == "op" else "full")
@@ -171,7 +171,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
 
 def remove_activation_checkpointing(model: nn.Module) -> None:
     """Undo :func:`apply_activation_checkpointing`."""
-    for _, block in _blocks(model):
+    for _, block in model_blocks(model):
         _unwrap(block)
 
 

@@ -26,16 +26,18 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from plait.config import TrainConfig
 
 
-def build_zero1_optimizer(parts: list[nn.Module], cfg: TrainConfig, group) -> ZeroRedundancyOptimizer:
+def build_zero1_optimizer(parts: list[nn.Module], cfg: TrainConfig, group,
+                          optimizer_class: type = torch.optim.AdamW) -> ZeroRedundancyOptimizer:
     """AdamW whose state is split over ``group``: each rank owns a subset of the parameters
-    (balanced by size), keeps their moments, updates them, and broadcasts the new values."""
+    (balanced by size), keeps their moments, updates them, and broadcasts the new values.
+    ``optimizer_class`` is the local AdamW (a host-offloading one for ``memory.offload``)."""
     params = [p for part in parts for p in part.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     return ZeroRedundancyOptimizer(
-        groups, optimizer_class=torch.optim.AdamW, process_group=group,
+        groups, optimizer_class=optimizer_class, process_group=group,
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
     )
 

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from plait.config import TrainConfig
+from plait.train.host_optimizer import HostOffloadAdamW
 
 
-def build_optimizer(parts: list[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(parts: list[nn.Module], cfg: TrainConfig, host: bool = False) -> torch.optim.AdamW:
     """One AdamW over the parameters of all model ``parts`` (pipeline stages of this rank);
-    norms and biases (1-D) get no weight decay."""
+    norms and biases (1-D) get no weight decay. ``host``: its state and update in host memory
+    (``memory.offload = optimizer``)."""
     params = [p for part in parts for p in part.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -20,7 +22,8 @@ def build_optimizer(parts: list[nn.Module], cfg: TrainConfig) -> torch.optim.Ada
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    kind = HostOffloadAdamW if host else torch.optim.AdamW
+    return kind(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) -> float:

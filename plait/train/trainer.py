@@ -31,7 +31,7 @@ from plait.models.llama import init_source, model_from_state
 from plait.telemetry import collectives as comm
 from plait.parallel.context_parallel import sequence_layout
 from plait.parallel.data_parallel import set_gradient_sync
-from plait.parallel.dims import ParallelDims
+from plait.parallel.dims import ParallelDims, local_process_group
 from plait.parallel.parallelize import parallelize_llama
 from plait.telemetry.timeline import plot_gantt
 from plait.parallel.zero import build_zero1_optimizer, state_bytes
@@ -47,6 +47,7 @@ from plait.train import memory_report as memory
 from plait.train.guard import StepGuard
 from plait.train.moe_control import MoEControl
 from plait.train.metrics import MetricsLogger, StepClock, step_record
+from plait.train.host_optimizer import HostOffloadAdamW
 from plait.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 
 
@@ -177,10 +178,12 @@ class Trainer:
             print(memory.report(rows, when, fields), flush=True)
 
     def _build_optimizer(self, cfg: JobConfig):
+        host = cfg.memory.offload == "optimizer"
         if self.dims.fsdp_enabled and cfg.parallel.zero == 1:
-            optimizer = build_zero1_optimizer(self.parts, cfg.train, self.dims.group("shard"))
+            kind = HostOffloadAdamW if host else torch.optim.AdamW
+            optimizer = build_zero1_optimizer(self.parts, cfg.train, self.dims.group("shard"), kind)
         else:
-            optimizer = build_optimizer(self.parts, cfg.train)
+            optimizer = build_optimizer(self.parts, cfg.train, host)
         return optimizer, build_scheduler(optimizer, cfg.train)
 
     def _build_data(self, cfg: JobConfig) -> None:
@@ -488,5 +491,7 @@ class Trainer:
 
 
 def run_training(cfg: JobConfig) -> TrainResult:
-    """Build everything from ``cfg`` and train (the process group, if any, already exists)."""
-    return Trainer(cfg).run()
+    """Build everything from ``cfg`` and train (the process group, if any, already exists;
+    a single process offloading parameters gets a process group of its own for FSDP2)."""
+    with local_process_group(cfg.memory.offload == "params", resolve_device(cfg).type == "cuda"):
+        return Trainer(cfg).run()
