@@ -23,8 +23,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from plait.config import JobConfig, link_emulation, to_toml
 from plait.errors import CheckpointError
-from plait.data import DataBundle, TokenizeReporter, prepare_data, train_loader
-from plait.data.loader import val_batches
+from plait.data import train_loader
 from plait.infer.generate import generate
 from plait.lowbw.diloco import build_outer_loop
 from plait.models.llama import init_source, model_from_state
@@ -47,7 +46,10 @@ from plait.train import memory_report as memory
 from plait.train.guard import StepGuard
 from plait.train.moe_control import MoEControl
 from plait.train.metrics import MetricsLogger, StepClock, step_record
+from plait.telemetry.saved_activations import SavedActivations
 from plait.train.host_optimizer import HostOffloadAdamW
+from plait.train.micro_batch import pick_micro_batch
+from plait.train.setup import load_data, resolve_device, validation_batches, with_vocab  # noqa: F401 (re-exported)
 from plait.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 
 
@@ -66,46 +68,6 @@ class TrainResult:
     checkpoint: str | None = None
 
 
-def resolve_device(cfg: JobConfig) -> torch.device:
-    wanted = cfg.train.device
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
-def load_data(cfg: JobConfig) -> DataBundle:
-    """The tokenizer and token caches, built by the first rank of each node (or of the nodes
-    sharing ``data.cache_dir``) that takes the cache's lock; the others wait on the lock, not
-    on a collective (a long build would outlast its timeout), and reuse what it built."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    reporter = TokenizeReporter() if rank == 0 else None
-    try:
-        return prepare_data(cfg.data, cfg.train.seq_len, cfg.train.seed, reporter)
-    finally:
-        if reporter is not None:
-            reporter.close()
-
-
-def validation_batches(cfg: JobConfig, data: DataBundle, dp_rank: int, dp: int) -> list:
-    """This rank's share of the ``train.eval_batches`` validation micro-batches (a global count,
-    rounded up to a multiple of the dp degree so every rank runs the same number)."""
-    if len(data.val) == 0:
-        return []
-    per_rank = -(-cfg.train.eval_batches // dp)
-    return val_batches(data.val, cfg.train.micro_batch, per_rank, dp_rank, dp)
-
-
-def with_vocab(cfg: JobConfig, vocab_size: int) -> JobConfig:
-    """The config with ``model.vocab_size`` resolved from the tokenizer when it is 0."""
-    if cfg.model.vocab_size:
-        return cfg
-    return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size))
-
-
 class Trainer:
     """Builds everything a run needs from ``cfg``, in order; ``run`` trains."""
 
@@ -122,6 +84,11 @@ class Trainer:
                  if cfg.checkpoint.init_from and not cfg.checkpoint.resume else None)
         stage_ids = self._build_model(cfg, start if isinstance(start, HFWeights) else None)
         self.optimizer, self.scheduler = self._build_optimizer(cfg)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else nullcontext()
+        )
+        if cfg.train.micro_batch == "auto":  # tried on this device and layout, before anything reads it
+            self.cfg = cfg = replace(cfg, train=replace(cfg.train, micro_batch=pick_micro_batch(self)))
         if isinstance(start, str):  # a plait checkpoint: DCP reshards it into this layout
             # Before the outer loop copies the weights its workers start from.
             ckpt.load_model_weights(start, self.parts)
@@ -141,9 +108,8 @@ class Trainer:
         self.model_state_bytes: dict[str, int] = {}
         if cfg.checkpoint.resume:
             self._resume()
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else nullcontext()
-        )
+        # The first step's activations kept for backward (memory.png); compiled blocks are opaque.
+        self.meter = None if cfg.train.compile else SavedActivations(self.parts)
 
     # ---- building
 
@@ -172,10 +138,20 @@ class Trainer:
         return stage_ids
 
     def _report_memory(self, when: str, fields: tuple[str, ...], optimizer) -> None:
-        """Collective: rank 0 prints what every rank holds (plait/train/memory_report.py)."""
-        rows = memory.gather(memory.measure(self.parts, optimizer, self.device), self.device)
-        if self.rank == 0:
-            print(memory.report(rows, when, fields), flush=True)
+        """Collective: rank 0 prints what every rank holds (plait/train/memory_report.py), and
+        after the first step draws memory.png."""
+        saved = self.meter.peak if optimizer is not None and self.meter is not None else 0
+        row = memory.measure(self.parts, optimizer, self.device, self.cfg.memory.offload, saved)
+        rows = memory.gather(row, self.device)
+        if self.rank != 0:
+            return
+        print(memory.report(rows, when, fields), flush=True)
+        if optimizer is not None and self.cfg.metrics.plot:
+            path = os.path.join(self.cfg.run.dir, "memory.png")
+            title = (f"memory after the first step: {self.dims.layout_name}, offload {self.cfg.memory.offload}, "
+                     f"micro-batch {self.cfg.train.micro_batch}")
+            if memory.plot_breakdown(rows, self.device, path, title):
+                print(f"plait: memory breakdown written to {path}", flush=True)
 
     def _build_optimizer(self, cfg: JobConfig):
         host = cfg.memory.offload == "optimizer"
@@ -271,7 +247,8 @@ class Trainer:
         # number undoes that so gradients are of sum(loss)/global_tokens, the single-process
         # reference's objective.
         scale = self.guard.loss_scale(step, self.dims.grad_degree / max(global_tokens, 1.0))
-        total = self._forward_backward(micro_batches, scale)
+        with self.meter if self.meter is not None else nullcontext():
+            total = self._forward_backward(micro_batches, scale)
         self.guard.phase("optimizer")
         total = self.guard.loss_total(step, total, holds_loss=self.pipeline is None or self.pipeline.holds_loss)
         norm = self._optimizer_step(step)
@@ -310,6 +287,7 @@ class Trainer:
         if not self.model_state_bytes:  # the first step is the first time all three exist
             self.model_state_bytes = state_bytes(self.parts, self.optimizer)
             self._report_memory("after the first step", memory.FIELDS, self.optimizer)
+            self.meter = None
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
