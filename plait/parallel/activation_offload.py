@@ -32,6 +32,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from plait.parallel.recompute import model_blocks
+from plait.telemetry.device_memory import host_memory
 
 # Below this a tensor stays on the device: the copy costs more than the memory it frees.
 MIN_BYTES = 1024
@@ -121,14 +122,15 @@ class ActivationOffload:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.ledger = OffloadLedger()
-        self._last: _Stash | None = None
+        self._last: weakref.ref | None = None  # the latest block forward's stash
 
     # ---- copies
 
     def copy_out(self, source: torch.Tensor) -> torch.Tensor:
-        host = torch.empty(source.shape, dtype=source.dtype, pin_memory=self.cuda)
-        if not self.cuda:
-            return host.copy_(source)
+        with host_memory():  # what a device-memory tracker must not count (CPU runs)
+            host = torch.empty(source.shape, dtype=source.dtype, pin_memory=self.cuda)
+            if not self.cuda:
+                return host.copy_(source)
         self.stream.wait_stream(torch.cuda.current_stream())  # the tensor has been computed
         with torch.cuda.stream(self.stream):
             host.copy_(source, non_blocking=True)
@@ -162,8 +164,9 @@ class ActivationOffload:
             cache = kwargs.get("cache", args[4] if len(args) > 4 else None)
             if not torch.is_grad_enabled() or cache is not None:
                 return  # evaluation, or generation with a KV cache: nothing is saved
-            previous = self._last if self._last is not None and self._last.index < index else None
-            stash = self._last = _Stash(self, index, previous)
+            last = self._last() if self._last is not None else None
+            stash = _Stash(self, index, last if last is not None and last.index < index else None)
+            self._last = weakref.ref(stash)  # weak: autograd alone keeps a stash alive
             hooks = torch.autograd.graph.saved_tensors_hooks(*self._hooks(module, stash))
             hooks.__enter__()
             state["active"] = (hooks, stash)

@@ -17,6 +17,8 @@ from collections import defaultdict
 
 import torch
 
+from plait.telemetry.device_memory import host_memory
+
 HOST = torch.device("cpu")
 
 
@@ -36,6 +38,11 @@ class HostOffloadAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with host_memory():  # a device-memory tracker (CPU runs) counts none of this
+            self._host_step()
+        return loss
+
+    def _host_step(self) -> None:
         own_params = [group["params"] for group in self.param_groups]
         own_state = self.state
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device parameter, host copy)
@@ -63,7 +70,6 @@ class HostOffloadAdamW(torch.optim.AdamW):
                 group["params"] = params
         for p, host in pairs:
             p.copy_(host, non_blocking=True)
-        return loss
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)  # torch casts the moments to each parameter's device

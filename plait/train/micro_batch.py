@@ -13,12 +13,13 @@ they agree on each verdict (one all-reduce), so collectives stay in step.
 A try fits when its peak is at most ``(1 - memory.headroom) x`` the budget. On CUDA the peak is
 the allocator's maximum and the budget ``memory.budget_gib`` or the GPU's memory; a try that
 runs out of memory is a miss, never the end of the run. On CPU, where allocation does not fail
-cleanly, the peak is the device-side part of torch's own tensor tracker (``MemTracker``): every
-tensor's storage at the worst moment, less what offloading keeps in host memory.
+cleanly, the peak is the most tensor storage held at once on the device side
+(plait/telemetry/device_memory.py): what offloading keeps in host memory does not count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 from collections.abc import Callable, Sequence
@@ -26,12 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed._tools.mem_tracker import MemTracker
 
 from plait.data.loader import collate
 from plait.errors import ConfigError
 from plait.parallel.data_parallel import set_gradient_sync
 from plait.telemetry import collectives as comm
+from plait.telemetry.device_memory import DeviceMemory, host_memory
 from plait.train import memory_report as memory
 from plait.train.optim import clip_grad_norm
 
@@ -149,19 +150,12 @@ def _measured(trainer, batch) -> tuple[float, bool]:
             torch.cuda.reset_peak_memory_stats(device)
             _step(trainer, batch)
             return float(torch.cuda.max_memory_allocated(device)), False
-        tracker = MemTracker()
-        tracker.track_external(*trainer.parts, trainer.optimizer)
-        ledgers = memory.offload_ledgers(trainer.parts)
-        for ledger in ledgers:
-            ledger.host_peak = ledger.host_now
+        tracker = DeviceMemory()
+        params = [p for part in trainer.parts for p in part.parameters()]
+        tracker.add(*params, host="params" in memory.in_host_memory(trainer.cfg.memory.offload))
         with tracker:
-            _step(trainer, batch)
-        total = tracker.get_tracker_snapshot("peak")[device]["Total"]
-        # Less what lives in host memory: offloaded model state (at the end of the step) and
-        # offloaded activations (at their most).
-        held = memory.located_state(trainer.parts, trainer.optimizer, trainer.cfg.memory.offload)
-        host = sum(held["host"].values()) + sum(ledger.host_peak for ledger in ledgers)
-        return float(total - host), False
+            _step(trainer, batch, tracker)
+        return float(tracker.peak), False
     except torch.OutOfMemoryError:
         return math.inf, True
     finally:
@@ -173,17 +167,24 @@ def _measured(trainer, batch) -> tuple[float, bool]:
             torch.cuda.empty_cache()
 
 
-def _step(trainer, batch) -> None:
+def _step(trainer, batch, tracker: DeviceMemory | None = None) -> None:
     """One training step of one micro-batch (lr 0): forward, backward with the gradient
-    reduction, clipping, the optimizer step."""
+    reduction, clipping, the optimizer step. ``tracker`` (CPU) learns what offloading puts in
+    host memory: the gradients once reduced (``params``: FSDP2 copies each unit's to the host
+    right after its reduce-scatter; counted here from the end of backward, a bound) and the
+    optimizer's state and arithmetic."""
     for part in trainer.parts:
         part.train()
     set_gradient_sync(trainer.model, True)
     with trainer._loss_context():
         trainer._loss_sum(trainer._local(batch)).backward()
     params = [p for part in trainer.parts for p in part.parameters()]
+    offload = trainer.cfg.memory.offload
+    if tracker is not None and "grads" in memory.in_host_memory(offload):
+        tracker.mark_host(*(p.grad for p in params))
     clip_grad_norm(params, trainer.cfg.train.grad_clip, trainer.dims.group("pp"))
-    trainer.optimizer.step()
+    with host_memory() if offload != "none" else contextlib.nullcontext():
+        trainer.optimizer.step()
 
 
 def _forget(optimizer: torch.optim.Optimizer) -> None:

@@ -67,6 +67,18 @@ def pp(schedule: str, degree: int, v: int = 1, **extra) -> dict:
             "parallel.dp_shard": -1, "train.steps": SHORT, **extra}
 
 
+MEMORY_STEPS = 5  # offload and recompute move memory, not arithmetic: a few steps each
+
+
+def memory(offload: str = "none", **extra) -> dict:
+    """Memory options (plait/parallel/activation_offload.py, token_recompute.py, FSDP2 CPU offload)."""
+    return {"memory.offload": offload, "train.steps": MEMORY_STEPS, **extra}
+
+
+ACT_OFFLOAD = {"memory.activation_offload": -1}
+TOKENWISE = {"memory.recompute_fraction": 0.5}
+
+
 CASES = {
     2: {
         "ddp2": {"parallel.dp_replicate": 2, "parallel.dp_shard": 1},
@@ -101,6 +113,12 @@ CASES = {
         "moe_ep2_micro_scope": moe(2, **{"parallel.ep": 2}, **MICRO_SCOPE),
         "moe_ep2_capacity": moe(2, **{"parallel.ep": 2}, **MICRO_SCOPE, **CAPACITY),
         "moe_tp2": moe(2, **{"parallel.tp": 2}, **MICRO_SCOPE),
+        "fsdp2_offload_params": memory("params", **{"parallel.dp_shard": 2}),
+        "ddp2_offload_params": memory("params", **{"parallel.dp_replicate": 2, "parallel.dp_shard": 1}),
+        "zero1_offload_optimizer": memory("optimizer", **{"parallel.dp_shard": 2, "parallel.zero": 1}),
+        "fsdp2_tokenwise_act_offload": memory(**{"parallel.dp_shard": 2, "memory.activation_offload": 4}, **TOKENWISE),
+        "tp2_offload_params_act": memory("params", **{"parallel.tp": 2}, **ACT_OFFLOAD),
+        "pp2_offload_params_act": memory("params", **pp("1f1b", 2), **ACT_OFFLOAD, **{"train.steps": MEMORY_STEPS}),
     },
     4: {
         "ddp4": {"parallel.dp_replicate": 4, "parallel.dp_shard": 1},
@@ -150,6 +168,9 @@ CASES = {
         "moe_ep2_pp2": moe(2, **{"parallel.ep": 2, "parallel.pp": 2, "parallel.pp_schedule": "1f1b"}, **MICRO_SCOPE),
         "moe_ep2_pp2_capacity": moe(2, **{"parallel.ep": 2, "parallel.pp": 2, "parallel.pp_schedule": "1f1b"},
                                     **MICRO_SCOPE, **CAPACITY),
+        "hsdp2x2_offload_params": memory("params", **{"parallel.dp_replicate": 2, "parallel.dp_shard": 2}),
+        "dp2_tp2_offload_params_act": memory("params", **{"parallel.tp": 2}, **ACT_OFFLOAD),
+        "cp2_dp2_tokenwise_act_offload": memory(**{"parallel.cp": 2}, **TOKENWISE, **ACT_OFFLOAD),
     },
     8: {
         "dp2_tp2_pp2": pp("1f1b", 2, **{"parallel.tp": 2}),
@@ -239,6 +260,24 @@ def test_layout_parity(workdir, references, world):
         assert_close(f"{name} grad_norm", got["norms"], reference.grad_norms)
         for other in results[1:]:  # every rank reports the same global loss
             assert other[name]["losses"] == got["losses"], name
+
+
+ONE_PROCESS_MEMORY = {
+    "offload_optimizer": memory("optimizer"),
+    "offload_params": memory("params"),  # FSDP2 on a one-rank group of its own
+    "act_offload_ac_full": memory(**ACT_OFFLOAD, **{"train.activation_checkpointing": "full"}),
+    "tokenwise_quarter": memory(**{"memory.recompute_fraction": 0.25}),
+    "tokenwise_all_act_offload": memory(**{"memory.recompute_fraction": 1.0}, **ACT_OFFLOAD),
+}
+
+
+def test_memory_options_match_on_one_process(workdir, references):
+    for name, values in ONE_PROCESS_MEMORY.items():
+        got, reference = run_training(job(workdir, f"one_{name}", **values)), references(values)
+        assert_close(f"{name} loss", got.losses, reference.losses)
+        assert_close(f"{name} val_loss", got.val_losses, reference.val_losses)
+        assert_close(f"{name} grad_norm", got.grad_norms, reference.grad_norms)
+    assert not torch.distributed.is_initialized()  # the offload's own group is gone
 
 
 @pytest.mark.parametrize("steps", [SHORT, STEPS])
