@@ -180,6 +180,8 @@ def stage_params(model: PlanModel, layout: Layout, first: bool, last: bool) -> t
         shared += model.embedding_params() / layout.tp
     if last and not (first and model.tie_embeddings):
         shared += model.embedding_params() / layout.tp
+    if last:
+        shared += model.dim  # the final norm, whole on every rank
     return shared, experts
 
 
