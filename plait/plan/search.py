@@ -106,8 +106,9 @@ def memory_variants(model: PlanModel, layout: Layout, fixed: dict) -> list[Layou
     offloads = _options(fixed, "offload", list(OFFLOAD))
     blocks = _options(fixed, "activation_offload", [0, model.n_layers - 1] if model.n_layers > 1 else [0])
     fractions = _options(fixed, "recompute_fraction", [0.0, *RECOMPUTE_FRACTIONS])
-    variants = (replace(layout, offload=o, activation_offload=a, recompute_fraction=f)
-                for o, a, f in itertools.product(offloads, blocks, fractions))
+    lo = layout  # built directly: dataclasses.replace is the slow part of a large search
+    degrees = (lo.tp, lo.pp, lo.vpp, lo.dp, lo.cp, lo.ep, lo.micro_batch, lo.zero, lo.recompute, lo.schedule)
+    variants = (Layout(*degrees, o, a, f) for o, a, f in itertools.product(offloads, blocks, fractions))
     return [v for v in variants if v != layout]
 
 
