@@ -389,8 +389,10 @@ def layout_problem(d: Degrees, w: Workload) -> str | None:
 # the planner's candidates -----------------------------------------------------------------------
 
 RECOMPUTE = ("none", "selective", "full")
+OFFLOAD = ("none", "optimizer", "params")  # memory.offload
 INT_FIELDS = ("tp", "pp", "vpp", "dp", "cp", "ep", "mbs", "zero")
-LAYOUT_KEYS = INT_FIELDS + ("recompute", "schedule")
+MEMORY_KEYS = ("offload", "activation_offload", "recompute_fraction")  # the [memory] section's names
+LAYOUT_KEYS = INT_FIELDS + ("recompute", "schedule") + MEMORY_KEYS
 
 
 @dataclass(frozen=True)
@@ -405,6 +407,16 @@ class Layout:
     zero: int
     recompute: str  # none | selective (attention core) | full (whole block)
     schedule: str  # a name in SCHEDULES; "1f1b" when pp = 1
+    # The [memory] section: model state on the host (none | optimizer | params), the first N
+    # blocks' saved activations on the host (-1 all), the share of tokens recomputed per block.
+    offload: str = "none"
+    activation_offload: int = 0
+    recompute_fraction: float = 0.0
+
+    @property
+    def memory_options(self) -> bool:
+        """Whether the layout uses any of the [memory] section's options."""
+        return self.offload != "none" or self.activation_offload != 0 or self.recompute_fraction > 0
 
     @property
     def gpus(self) -> int:
@@ -422,7 +434,16 @@ class Layout:
 
     def text(self) -> str:
         return (f"tp={self.tp},pp={self.pp},vpp={self.vpp},dp={self.dp},cp={self.cp},ep={self.ep},"
-                f"mbs={self.micro_batch},zero={self.zero},recompute={self.recompute}")
+                f"mbs={self.micro_batch},zero={self.zero},recompute={self.recompute}" + self.memory_text())
+
+    def memory_text(self) -> str:
+        """The memory options that differ from the defaults, as ``--layout`` takes them."""
+        parts = [f"offload={self.offload}"] if self.offload != "none" else []
+        if self.activation_offload:
+            parts.append(f"activation_offload={self.activation_offload}")
+        if self.recompute_fraction:
+            parts.append(f"recompute_fraction={self.recompute_fraction:g}")
+        return "".join("," + p for p in parts)
 
 
 def parse_layout(text: str) -> dict[str, int | str]:
@@ -444,6 +465,8 @@ def parse_layout(text: str) -> dict[str, int | str]:
             if value not in PP_SCHEDULES:
                 raise ConfigError(f"--layout schedule={value!r}; choose one of {', '.join(PP_SCHEDULES)}")
             fixed[key] = value
+        elif key in MEMORY_KEYS:
+            fixed[key] = _memory_value(key, value)
         else:
             if not value.isdigit() or int(value) < (0 if key == "zero" else 1):
                 raise ConfigError(f"--layout {key}={value!r} must be an integer >= {0 if key == 'zero' else 1}")
@@ -451,3 +474,22 @@ def parse_layout(text: str) -> dict[str, int | str]:
                 raise ConfigError(f"--layout zero={value} is out of range; ZeRO stages are 0 to 3")
             fixed[key] = int(value)
     return fixed
+
+
+def _memory_value(key: str, value: str) -> int | float | str:
+    """A [memory] option of ``--layout``, checked like the config checks it."""
+    if key == "offload":
+        if value not in OFFLOAD:
+            raise ConfigError(f"--layout offload={value!r}; choose one of {', '.join(OFFLOAD)}")
+        return value
+    if key == "activation_offload":
+        if not value.lstrip("-").isdigit() or int(value) < -1:
+            raise ConfigError(f"--layout activation_offload={value!r} must be an integer >= -1 (-1: every block)")
+        return int(value)
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if not 0 <= fraction <= 1:
+        raise ConfigError(f"--layout recompute_fraction={value!r} must be a number from 0 to 1")
+    return fraction

@@ -2,7 +2,10 @@
 
 The planner ranks only layouts plait's own rules accept (plait.layout, the ones config validation
 runs), so the first one is written into the config and explained on stdout; validating the
-result is a safety net.
+result is a safety net. Its [memory] options (offload, activation offload, token-wise recompute)
+go into ``cfg.memory``; those the job sets away from their defaults are kept as given. With
+``train.micro_batch = "auto"`` the trial on the device picks the micro-batch at start: the
+planner's only ranks the layouts.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from plait.errors import ConfigError
 from plait.launch import preflight
 from plait.plan.estimate import Estimate
 from plait.plan.hardware import GIB
+from plait.plan.job import plan_model, plan_train
+from plait.plan.report import memory_options
 from plait.plan.search import PLAIT_RECOMPUTE, search
 from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster, refuse_gla
 
@@ -39,14 +44,7 @@ def catalog_gpu(cfg: JobConfig) -> str:
 
 
 def plan_inputs(cfg: JobConfig, world: int) -> tuple[PlanModel, PlanTrain, PlanCluster]:
-    m, t = cfg.model, cfg.train
-    model = PlanModel(n_layers=m.n_layers, dim=m.dim, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, ffn_dim=m.ffn_dim,
-                      vocab_size=m.vocab_size, mlp="swiglu", tie_embeddings=m.tie_embeddings,
-                      moe_experts=m.moe_experts, moe_top_k=m.moe_top_k, moe_ffn_dim=m.moe_ffn_dim,
-                      moe_shared_ffn_dim=m.moe_shared_ffn_dim)
-    train = PlanTrain(global_batch=t.global_batch, seq_len=t.seq_len, dtype="bf16" if t.dtype == "bf16" else "fp32",
-                      cp_mode="ulysses" if cfg.parallel.cp_mode == "ulysses" else "ring",
-                      kernels="fused" if t.compile else "eager")
+    model, train = plan_model(cfg), plan_train(cfg)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cluster = PlanCluster(gpu=catalog_gpu(cfg), gpus=world, gpus_per_node=per_node)
     return model, train, cluster
@@ -59,9 +57,24 @@ def with_layout(cfg: JobConfig, est: Estimate) -> JobConfig:
     p.tp, p.pp, p.cp, p.ep, p.zero = lo.tp, lo.pp, lo.cp, lo.ep, lo.zero
     p.pp_virtual_stages, p.pp_schedule = lo.vpp, lo.schedule
     p.dp_replicate, p.dp_shard, p.pp_split, p.layout = 1, -1, "", "manual"
-    out.train.micro_batch = lo.micro_batch
+    if cfg.train.micro_batch != "auto":  # auto: the trial at start picks it
+        out.train.micro_batch = lo.micro_batch
     out.train.activation_checkpointing = PLAIT_RECOMPUTE[lo.recompute]
+    out.memory.offload, out.memory.activation_offload = lo.offload, lo.activation_offload
+    out.memory.recompute_fraction = lo.recompute_fraction
     return out
+
+
+def fixed_memory_options(cfg: JobConfig) -> dict:
+    """The [memory] options the job sets away from their defaults: the search keeps them."""
+    mem, fixed = cfg.memory, {}
+    if mem.offload != "none":
+        fixed["offload"] = mem.offload
+    if mem.activation_offload:
+        fixed["activation_offload"] = mem.activation_offload
+    if mem.recompute_fraction:
+        fixed["recompute_fraction"] = mem.recompute_fraction
+    return fixed
 
 
 def trainer_settings(cfg: JobConfig) -> dict:
@@ -79,9 +92,10 @@ def apply_auto_layout(cfg: JobConfig) -> JobConfig:
         cfg = preflight(cfg, world)  # the tokenizer decides the vocabulary, and so the output layer
     model, train, cluster_spec = plan_inputs(cfg, world)
     cluster, job = build_cluster(cluster_spec), trainer_settings(cfg)
-    result = search(model, train, cluster, {"recompute": "none"}, job=job)
+    fixed = fixed_memory_options(cfg)
+    result = search(model, train, cluster, {"recompute": "none", **fixed}, job=job)
     if not result.ranked:
-        result = search(model, train, cluster, {"recompute": "full"}, job=job)
+        result = search(model, train, cluster, {"recompute": "full", **fixed}, job=job)
     if not result.ranked:
         raise ConfigError(f"parallel.layout = 'auto': no layout plait can run fits {world} x {cluster_spec.gpu}")
     est = result.ranked[0]
@@ -89,8 +103,10 @@ def apply_auto_layout(cfg: JobConfig) -> JobConfig:
     validate(chosen, world)  # safety net: the planner ranks only layouts these rules accept
     runner_up = next((e for e in result.ranked[1:] if e.layout != est.layout), None)
     print(f"plait: parallel.layout = auto on {world} x {cluster_spec.gpu}: {est.layout.text()} "
-          f"(schedule {est.layout.schedule}), predicted {est.step_time_s:.3g} s per step, "
-          f"{est.memory.total / GIB:.2f} GiB per rank", flush=True)
+          f"(schedule {est.layout.schedule}, memory options {memory_options(est.layout)}), predicted "
+          f"{est.step_time_s:.3g} s per step, {est.memory.total / GIB:.2f} GiB per rank"
+          + (f" and {est.memory.host.total / GIB:.2f} GiB of host memory" if est.memory.host.total else ""),
+          flush=True)
     if runner_up is not None:
         print(f"plait: next best {runner_up.layout.text()}, {runner_up.step_time_s:.3g} s; "
               f"{len(result.ranked)} layouts fit", flush=True)

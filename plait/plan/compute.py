@@ -73,9 +73,13 @@ class BlockCost:
     backward_s: float
     attention_core_s: float
 
-    def with_recompute(self, recompute: str) -> float:
-        """Forward + backward + what ``recompute`` runs again in backward."""
+    def with_recompute(self, recompute: str, fraction: float = 0.0) -> float:
+        """Forward + backward + what ``recompute`` runs again in backward; token-wise recompute
+        (``fraction`` of the tokens, recompute = none) reruns that share of the block's forward
+        outside the attention core."""
         extra = {"none": 0.0, "selective": self.attention_core_s, "full": self.forward_s}[recompute]
+        if recompute == "none":
+            extra += fraction * (self.forward_s - self.attention_core_s)
         return self.forward_s + self.backward_s + extra
 
 

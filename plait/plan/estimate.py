@@ -2,13 +2,14 @@
 
 The step on the critical path (the first pipeline stage, which waits longest) is
 
-    m x (F + B) + bubble(F, B) + pipeline sends + exposed data-parallel traffic + optimizer
+    m x (F + B) + bubble(F, B) + pipeline sends + exposed data-parallel traffic + host copies + optimizer
 
 where F and B are one micro-batch's forward and backward (with recompute) through the rank's
 layers, including the tensor-, context- and expert-parallel communication that cannot overlap
 (it sits between dependent kernels). Data-parallel traffic overlaps backward when the framework
 buckets it (``train.overlap_grad_reduce``); ring attention's K/V passing overlaps the attention
-it feeds.
+it feeds. The [memory] options (plait/plan/offload.py) add host-link copies and, with offload,
+move the optimizer step to the host; token-wise recompute adds its share of forward to backward.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from plait.plan.compute import (
 )
 from plait.plan.hardware import Cluster
 from plait.layout import Layout
-from plait.plan.memory import Memory, memory_per_gpu, stage_params
+from plait.plan.memory import Memory, block_activation_bytes, fits, memory_per_gpu, stage_params
+from plait.plan.offload import offload_time
 from plait.layout import bubble_seconds
 from plait.plan.spec import PlanModel, PlanTrain
 
@@ -48,6 +50,7 @@ class Estimate:
             "optimizer_s": round(self.optimizer_s, 6),
             "exposed_comm_s": {k: round(v, 6) for k, v in self.exposed_comm_s.items()},
             "memory_gib": self.memory.gib(),
+            "host_memory_gib": self.memory.host_gib(),
         }
 
 
@@ -120,7 +123,9 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
     # predicts: the calibrated ``sharing_slowdown``; 1 on GPUs.
     slowdown = gpu.sharing_slowdown if gpu.core_share < 1.0 else 1.0
     compute_fwd = slowdown * (layers * block.forward_s + head / 3)
-    compute_bwd = slowdown * (layers * (block.with_recompute(layout.recompute) - block.forward_s) + 2 * head / 3)
+    fraction = layout.recompute_fraction if layout.recompute == "none" else 0.0
+    compute_bwd = slowdown * (layers * (block.with_recompute(layout.recompute, fraction) - block.forward_s)
+                              + 2 * head / 3)
     fwd = compute_fwd + comm_fwd
     bwd = compute_bwd + comm_fwd * (passes - 1)
     bubble = bubble_seconds(layout.schedule, layout.pp, layout.vpp, fwd, bwd)
@@ -146,8 +151,14 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
     tensors = layers * PARAM_TENSORS_PER_BLOCK + 3  # the stage's parameter tensors (+ embedding, norm, output)
     exposed["dp"] = _exposed_dp(train, layout, cluster, shared, experts, m, compute_fwd, compute_bwd, layers)
     shards = layout.dp * layout.cp if layout.zero >= 1 else 1
-    optimizer = slowdown * optimizer_seconds(shared / shards + experts / max(1, shards // layout.ep), gpu, train,
-                                             tensors, layout.tp)
+    updated = shared / shards + experts / max(1, shards // layout.ep)  # parameters this rank's optimizer steps
+    optimizer = slowdown * optimizer_seconds(updated, gpu, train, tensors, layout.tp)
+    # Host copies of offloaded state and activations; with offload the update runs on the host.
+    kept = block_activation_bytes(model, train, layout, layout.recompute, fraction)
+    host = offload_time(model, train, layout, gpu, block, kept, updated, shared, m, layers)
+    exposed["host"] = host.transfer_s
+    if layout.offload != "none":
+        optimizer = host.host_optimizer_s
 
     step = compute + bubble + sum(exposed.values()) + optimizer
     memory = memory_per_gpu(model, train, layout, gpu)
@@ -156,7 +167,7 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
     achieved = flops / (step * cluster.gpus)
     return Estimate(
         layout=layout, step_time_s=step, compute_s=compute, bubble_s=bubble, optimizer_s=optimizer,
-        exposed_comm_s=exposed, memory=memory, fits=memory.total <= gpu.memory_bytes,
+        exposed_comm_s=exposed, memory=memory, fits=fits(memory, gpu),
         tokens_per_s_per_gpu=tokens / (step * cluster.gpus), model_tflops_per_gpu=achieved / 1e12,
         mfu=achieved / gpu.peak_flops(train.dtype),
     )

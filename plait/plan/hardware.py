@@ -59,6 +59,18 @@ class GpuSpec:
     # cores predicts (measured by ``--calibrate`` on a small Llama, 1.00-1.25 on the dev
     # machine; its cause is not modelled). Applies only when core_share < 1.
     sharing_slowdown: float = 1.0
+    # The caching allocator's fragmentation: freed blocks of the wrong size kept around, about a
+    # tenth of the tensors that come and go each step (activations, gathered weights, logits).
+    fragmentation: float = 0.10
+    # Host side, per GPU. ``host_link_bytes_per_s``: one direction of the GPU's host link (PCIe Gen4
+    # x16 ~25 GB/s, Gen5 ~50 GB/s achieved); on a CPU a "host copy" is a memcpy. ``host_memory_bytes``:
+    # the node's DRAM over its GPUs. ``host_memory_bytes_per_s``: the GPU's share of the host's DRAM
+    # bandwidth, which an optimizer step on the host (offload) runs at. ``unified_memory``: device
+    # and host memory are one pool (a CPU), so what fits is their sum.
+    host_link_bytes_per_s: float = 50 * GIGA
+    host_memory_bytes: float = 250 * GIGA
+    host_memory_bytes_per_s: float = 100 * GIGA
+    unified_memory: bool = False
 
     def peak_flops(self, dtype: str) -> float:
         """Peak matmul FLOP/s for ``dtype`` ('bf16', 'fp8' or 'fp32')."""
@@ -72,11 +84,14 @@ class GpuSpec:
 GPUS: dict[str, GpuSpec] = {
     g.name: g
     for g in (
-        GpuSpec("a100-40gb", 312 * TERA, None, 156 * TERA, 40 * GIGA, 1.555e12),
-        GpuSpec("a100-80gb", 312 * TERA, None, 156 * TERA, 80 * GIGA, 2.039e12),
+        # DGX A100: PCIe Gen4 to the host, 1 TB (40 GB parts) or 2 TB (80 GB parts) of DRAM for 8 GPUs.
+        GpuSpec("a100-40gb", 312 * TERA, None, 156 * TERA, 40 * GIGA, 1.555e12, host_link_bytes_per_s=25 * GIGA,
+                host_memory_bytes=125 * GIGA),
+        GpuSpec("a100-80gb", 312 * TERA, None, 156 * TERA, 80 * GIGA, 2.039e12, host_link_bytes_per_s=25 * GIGA),
         # Hopper and Blackwell GEMMs sustain about 62% of the datasheet under a training load (the
         # clocks drop below the boost the datasheet assumes), and twice the work per SM needs twice
         # the tile depth to hide latency, so their half-efficiency dimension doubles.
+        # Their nodes reach the host over PCIe Gen5 and hold 2 TB (DGX B200: 4 TB) for 8 GPUs.
         GpuSpec("h100-sxm", 989 * TERA, 1979 * TERA, 494 * TERA, 80 * GIGA, 3.35e12, gemm_efficiency=0.62,
                 gemm_half_dim=80.0),
         GpuSpec("h100-pcie", 756 * TERA, 1513 * TERA, 378 * TERA, 80 * GIGA, 2.0e12, gemm_efficiency=0.62,
@@ -84,13 +99,17 @@ GPUS: dict[str, GpuSpec] = {
         GpuSpec("h200", 989 * TERA, 1979 * TERA, 494 * TERA, 141 * GIGA, 4.8e12, gemm_efficiency=0.62,
                 gemm_half_dim=80.0),
         # One of the two dies of an MI250X, which the software sees as one GPU.
-        GpuSpec("mi250x-gcd", 191.5 * TERA, None, 47.9 * TERA, 64 * GIGA, 1.6e12, gemm_efficiency=0.70),
+        # Frontier-class node: 512 GB of DRAM for 8 GCDs, Infinity Fabric to the host (~36 GB/s each).
+        GpuSpec("mi250x-gcd", 191.5 * TERA, None, 47.9 * TERA, 64 * GIGA, 1.6e12, gemm_efficiency=0.70,
+                host_link_bytes_per_s=36 * GIGA, host_memory_bytes=64 * GIGA),
         GpuSpec("b200", 2250 * TERA, 4500 * TERA, 1100 * TERA, 192 * GIGA, 8.0e12, gemm_efficiency=0.62,
-                gemm_half_dim=160.0),
+                gemm_half_dim=160.0, host_memory_bytes=500 * GIGA),
         # This machine's CPU cores, nominal; ``plait plan --cluster.gpu cpu --calibrate`` measures them.
+        # Host memory is the same RAM as the "device" memory (``unified_memory``).
         GpuSpec("cpu", 0.05 * TERA, None, 0.05 * TERA, 8 * GIGA, 10e9, gemm_efficiency=1.0, gemm_half_dim=16.0,
                 hbm_efficiency=1.0, reserved_bytes=0.3 * GIB, attention_efficiency=0.3, op_overhead_s=20e-6,
-                dtensor_op_s=120e-6, host_async=False),
+                dtensor_op_s=120e-6, host_async=False, host_link_bytes_per_s=5 * GIGA, host_memory_bytes=8 * GIGA,
+                host_memory_bytes_per_s=10e9, unified_memory=True),
     )
 }
 
@@ -227,7 +246,8 @@ def load_profile(path: str) -> tuple[GpuSpec, Link]:
         gpu = dataclasses.replace(
             base, fp32_flops=float(data["matmul_flops"]), bf16_flops=float(data["matmul_flops"]),
             gemm_half_dim=float(data["gemm_half_dim"]), hbm_bytes_per_s=float(data["memory_bytes_per_s"]),
-            memory_bytes=float(data["memory_bytes"]),
+            memory_bytes=float(data["memory_bytes"]), host_memory_bytes=float(data["memory_bytes"]),
+            host_memory_bytes_per_s=float(data["memory_bytes_per_s"]),
             core_share=min(1.0, float(data.get("cores", data["ranks"])) / float(data["ranks"])),
             # Profiles from before these were measured keep the catalog's nominal values.
             attention_efficiency=float(data.get("attention_efficiency", base.attention_efficiency)),

@@ -6,7 +6,12 @@ network is never the fast choice) and ZeRO stages collapsed when there is nothin
 Fields fixed by ``--layout`` are not searched.
 
 Only layouts ``plait train`` accepts are ranked: each candidate goes through plait.layout's rules,
-the ones the trainer's config validation runs. A layout fixed in full by ``--layout`` (or with
+the ones the trainer's config validation runs, and the trainer's limits on the [memory] options.
+
+The [memory] options (offload of the optimizer or of the parameters, activation offload of every
+block but the last, token-wise recompute of a quarter, half or three quarters of the tokens) only
+cost time for a given layout, so they are tried only on a layout that does not fit without them,
+and the fastest combination that fits stands for it. A layout fixed in full by ``--layout`` (or with
 recompute = selective, Megatron's attention-core recompute, which plait does not implement) is
 still estimated, and ``SearchResult.refused`` says why plait would not run it.
 """
@@ -20,14 +25,15 @@ from dataclasses import dataclass, field, fields, replace
 from plait.errors import ConfigError
 from plait.plan.estimate import Estimate, estimate
 from plait.plan.hardware import GIB, Cluster
-from plait.layout import INT_FIELDS, Degrees, Layout, Workload, resolve_schedule
+from plait.layout import INT_FIELDS, OFFLOAD, Degrees, Layout, Workload, resolve_schedule
 from plait.layout import layout_problem as trainer_problem
-from plait.plan.memory import memory_per_gpu
+from plait.plan.memory import fits, memory_per_gpu
 from plait.plan.spec import PlanModel, PlanTrain
 
 SEARCHED_RECOMPUTE = ("none", "full")  # "selective" (attention core) only when --layout asks for it
 PLAIT_RECOMPUTE = {"none": "none", "full": "full"}  # planner recompute -> train.activation_checkpointing
 DEGREE_FIELDS = frozenset(f.name for f in fields(Degrees))
+RECOMPUTE_FRACTIONS = (0.25, 0.5, 0.75)  # memory.recompute_fraction values searched
 
 
 def divisors(n: int) -> list[int]:
@@ -61,6 +67,9 @@ def plait_problem(model: PlanModel, train: PlanTrain, layout: Layout, job: dict 
     left out, the trainer's defaults."""
     if layout.recompute not in PLAIT_RECOMPUTE:
         return f"recompute = '{layout.recompute}' (attention-core recompute) has no plait equivalent"
+    memory = memory_problem(model, train, layout)
+    if memory:
+        return memory
     work = Workload(n_layers=model.n_layers, n_heads=model.n_heads, n_kv_heads=model.n_kv_heads,
                     ffn_dim=model.ffn_dim, seq_len=train.seq_len, global_batch=train.global_batch,
                     micro_batch=layout.micro_batch, moe_experts=model.moe_experts,
@@ -70,6 +79,37 @@ def plait_problem(model: PlanModel, train: PlanTrain, layout: Layout, job: dict 
         degrees = replace(degrees, **{k: v for k, v in job.items() if k in DEGREE_FIELDS})
         work = replace(work, **{k: v for k, v in job.items() if k not in DEGREE_FIELDS})
     return trainer_problem(degrees, work)
+
+
+def memory_problem(model: PlanModel, train: PlanTrain, layout: Layout) -> str | None:
+    """Why the trainer would refuse ``layout``'s [memory] options, or None: token-wise recompute
+    runs on plain dense blocks (no activation checkpointing, tensor parallelism or MoE); parameter
+    offload is FSDP2's (ZeRO-2/3); activation offload and token-wise recompute hook eager blocks,
+    not compiled ones."""
+    if layout.recompute_fraction > 0:
+        if layout.recompute != "none":
+            return (f"memory.recompute_fraction = {layout.recompute_fraction:g} needs train.activation_checkpointing"
+                    f" = none (got recompute = {layout.recompute})")
+        if layout.tp > 1 or model.moe_experts:
+            return "memory.recompute_fraction > 0 is not supported with parallel.tp > 1 or mixture-of-experts models"
+    if layout.offload == "params" and layout.zero < 2:
+        return f"memory.offload = 'params' needs parallel.zero = 2 or 3 (FSDP2's CPU offload; got {layout.zero})"
+    if train.compile and (layout.activation_offload or layout.recompute_fraction):
+        return "memory.activation_offload and memory.recompute_fraction are not used with train.compile"
+    return None
+
+
+def memory_variants(model: PlanModel, layout: Layout, fixed: dict) -> list[Layout]:
+    """``layout`` with every combination of the [memory] options ``fixed`` leaves open (offload
+    none | optimizer | params, activation offload none | all blocks but the last, token-wise
+    recompute none | RECOMPUTE_FRACTIONS), ``layout`` itself left out."""
+    offloads = _options(fixed, "offload", list(OFFLOAD))
+    blocks = _options(fixed, "activation_offload", [0, model.n_layers - 1] if model.n_layers > 1 else [0])
+    fractions = _options(fixed, "recompute_fraction", [0.0, *RECOMPUTE_FRACTIONS])
+    lo = layout  # built directly: dataclasses.replace is the slow part of a large search
+    degrees = (lo.tp, lo.pp, lo.vpp, lo.dp, lo.cp, lo.ep, lo.micro_batch, lo.zero, lo.recompute, lo.schedule)
+    variants = (Layout(*degrees, o, a, f) for o, a, f in itertools.product(offloads, blocks, fractions))
+    return [v for v in variants if v != layout]
 
 
 def layout_problem(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layout,
@@ -137,7 +177,7 @@ def search(model: PlanModel, train: PlanTrain, cluster: Cluster, fixed: dict | N
            max_micro_batch: bool = False, job: dict | None = None) -> SearchResult:
     """Every layout allowed by ``fixed`` (from ``--layout``) that plait can run, estimated; fitting
     ones ranked by step time. With ``max_micro_batch`` only the largest fitting micro-batch of each
-    layout is kept; ``job`` as for ``plait_problem``. A layout ``fixed`` names in full (or with
+    layout is kept (fitting without [memory] options when one does); ``job`` as for ``plait_problem``. A layout ``fixed`` names in full (or with
     recompute = selective) is kept even when plait would refuse it, with the reason in ``refused``."""
     fixed = fixed or {}
     keep_refused = all(k in fixed for k in INT_FIELDS + ("recompute",)) or fixed.get("recompute") == "selective"
@@ -167,8 +207,11 @@ def search(model: PlanModel, train: PlanTrain, cluster: Cluster, fixed: dict | N
             stage_zeros = [0] if dp * cp == 1 and "zero" not in fixed else zeros
             for zero, recompute in itertools.product(stage_zeros, recomputes):
                 fitting: list[Estimate] = []
+                bases: set[Layout] = set()  # layouts that fit without extra [memory] options
                 for mbs in mbss:
-                    layout = Layout(tp, pp, vpp, dp, cp, ep, mbs, zero, recompute, schedule)
+                    layout = Layout(tp, pp, vpp, dp, cp, ep, mbs, zero, recompute, schedule,
+                                    fixed.get("offload", "none"), fixed.get("activation_offload", 0),
+                                    fixed.get("recompute_fraction", 0.0))
                     if model_problem(model, train, cluster, layout):
                         invalid += 1
                         continue
@@ -178,17 +221,70 @@ def search(model: PlanModel, train: PlanTrain, cluster: Cluster, fixed: dict | N
                         continue
                     if refusal:
                         refused[layout] = refusal
-                    if memory_per_gpu(model, train, layout, cluster.gpu).total > cluster.gpu.memory_bytes:
+                    best, closest = _fit(model, train, cluster, layout, fixed)
+                    if best is None:
                         too_big_count += 1
                         if len(too_big) < 4096:  # enough to say how far each family is from fitting
-                            too_big.append(estimate(model, train, cluster, layout))
+                            too_big.append(estimate(model, train, cluster, closest))
                         continue
-                    fitting.append(estimate(model, train, cluster, layout))
+                    if refusal and best.layout != layout:
+                        refused[best.layout] = refusal
+                    if best.layout == layout:
+                        bases.add(layout)
+                    fitting.append(best)
                 if max_micro_batch and fitting:
-                    fitting = [max(fitting, key=lambda e: e.layout.micro_batch)]
+                    # The largest micro-batch that fits as it is; one that needs [memory]
+                    # options to fit only when none does.
+                    plain = [e for e in fitting if e.layout in bases] or fitting
+                    fitting = [max(plain, key=lambda e: e.layout.micro_batch)]
                 ranked.extend(fitting)
     ranked.sort(key=lambda e: e.step_time_s)
     return SearchResult(ranked, too_big, too_big_count, invalid, refused=refused)
+
+
+def _fit(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layout,
+         fixed: dict) -> tuple[Estimate | None, Layout]:
+    """(the fastest estimate of ``layout`` or of one of its memory variants that fits, or None;
+    the candidate that needs the least device memory). ``layout`` itself when it fits: the
+    variants only add time."""
+    gpu = cluster.gpu
+    memory = memory_per_gpu(model, train, layout, gpu)
+    if fits(memory, gpu):
+        return estimate(model, train, cluster, layout), layout
+    closest, least = layout, memory.total
+    variants = [v for v in memory_variants(model, layout, fixed) if not memory_problem(model, train, v)]
+    # Each option lowers the device bytes (with three blocks or more on the stage): when the
+    # variants with the most options leave too much on the device, none fits.
+    most: dict[str, Layout] = {}
+    for variant in variants:
+        if variant.offload not in most or _option_weight(variant) > _option_weight(most[variant.offload]):
+            most[variant.offload] = variant
+    if -(-model.n_layers // layout.pp) >= 3 and most:
+        device = {v: memory_per_gpu(model, train, v, gpu).total for v in most.values()}
+        if min(device.values()) > gpu.memory_bytes:
+            return None, min(device, key=device.__getitem__)
+    fitting: list[Layout] = []
+    # Fewer options first: a variant that adds options to one that fits is slower, and skipped.
+    for variant in sorted(variants, key=_option_weight):
+        if any(_fewer_options(smaller, variant) for smaller in fitting):
+            continue
+        memory = memory_per_gpu(model, train, variant, gpu)
+        if fits(memory, gpu):
+            fitting.append(variant)
+        elif memory.total < least:
+            closest, least = variant, memory.total
+    estimates = (estimate(model, train, cluster, variant) for variant in fitting)
+    return min(estimates, key=lambda e: e.step_time_s, default=None), closest
+
+
+def _option_weight(layout: Layout) -> float:
+    return (layout.offload != "none") + (layout.activation_offload != 0) + layout.recompute_fraction
+
+
+def _fewer_options(a: Layout, b: Layout) -> bool:
+    """Whether ``b`` uses every [memory] option ``a`` does, at least as much (so costs more time)."""
+    return (a.offload in ("none", b.offload) and a.activation_offload in (0, b.activation_offload)
+            and a.recompute_fraction <= b.recompute_fraction)
 
 
 def evaluate_fixed(model: PlanModel, train: PlanTrain, cluster: Cluster, fixed: dict,
@@ -212,7 +308,9 @@ def evaluate_fixed(model: PlanModel, train: PlanTrain, cluster: Cluster, fixed: 
         probe = Layout(fixed.get("tp", 1), fixed.get("pp", 1), fixed.get("vpp", 1),
                        fixed.get("dp", cluster.gpus // product), fixed.get("cp", 1), fixed.get("ep", 1),
                        fixed.get("mbs", 1), fixed.get("zero", 0), fixed.get("recompute", "none"),
-                       fixed.get("schedule", resolve_schedule(train.pp_schedule, fixed.get("pp", 1), fixed.get("vpp", 1))))
+                       fixed.get("schedule", resolve_schedule(train.pp_schedule, fixed.get("pp", 1), fixed.get("vpp", 1))),
+                       fixed.get("offload", "none"), fixed.get("activation_offload", 0),
+                       fixed.get("recompute_fraction", 0.0))
         reason = layout_problem(model, train, cluster, probe) or "no micro-batch divides the batch"
         raise ConfigError(f"--layout: no layout with these fields can run: {reason}")
     return result
