@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import replace
 import sys
 from datetime import timedelta
 from typing import Any
@@ -99,8 +100,10 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
     dp = resolve_dp(cfg, world_size)
     # Both raise DataError when the splits are too small: the validation split for one eval
     # micro-batch per data-parallel rank, the train split for one step's global batch.
-    validation_batches(cfg, bundle, 0, dp)
-    train_loader(cfg, bundle.train, 0, dp)
+    # train.micro_batch = auto: its tries keep to micro-batches both splits serve; 1 must.
+    sized = replace(cfg, train=replace(cfg.train, micro_batch=1)) if cfg.train.micro_batch == "auto" else cfg
+    validation_batches(sized, bundle, 0, dp)
+    train_loader(sized, bundle.train, 0, dp)
     vocab = bundle.tokenizer.vocab_size
     if cfg.model.vocab_size and cfg.model.vocab_size < vocab:
         raise ConfigError(

@@ -229,8 +229,8 @@ def model_states(model: PlanModel, train: PlanTrain, layout: Layout, first: bool
                  last: bool) -> tuple[float, float, float, HostMemory, float]:
     """(device params, grads, optimizer, host model states, gathered weights in flight) of a stage.
 
-    offload = optimizer: the optimizer state (with the fp32 master) and the gradients its update
-    reads live on the host; offload = params (FSDP2 CPU offload): sharded weights, gradients and
+    offload = optimizer: the optimizer state lives on the host, and during the step a host copy of
+    each parameter and gradient it updates; offload = params (FSDP2 CPU offload): sharded weights, gradients and
     optimizer state live there, and the device holds only the units gathered for compute (two
     blocks and the root under ZeRO-3; every block under ZeRO-2, which keeps them to backward) and
     the gradients of the two units being reduce-scattered."""
@@ -241,8 +241,10 @@ def model_states(model: PlanModel, train: PlanTrain, layout: Layout, first: bool
     block = e * (model.shared_block_params() / layout.tp + model.expert_params() / (layout.tp * layout.ep))
     gathered = 2 * e * model.shared_block_params() / layout.tp if layout.zero == 3 else 0.0
     if layout.offload == "optimizer":
-        updated = grads / (layout.dp * layout.cp) if layout.zero == 1 else grads  # the gradients this rank's update reads
-        return params, grads, 0.0, HostMemory(grads=updated, optimizer=optimizer), gathered
+        # The host step reads a copy of each parameter and gradient this rank updates (its
+        # shard under ZeRO-1), beside the optimizer state: no persistent master is kept.
+        owned = 1 / (layout.dp * layout.cp) if layout.zero == 1 else 1.0
+        return params, grads, 0.0, HostMemory(params * owned, grads * owned, optimizer), gathered
     if layout.offload == "params":
         host = model_state_bytes(shared, experts, replace(layout, zero=3), train.dtype)
         root = e * (shared - layers * model.shared_block_params() / layout.tp)  # embedding, output layer

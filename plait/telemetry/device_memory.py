@@ -2,7 +2,7 @@
 
 :class:`DeviceMemory` is a dispatch mode that sees every tensor an operation creates and keeps
 a weak reference to its storage: ``live`` is what is held now, ``peak`` the most at once. What
-would sit in host memory on a GPU is left out: tensors made inside :func:`host_memory` (the
+would sit in host memory on a GPU is counted apart (``host_live``, ``host_peak``): tensors made inside :func:`host_memory` (the
 activation offload's copies, the host optimizer step) and tensors registered with ``host=True``
 or moved there with :meth:`DeviceMemory.mark_host`. Storage only: no allocator rounding or
 caching, no runtime; on CUDA the allocator's own peak is the measure (plait/train/micro_batch.py).
@@ -39,6 +39,7 @@ class DeviceMemory(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live = self.peak = 0
+        self.host_live = self.host_peak = 0  # the same for what lives in host memory
         self._held: dict[int, tuple[weakref.ref, int, bool]] = {}  # storage pointer -> (ref, bytes, on host)
 
     def add(self, *tensors: torch.Tensor | None, host: bool = False) -> None:
@@ -57,6 +58,7 @@ class DeviceMemory(TorchDispatchMode):
                 if held is not None and not held[2]:
                     self._held[storage.data_ptr()] = (held[0], held[1], True)
                     self.live -= held[1]
+                    self._host(held[1])
 
     def _track(self, t: torch.Tensor, host: bool) -> None:
         if t.device.type == "meta":
@@ -68,13 +70,21 @@ class DeviceMemory(TorchDispatchMode):
 
             def freed(_ref: weakref.ref, key: int = key) -> None:
                 held = self._held.pop(key, None)
-                if held is not None and not held[2]:
+                if held is not None and held[2]:
+                    self.host_live -= held[1]
+                elif held is not None:
                     self.live -= held[1]
 
             self._held[key] = (weakref.ref(storage, freed), nbytes, host)
-            if not host:
+            if host:
+                self._host(nbytes)
+            else:
                 self.live += nbytes
                 self.peak = max(self.peak, self.live)
+
+    def _host(self, nbytes: int) -> None:
+        self.host_live += nbytes
+        self.host_peak = max(self.host_peak, self.host_live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

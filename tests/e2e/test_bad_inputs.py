@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -132,6 +133,36 @@ CASES = {
                   "--train.seq_len", "512", "--model.vocab_size", "1000", "--model.n_layers", "4", "--model.dim", "256",
                   "--model.n_heads", "4", "--model.ffn_dim", "512", "--model.attention", "gla"],
                  ["plait plan models softmax attention only"]),
+    "offload_params_zero1": (["train", "--memory.offload", "params", "--parallel.zero", "1"],
+                             ["memory.offload = 'params'", "parallel.zero = 2 or 3", "memory.offload = 'optimizer'"]),
+    "offload_unknown": (["train", "--memory.offload", "gpu"], ["memory.offload = 'gpu' is not allowed", "'params'"]),
+    "offload_with_lowbw": (["train", "--memory.offload", "optimizer", "--lowbw.method", "diloco",
+                            "--lowbw.inner_steps", "1"], ["memory.offload = 'optimizer'", "lowbw.method = 'diloco'"]),
+    "activation_offload_too_many": (["train", "--memory.activation_offload", "5"],
+                                    ["memory.activation_offload = 5", "model.n_layers = 1"]),
+    "activation_offload_below_all": (["train", "--memory.activation_offload", "-2"],
+                                     ["memory.activation_offload = -2", ">= -1"]),
+    "activation_offload_compile": (["train", "--memory.activation_offload", "1", "--train.compile", "true"],
+                                   ["memory.activation_offload", "train.compile"]),
+    "recompute_fraction_above_one": (["train", "--memory.recompute_fraction", "1.5"],
+                                     ["memory.recompute_fraction = 1.5", "<= 1"]),
+    "recompute_fraction_nan": (["train", "--memory.recompute_fraction", "nan"],
+                               ["memory.recompute_fraction = nan", "not a finite number"]),
+    "recompute_fraction_with_checkpointing": (["train", "--memory.recompute_fraction", "0.5",
+                                               "--train.activation_checkpointing", "full"],
+                                              ["memory.recompute_fraction = 0.5", "activation_checkpointing = 'none'"]),
+    "recompute_fraction_tp": (["train", "--memory.recompute_fraction", "0.5", "--parallel.nproc", "2",
+                               "--parallel.tp", "2"], ["memory.recompute_fraction = 0.5", "parallel.tp = 1"]),
+    "recompute_fraction_gla": (["train", "--memory.recompute_fraction", "0.5", "--model.attention", "gla"],
+                               ["memory.recompute_fraction = 0.5", "softmax attention layers only"]),
+    "micro_batch_word": (["train", "--train.micro_batch", "most"], ["train.micro_batch = 'most'", "an integer or auto"]),
+    "micro_batch_auto_no_budget": (["train", "--train.micro_batch", "auto"],
+                                   ["train.micro_batch = 'auto' on CPU", "memory.budget_gib > 0"]),
+    "micro_batch_auto_pp": (["train", "--train.micro_batch", "auto", "--memory.budget_gib", "1", "--parallel.nproc",
+                             "2", "--parallel.pp", "2", "--model.n_layers", "2"],
+                            ["train.micro_batch = 'auto'", "parallel.pp > 1"]),
+    "budget_negative": (["train", "--memory.budget_gib", "-1"], ["memory.budget_gib = -1", ">= 0"]),
+    "headroom_one": (["train", "--memory.headroom", "1"], ["memory.headroom = 1", "< 1"]),
     "balanced_without_doc_mask": (["train", "--data.batching", "balanced", "--data.doc_mask", "false"],
                                   ["data.batching = 'balanced'", "needs data.doc_mask = true"]),
     "unknown_batching": (["train", "--data.batching", "sorted"], ["data.batching", "'packed', 'balanced'"]),
@@ -407,3 +438,11 @@ def test_unreadable_token_shard_is_one_line(env, tmp_path):
         fh.truncate(12)
     code, err = run_cli(env, "train", "--data.cache_dir", cache)
     assert_one_line(code, err, "shard 0 does not match index.json", "to rebuild it")
+
+
+def test_a_budget_below_one_micro_batch_stops_the_run(env):
+    """Only the tries on the device can tell that not even one sequence fits: the run has
+    started (its folder exists), and it stops with one line and exit code 2."""
+    code, err = run_cli(env, "train", "--train.micro_batch", "auto", "--memory.budget_gib", "1e-6")
+    shutil.rmtree(os.path.join(env["root"], "run"), ignore_errors=True)  # the other cases expect none
+    assert_one_line(code, err, "train.micro_batch = 'auto'", "not even a micro-batch of 1 fits")
