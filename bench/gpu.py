@@ -14,9 +14,13 @@ MFU = flops_per_token(model, seq) x tokens/s / peak, with plait's FLOP count
 causality, nor reduced for documents) against the GPU's dense bf16 peak. tokens/s = tokens per
 step / mean step time.
 
-    .venv/bin/python bench/gpu.py [--steps 30] [--warmup 5] [--micro-batch 1] [--seq-len 4096]
-                                  [--no-compile] [--no-doc-mask] [--activation-checkpointing MODE]
-                                  [--peak-tflops T] [--json PATH]
+    .venv/bin/python bench/gpu.py [--steps 30] [--warmup 5] [--micro-batch 1|auto] [--global-batch N]
+                                  [--seq-len 4096] [--no-compile] [--no-doc-mask]
+                                  [--activation-checkpointing MODE] [--activation-offload N]
+                                  [--offload MODE] [--budget-gib G] [--peak-tflops T] [--json PATH]
+
+``--micro-batch auto`` lets the trainer try micro-batches on the GPU before training (issue 21's
+check, with and without ``--activation-offload -1``); activation offload needs ``--no-compile``.
     .venv/bin/python bench/gpu.py --smoke     # tiny model on CPU, a few seconds (the tests)
 """
 
@@ -32,6 +36,11 @@ import tempfile
 import time
 
 import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.parallel.harness
 
@@ -82,7 +91,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30; smoke 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; smoke 1)")
-    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per step")
+    parser.add_argument("--micro-batch", default="1",
+                        help="sequences per forward/backward, or auto: the largest that fits, by trial (default 1)")
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="sequences per step (default: the micro-batch; 32 with --micro-batch auto)")
+    parser.add_argument("--activation-offload", type=int, default=0,
+                        help="memory.activation_offload: the first N blocks' activations to host memory (-1: all)")
+    parser.add_argument("--offload", choices=["none", "optimizer", "params"], default="none", help="memory.offload")
+    parser.add_argument("--budget-gib", type=float, default=0.0,
+                        help="memory.budget_gib for --micro-batch auto (0: the GPU's memory; required with --smoke)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 4096; smoke 64)")
     parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile each block (default on; off in --smoke)")
@@ -101,7 +118,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     args.seq_len = args.seq_len if args.seq_len is not None else (64 if args.smoke else 4096)
     args.compile = args.compile if args.compile is not None else not args.smoke
-    for name in ("steps", "micro_batch", "seq_len"):
+    if args.micro_batch != "auto":
+        if not args.micro_batch.isdigit():
+            parser.error("--micro-batch must be an integer >= 1 or auto")
+        args.micro_batch = int(args.micro_batch)
+    if args.global_batch is None:
+        args.global_batch = 32 if args.micro_batch == "auto" else args.micro_batch
+    for name in ("steps", "seq_len", "global_batch") + (() if args.micro_batch == "auto" else ("micro_batch",)):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -118,12 +141,13 @@ def job_values(args: argparse.Namespace, model_cfg: ModelConfig, folder: str, de
         "data.tokenizer": f"bpe:{min(model_cfg.vocab_size, 1024)}", "data.cache_dir": os.path.join(folder, "cache"), "data.val_fraction": 0.0,
         "data.doc_mask": args.doc_mask,
         "train.steps": args.warmup + args.steps, "train.seq_len": args.seq_len, "train.micro_batch": args.micro_batch,
-        "train.global_batch": args.micro_batch, "train.lr": 3e-4, "train.warmup_steps": 0, "train.grad_clip": 1.0,
+        "train.global_batch": args.global_batch, "train.lr": 3e-4, "train.warmup_steps": 0, "train.grad_clip": 1.0,
         "train.dtype": args.dtype, "train.compile": args.compile, "train.device": device,
         "train.activation_checkpointing": args.activation_checkpointing, "train.seed": args.seed,
         "train.sample_tokens": 0, "train.eval_every": 0,
         "metrics.peak_tflops": peak, "metrics.tensorboard": False, "metrics.plot": False, "metrics.progress": False,
-        "parallel.nproc": 1,
+        "parallel.nproc": 1, "memory.activation_offload": args.activation_offload, "memory.offload": args.offload,
+        "memory.budget_gib": args.budget_gib,
     })
     return values
 
@@ -152,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         device_name = f"CPU ({torch.get_num_threads()} threads)"
         peak = args.peak_tflops or SMOKE_PEAK_TFLOPS
     model_cfg = (tiny if args.smoke else llama_1b)(args.seq_len)
-    batch, seq = args.micro_batch, args.seq_len
-    tokens_per_step = batch * seq
+    seq = args.seq_len
+    tokens_per_step = args.global_batch * seq
     with tempfile.TemporaryDirectory() as folder:
         write_documents(folder, tokens_per_step * (args.warmup + args.steps + 2), args.seed)
         cfg = build_config(values=job_values(args, model_cfg, folder, device, peak))
@@ -163,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         total_s = time.perf_counter() - warm_begin
         with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as fh:
             rows = [json.loads(line) for line in fh]
+        with open(os.path.join(cfg.run.dir, "config.toml"), "rb") as fh:
+            batch = tomllib.load(fh)["train"]["micro_batch"]  # what --micro-batch auto chose
     steps = {r["step"]: r for r in rows if "loss" in r and "step_s" in r}
     timed = [steps[s] for s in sorted(steps) if s > args.warmup]
     times = [r["step_s"] for r in timed]
@@ -182,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "smoke" if args.smoke else "full", "model": "tiny (smoke)" if args.smoke else "Llama-3.2-1B shape",
         "params": n_params, "dtype": precision, "compile": "per block" if args.compile else "off",
         "activation_checkpointing": args.activation_checkpointing, "doc_mask": args.doc_mask,
-        "micro_batch": batch, "seq_len": seq, "tokens_per_step": tokens_per_step, "warmup_steps": args.warmup,
+        "micro_batch": batch, "micro_batch_asked": args.micro_batch, "global_batch": args.global_batch,
+        "activation_offload": args.activation_offload, "offload": args.offload, "seq_len": seq, "tokens_per_step": tokens_per_step, "warmup_steps": args.warmup,
         "timed_steps": len(timed), "run_s": total_s, "step_s_median": median_s, "step_s_mean": mean_s,
         "tokens_per_s": tokens_per_s, "flops_per_token": fpt, "tflops_per_gpu": achieved_tflops, "peak_tflops": peak,
         "mfu": mfu, "peak_mem_gib": mem_gib, "final_loss": final_loss,
@@ -195,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         ("params", f"{n_params:,} ({n_params / 1e9:.3f} B)"),
         ("setup", f"plait's trainer: {precision}, compile {figures['compile']}, activation checkpointing "
                   f"{args.activation_checkpointing}, AdamW, grad clip 1.0, {documents}"),
-        ("tokens/step", f"{tokens_per_step:,} ({batch} x {seq})"),
+        ("tokens/step", f"{tokens_per_step:,} ({args.global_batch} x {seq}, micro-batch {batch}"
+                        + (" chosen by trial" if args.micro_batch == "auto" else "") + ")"),
+        ("memory options", f"offload {args.offload}, activation offload {args.activation_offload}"),
         ("steps", f"{len(timed)} timed after {args.warmup} warmup (whole run {total_s:.1f} s)"),
         ("step time median", f"{median_s * 1e3:.1f} ms"),
         ("step time mean", f"{mean_s * 1e3:.1f} ms"),

@@ -13,8 +13,15 @@ warm-up step, then measures one step on a fixed micro-batch:
   meter, plait/telemetry/saved_activations.py) and, for activation offload, in host memory;
 - **host peak**: the same for host memory (offloaded model state, the host optimizer step's
   copies, offloaded activations);
-- **step time**: the fastest of ``--rounds`` steps, the modes interleaved round by round so that
-  drift in the shared machine's speed hits them alike (the fastest is the least disturbed).
+- **step time**: the mean of the fastest quarter of ``--rounds`` steps (the least disturbed), the
+  modes interleaved round by round so that drift in the shared machine's speed hits them alike,
+  each timed step after an untimed one in the same mode; and **step / none**, the median over the
+  rounds of each step's time over the same round's ``none`` step, seconds apart, which the
+  machine's drift cancels out of (the time order is checked on it). Steps vary by +-20% on this shared
+  2-core machine, so the activation modes (none, checkpointing, activation offload, token-wise
+  recompute) are timed on one model switched between them, which keeps differences between
+  trainer instances (where their tensors landed) out of their comparison; the two offload modes
+  need trainers of their own.
 
 The planner's ``predicted_memory`` (plait/plan/job.py) gives the same breakdown; the table shows
 predicted / measured for the device and host totals. Assertions (the issue's acceptance):
@@ -23,24 +30,29 @@ lies strictly between no checkpointing and full checkpointing in saved memory an
 monotonically in the fraction; the planner is within 15% of the measured device and host totals
 of every offload mode.
 
-    .venv/bin/python bench/memory.py [--rounds 5] [--seq 512] [--out bench_memory.json]
+    .venv/bin/python bench/memory.py [--rounds 20] [--seq 512] [--out bench_memory.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from plait.data.loader import collate  # noqa: E402
 from plait.launch import spawn  # noqa: E402
+from plait.parallel.recompute import apply_activation_checkpointing  # noqa: E402
+from plait.parallel.token_recompute import apply_tokenwise_recompute, remove_tokenwise_recompute  # noqa: E402
 from plait.plan.job import predicted_memory  # noqa: E402
 from plait.telemetry.device_memory import DeviceMemory  # noqa: E402
 from plait.telemetry.saved_activations import SavedActivations  # noqa: E402
@@ -59,6 +71,8 @@ MODES = {
     "offload_optimizer": {"memory.offload": "optimizer"},
     "offload_params": {"memory.offload": "params"},
 }
+# Timed on one model, switched between them (see rank_main).
+SWITCHED = ("none", "ac_full", "act_offload", "recompute_0.25", "recompute_0.5", "recompute_0.75")
 MIB = 2**20
 
 
@@ -93,9 +107,21 @@ def measure(trainer: Trainer, batch: dict) -> dict:
 
 
 def timed_step(trainer: Trainer, batch: dict) -> float:
+    """One training step, both ranks starting together, no garbage collection inside."""
+    gc.collect()
+    dist.barrier()
     begin = time.perf_counter()
     trainer.train_step([batch])
     return time.perf_counter() - begin
+
+
+def switch(trainer: Trainer, values: dict) -> None:
+    """Put an activation mode of MODES on the ``switched`` trainer's own model."""
+    for part in trainer.parts:
+        remove_tokenwise_recompute(part)
+        apply_activation_checkpointing(part, values.get("train.activation_checkpointing", "none"))
+        apply_tokenwise_recompute(part, values.get("memory.recompute_fraction", 0.0))
+        part.activation_offload.enabled = values.get("memory.activation_offload", 0) != 0
 
 
 def rank_main(workdir: str, seq: int, rounds: int) -> dict:
@@ -105,14 +131,30 @@ def rank_main(workdir: str, seq: int, rounds: int) -> dict:
     any_trainer = next(iter(trainers.values()))
     batch = collate([any_trainer.data.train[i] for i in range(any_trainer.cfg.train.micro_batch)])
     out = {name: measure(trainer, batch) for name, trainer in trainers.items()}
-    for trainer in trainers.values():
+    # Timing: the activation modes on one model switched between them (see the module doc);
+    # the offload modes need trainers of their own.
+    switched = Trainer(job(workdir, "switched", **{**model_values(seq), "memory.activation_offload": -1,
+                                                   "parallel.nproc": 2}))
+    runs = {name: (switched, values) if name in SWITCHED else (trainers[name], None) for name, values in MODES.items()}
+    for trainer, values in runs.values():
+        if values is not None:
+            switch(trainer, values)
         timed_step(trainer, batch)  # the first step reports memory: not timed
+    gc.disable()  # collections of the trainers' objects would land in random steps
     times: dict[str, list[float]] = {name: [] for name in MODES}
     for _ in range(rounds):
-        for name, trainer in trainers.items():
+        for name, (trainer, values) in runs.items():
+            if values is not None:
+                switch(trainer, values)
+            timed_step(trainer, batch)  # after a switch the first step meets new buffer sizes
             times[name].append(timed_step(trainer, batch))
+    gc.enable()
     for name, trainer in trainers.items():
-        out[name]["step_s"] = min(times[name])
+        fastest = sorted(times[name])[:max(1, len(times[name]) // 4)]
+        out[name]["step_s"] = sum(fastest) / len(fastest)
+        # Against `none` in the same round (seconds apart): the machine's drift cancels.
+        out[name]["time_vs_none"] = statistics.median(t / base for t, base in zip(times[name], times["none"]))
+        out[name]["step_times"] = times[name]
         out[name]["predicted"] = predicted_memory(trainer.cfg, 2)
     return out
 
@@ -125,7 +167,7 @@ def check(rows: dict, timing: bool = True) -> list[str]:
     if rows["act_offload"]["saved_device"] > 0.1 * none["saved_device"]:
         failed.append("activation offload kept more than 10% of the saved activations on the device")
     fractions = [rows[f"recompute_{f}"] for f in ("0.25", "0.5", "0.75")]
-    for key, label in (("saved_device", "saved memory"), ("step_s", "step time"))[:2 if timing else 1]:
+    for key, label in (("saved_device", "saved memory"), ("time_vs_none", "step time"))[:2 if timing else 1]:
         series = [none[key], *(r[key] for r in fractions), full[key]]
         decreasing = key == "saved_device"
         ordered = all((a > b) if decreasing else (a < b) for a, b in zip(series, series[1:]))
@@ -157,24 +199,28 @@ def summarize(rank_rows: dict) -> dict:
 
 def table(rows: dict) -> str:
     head = ("| mode | device peak MiB | saved on device MiB | saved in host MiB | host peak MiB "
-            "| step s | planner device / measured | planner host / measured |")
-    lines = [head, "|" + "---|" * 8]
+            "| step s | step / none | planner device / measured | planner host / measured |")
+    lines = [head, "|" + "---|" * 9]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['device_peak'] / MIB:.1f} | {r['saved_device'] / MIB:.1f} | "
-                     f"{r['saved_host'] / MIB:.1f} | {r['host_peak'] / MIB:.1f} | {r['step_s']:.3f} | "
+                     f"{r['saved_host'] / MIB:.1f} | {r['host_peak'] / MIB:.1f} | {r['step_s']:.3f} | {r['time_vs_none']:.3f} | "
                      f"{r['device_ratio']:.2f} | {r['host_ratio']:.2f} |")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=10, help="timed steps per mode (the fastest counts)")
+    parser.add_argument("--rounds", type=int, default=20, help="timed steps per mode (the fastest quarter counts)")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence")
     parser.add_argument("--out", default="", help="write the figures as JSON here")
     parser.add_argument("--no-time-check", action="store_true",
                         help="do not assert the step-time order (quick runs with one round)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Freed buffers stay in the ranks' heaps instead of going back to the OS and coming back as
+    # fresh zeroed pages, which made steps of one mode vary by +-20% (glibc reads these at start).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**30))
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**34))
     with tempfile.TemporaryDirectory() as workdir:
         write_corpus(workdir, n_docs=300)
         results = spawn(rank_main, 2, (workdir, args.seq, args.rounds))

@@ -122,6 +122,7 @@ class ActivationOffload:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.ledger = OffloadLedger()
+        self.enabled = True  # off: the blocks keep their activations (a benchmark's baseline)
         self._last: weakref.ref | None = None  # the latest block forward's stash
 
     # ---- copies
@@ -139,8 +140,11 @@ class ActivationOffload:
 
     def copy_in(self, host: torch.Tensor, prefetch: bool) -> torch.Tensor:
         target = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-        if not (self.cuda and prefetch):
-            return target.copy_(host, non_blocking=self.cuda)
+        if not self.cuda:
+            return target.copy_(host)
+        if not prefetch:  # on the compute stream, once the side stream's copy out has landed
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return target.copy_(host, non_blocking=True)
         # The target's memory may have been freed by work still queued on the compute stream.
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
@@ -162,7 +166,7 @@ class ActivationOffload:
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             cache = kwargs.get("cache", args[4] if len(args) > 4 else None)
-            if not torch.is_grad_enabled() or cache is not None:
+            if not torch.is_grad_enabled() or cache is not None or not self.enabled:
                 return  # evaluation, or generation with a KV cache: nothing is saved
             last = self._last() if self._last is not None else None
             stash = _Stash(self, index, last if last is not None and last.index < index else None)

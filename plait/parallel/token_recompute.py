@@ -75,3 +75,11 @@ def apply_tokenwise_recompute(model: nn.Module, fraction: float) -> None:
             raise ValueError(f"{type(block).__name__} already has an instance-level forward; not wrapping it")
         setattr(block, _ATTR, fraction)
         block.forward = types.MethodType(_tokenwise_forward, block)
+
+
+def remove_tokenwise_recompute(model: nn.Module) -> None:
+    """Undo :func:`apply_tokenwise_recompute`."""
+    for _, block in model_blocks(model):
+        if getattr(block, _ATTR, None) is not None:
+            del block.forward
+            delattr(block, _ATTR)

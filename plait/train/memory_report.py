@@ -17,6 +17,7 @@ parameters, gradients and optimizer state.
 from __future__ import annotations
 
 import os
+import textwrap
 
 import torch
 import torch.distributed as dist
@@ -151,7 +152,7 @@ def plot_breakdown(rows: list[dict[str, float]], device: torch.device, path: str
             bottoms = [b + h for b, h in zip(bottoms, heights)]
     ax.set_xticks(range(len(rows)), [f"rank {i}\ndevice | host" for i in range(len(rows))])
     ax.set_ylabel("GiB")
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

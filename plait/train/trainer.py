@@ -148,8 +148,10 @@ class Trainer:
         print(memory.report(rows, when, fields), flush=True)
         if optimizer is not None and self.cfg.metrics.plot:
             path = os.path.join(self.cfg.run.dir, "memory.png")
-            title = (f"memory after the first step: {self.dims.layout_name}, offload {self.cfg.memory.offload}, "
-                     f"micro-batch {self.cfg.train.micro_batch}")
+            mem = self.cfg.memory
+            title = (f"memory after the first step: {self.dims.layout_name}, micro-batch {self.cfg.train.micro_batch}, "
+                     f"offload {mem.offload}, activation offload {mem.activation_offload}, "
+                     f"recompute fraction {mem.recompute_fraction:g}")
             if memory.plot_breakdown(rows, self.device, path, title):
                 print(f"plait: memory breakdown written to {path}", flush=True)
 

@@ -42,9 +42,22 @@ def test_smoke_run_reports_figures(tmp_path):
     assert figures["mode"] == "smoke" and figures["timed_steps"] == 3
     assert figures["tokens_per_s"] > 0
     assert 0 < figures["mfu"] < 1
-    assert figures["tokens_per_step"] == figures["micro_batch"] * figures["seq_len"]
+    assert figures["tokens_per_step"] == figures["global_batch"] * figures["seq_len"] == figures["micro_batch"] * figures["seq_len"]
     assert figures["step_s_median"] > 0 and figures["step_s_mean"] > 0
     assert figures["tflops_per_gpu"] > 0 and figures["peak_mem_gib"] > 0
+
+
+def test_smoke_run_tries_micro_batches_with_activation_offload(tmp_path):
+    """The GPU check of the memory issue (bench/gpu_memory.sh), small on CPU: the trainer picks
+    the micro-batch by trial under a budget, with every block's activations offloaded."""
+    path = tmp_path / "gpu.json"
+    proc = run("--smoke", "--steps", "2", "--warmup", "1", "--micro-batch", "auto", "--global-batch", "8",
+               "--budget-gib", "0.05", "--activation-offload", "-1", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "chosen by trial" in report(proc.stdout)["tokens/step"]
+    figures = json.loads(path.read_text())
+    assert figures["micro_batch_asked"] == "auto" and 8 % figures["micro_batch"] == 0
+    assert figures["activation_offload"] == -1 and figures["tokens_per_step"] == 8 * figures["seq_len"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -118,7 +118,7 @@ CASES = {
         "zero1_offload_optimizer": memory("optimizer", **{"parallel.dp_shard": 2, "parallel.zero": 1}),
         "fsdp2_tokenwise_act_offload": memory(**{"parallel.dp_shard": 2, "memory.activation_offload": 4}, **TOKENWISE),
         "tp2_offload_params_act": memory("params", **{"parallel.tp": 2}, **ACT_OFFLOAD),
-        "pp2_offload_params_act": memory("params", **pp("1f1b", 2), **ACT_OFFLOAD, **{"train.steps": MEMORY_STEPS}),
+        "pp2_offload_params_act": {**pp("1f1b", 2), **memory("params", **ACT_OFFLOAD)},
     },
     4: {
         "ddp4": {"parallel.dp_replicate": 4, "parallel.dp_shard": 1},
@@ -278,6 +278,20 @@ def test_memory_options_match_on_one_process(workdir, references):
         assert_close(f"{name} val_loss", got.val_losses, reference.val_losses)
         assert_close(f"{name} grad_norm", got.grad_norms, reference.grad_norms)
     assert not torch.distributed.is_initialized()  # the offload's own group is gone
+
+
+def test_offload_checkpoints_resume_exactly_in_any_mode(workdir):
+    """A checkpoint saved with FSDP2's CPU offload resumes bit-identically with it, with the host
+    optimizer and with no offload: the checkpoint's layout is AdamW's own in every mode."""
+    common = {"train.steps": SHORT, "checkpoint.every": 5, "checkpoint.keep": 5}
+    name = "resume_offload"
+    full = run_training(job(workdir, name, **common, **{"memory.offload": "params"})).losses
+    for offload in ("params", "optimizer", "none"):
+        roll_back(os.path.join(workdir, "runs", name), 5)
+        resumed = run_training(job(workdir, name, **common, **{"memory.offload": offload,
+                                                                "checkpoint.resume": True})).losses
+        assert sorted(resumed) == list(range(6, SHORT + 1)), offload
+        assert all(resumed[step] == full[step] for step in resumed), offload
 
 
 @pytest.mark.parametrize("steps", [SHORT, STEPS])
