@@ -49,6 +49,8 @@ def test_metrics_file_plots_and_sample(trained):
         assert row["imbalance"] >= 1.0 and row["padding"] == 0.0  # packed windows are full
     assert {r["step"] for r in rows if "val_loss" in r} == {0, 3, 6}
     assert os.path.getsize(os.path.join(trained["run"], "loss_curve.png")) > 1000
+    assert os.path.getsize(os.path.join(trained["run"], "memory.png")) > 1000  # the memory breakdown
+    assert "activations kept for backward" in trained["out"]
     assert os.listdir(os.path.join(trained["run"], "tensorboard"))
     summary = json.load(open(os.path.join(trained["run"], "summary.json")))
     assert summary["steps"] == 6 and summary["first_val_loss"] == rows[0]["val_loss"]

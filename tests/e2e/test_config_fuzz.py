@@ -110,8 +110,20 @@ def _out_of_range(hint: type, meta: dict) -> list[st.SearchStrategy]:
     return out
 
 
+def _number_or_words(hint: Any) -> tuple[type, tuple] | None:
+    """(number type, words) of an ``int | Literal["auto"]`` field; None for any other type."""
+    if typing.get_origin(hint) is not typing.Union:
+        return None
+    args = typing.get_args(hint)
+    number = next(a for a in args if a in (int, float))
+    return number, typing.get_args(next(a for a in args if typing.get_origin(a) is Literal))
+
+
 def bad_cli_values(key: str, hint: Any, meta: dict) -> st.SearchStrategy[str]:
     """Command-line text the field must refuse."""
+    either = _number_or_words(hint)
+    if either is not None:  # what its number refuses, but for its words
+        return bad_cli_values(key, either[0], meta).filter(lambda text: text not in either[1])
     if typing.get_origin(hint) is Literal:
         return st.text(max_size=12).filter(lambda text: text not in typing.get_args(hint))
     if hint is bool:
@@ -128,6 +140,9 @@ def bad_cli_values(key: str, hint: Any, meta: dict) -> st.SearchStrategy[str]:
 
 def bad_toml_values(key: str, hint: Any, meta: dict) -> st.SearchStrategy[Any]:
     """Typed TOML values the field must refuse: other types, non-finite or out-of-range numbers."""
+    either = _number_or_words(hint)
+    if either is not None:
+        return bad_toml_values(key, either[0], meta).filter(lambda value: value not in either[1])
     text, flag = st.text(max_size=8), st.booleans()
     ints, floats = st.integers(-(2**70), 2**70), st.floats()
     arrays = st.lists(st.integers(0, 9), max_size=3)
@@ -191,7 +206,8 @@ def test_every_field_is_fuzzed():
     """The strategies above know every type a field has (a new kind of field needs its own)."""
     kinds = {int, float, bool, str}
     for section, fld, hint in FIELDS:
-        assert hint in kinds or typing.get_origin(hint) is Literal, f"{section}.{fld.name}: {hint}"
+        known = hint in kinds or typing.get_origin(hint) is Literal or _number_or_words(hint) is not None
+        assert known, f"{section}.{fld.name}: {hint}"
         assert (f"{section}.{fld.name}" in MUST_NOT_BE_EMPTY) == bool(fld.metadata.get("nonempty"))
 
 
