@@ -89,7 +89,7 @@ def measure(trainer: Trainer, batch: dict) -> dict:
     micro_batch._step(trainer, batch)
     trainer.optimizer.zero_grad(set_to_none=True)
     host = memory.in_host_memory(offload)
-    tracker, meter = DeviceMemory(), SavedActivations(trainer.parts)
+    tracker, meter = DeviceMemory(), SavedActivations()
     tracker.add(*(p for part in trainer.parts for p in part.parameters()), host="params" in host)
     inner = getattr(trainer.optimizer, "optim", trainer.optimizer)
     tracker.add(*(v for state in inner.state.values() for v in state.values() if torch.is_tensor(v)),

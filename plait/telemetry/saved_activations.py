@@ -28,20 +28,28 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _is_parameter(t: torch.Tensor) -> bool:
+    """A parameter or a view of one (``weight.t()`` inside a linear layer). FSDP's gathered
+    parameters are Parameters too: FSDP registers them while the block runs. Checked by type
+    at every save, which costs next to nothing in the step it measures."""
+    return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
+
+
 class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
     """Counts the device storages saved for backward while entered (see the module doc)."""
 
-    def __init__(self, parts: list[nn.Module]):
-        self.parts = parts
+    def __init__(self):
         self.live = self.peak = 0
         self._held: dict[int, weakref.ref] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
+            if _is_parameter(t):
+                return t
             local = _local(t)
             if local.device.type != "meta":
                 storage = local.untyped_storage()
                 key = storage.data_ptr()
-                if key not in self._held and key not in self._parameters():
+                if key not in self._held:
                     self._hold(key, storage)
             return t
 
@@ -58,6 +66,3 @@ class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
         self.live += nbytes
         self.peak = max(self.peak, self.live)
 
-    def _parameters(self) -> set[int]:
-        # Asked at every save: FSDP swaps the registered parameters as it gathers them.
-        return {_local(p).untyped_storage().data_ptr() for part in self.parts for p in part.parameters()}

@@ -109,7 +109,7 @@ class Trainer:
         if cfg.checkpoint.resume:
             self._resume()
         # The first step's activations kept for backward (memory.png); compiled blocks are opaque.
-        self.meter = None if cfg.train.compile else SavedActivations(self.parts)
+        self.meter = None if cfg.train.compile else SavedActivations()
 
     # ---- building
 

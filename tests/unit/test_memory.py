@@ -38,7 +38,7 @@ def model(**memory) -> Llama:
 def step(net: Llama) -> tuple[float, dict[str, torch.Tensor], int]:
     """Loss, gradients, and the peak bytes kept for backward on the device."""
     ids = torch.randint(0, 97, (3, SEQ), generator=torch.Generator().manual_seed(1))
-    meter = SavedActivations([net])
+    meter = SavedActivations()
     with meter:
         logits = net(ids[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
