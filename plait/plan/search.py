@@ -22,6 +22,7 @@ import itertools
 import math
 from dataclasses import dataclass, field, fields, replace
 
+from plait.config.memory_rules import memory_problem as trainer_memory_problem
 from plait.errors import ConfigError
 from plait.plan.estimate import Estimate, estimate
 from plait.plan.hardware import GIB, Cluster
@@ -82,21 +83,12 @@ def plait_problem(model: PlanModel, train: PlanTrain, layout: Layout, job: dict 
 
 
 def memory_problem(model: PlanModel, train: PlanTrain, layout: Layout) -> str | None:
-    """Why the trainer would refuse ``layout``'s [memory] options, or None: token-wise recompute
-    runs on plain dense blocks (no activation checkpointing, tensor parallelism or MoE); parameter
-    offload is FSDP2's (ZeRO-2/3); activation offload and token-wise recompute hook eager blocks,
-    not compiled ones."""
-    if layout.recompute_fraction > 0:
-        if layout.recompute != "none":
-            return (f"memory.recompute_fraction = {layout.recompute_fraction:g} needs train.activation_checkpointing"
-                    f" = none (got recompute = {layout.recompute})")
-        if layout.tp > 1 or model.moe_experts:
-            return "memory.recompute_fraction > 0 is not supported with parallel.tp > 1 or mixture-of-experts models"
-    if layout.offload == "params" and layout.zero < 2:
-        return f"memory.offload = 'params' needs parallel.zero = 2 or 3 (FSDP2's CPU offload; got {layout.zero})"
-    if train.compile and (layout.activation_offload or layout.recompute_fraction):
-        return "memory.activation_offload and memory.recompute_fraction are not used with train.compile"
-    return None
+    """Why the trainer would refuse ``layout``'s [memory] options, or None (the trainer's own
+    rules, plait/config/memory_rules.py; the planner's recompute names map to its checkpointing
+    modes, and it plans softmax models only)."""
+    return trainer_memory_problem(layout.offload, layout.activation_offload, layout.recompute_fraction,
+                                  checkpointing=layout.recompute, tp=layout.tp, zero=layout.zero, ep=layout.ep,
+                                  moe=bool(model.moe_experts), gla=False, compiled=train.compile)
 
 
 def memory_variants(model: PlanModel, layout: Layout, fixed: dict) -> list[Layout]:

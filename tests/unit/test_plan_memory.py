@@ -164,8 +164,8 @@ def test_activation_offload_exposes_what_the_block_cannot_hide():
 def test_memory_options_respect_the_trainers_limits():
     model = llama()
     assert "activation_checkpointing" in memory_problem(model, TRAIN, layout(recompute="full", recompute_fraction=0.5))
-    assert "tp > 1" in memory_problem(model, TRAIN, layout(tp=2, dp=4, zero=3, recompute_fraction=0.5))
-    assert "tp > 1" in memory_problem(llama(moe_experts=8), TRAIN, layout(recompute_fraction=0.5))
+    assert "parallel.tp = 1" in memory_problem(model, TRAIN, layout(tp=2, dp=4, zero=3, recompute_fraction=0.5))
+    assert "a dense model" in memory_problem(llama(moe_experts=8), TRAIN, layout(recompute_fraction=0.5))
     assert "zero = 2 or 3" in memory_problem(model, TRAIN, layout(zero=1, offload="params"))
     assert "compile" in memory_problem(model, replace(TRAIN, compile=True), layout(activation_offload=-1))
     assert memory_problem(model, TRAIN, layout(zero=2, offload="params", activation_offload=31)) is None
