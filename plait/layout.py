@@ -388,7 +388,7 @@ def layout_problem(d: Degrees, w: Workload) -> str | None:
 
 # the planner's candidates -----------------------------------------------------------------------
 
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "op", "full")
 OFFLOAD = ("none", "optimizer", "params")  # memory.offload
 INT_FIELDS = ("tp", "pp", "vpp", "dp", "cp", "ep", "mbs", "zero")
 MEMORY_KEYS = ("offload", "activation_offload", "recompute_fraction")  # the [memory] section's names
@@ -405,7 +405,7 @@ class Layout:
     ep: int
     micro_batch: int
     zero: int
-    recompute: str  # none | selective (attention core) | full (whole block)
+    recompute: str  # none | selective (attention core) | op (all but matmuls and attention) | full (whole block)
     schedule: str  # a name in SCHEDULES; "1f1b" when pp = 1
     # The [memory] section: model state on the host (none | optimizer | params), the first N
     # blocks' saved activations on the host (-1 all), the share of tokens recomputed per block.

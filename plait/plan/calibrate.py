@@ -141,10 +141,15 @@ SHARING_MODEL = {"model.dim": 256, "model.n_heads": 8, "model.ffn_dim": 768, "mo
                  "train.micro_batch": 1, "train.global_batch": 64}
 
 
+SHARING_ROUNDS = 3
+
+
 def _sharing_times(world: int, cores: int) -> dict:
     """A small Llama's forward + backward (tens of MB of weights and activations, like a training
     step): seconds on rank 0 alone (``alone_s``, the others wait), then on every rank at once
-    (``shared_s``, this rank's median). Empty where every rank has its own cores."""
+    (``shared_s``, this rank's median), alternated over SHARING_ROUNDS rounds so that the
+    machine's drift between the two phases cancels (``ratios``: each round's shared / alone, on
+    rank 0). Empty where every rank has its own cores."""
 
     if world <= cores:
         return {}
@@ -152,10 +157,13 @@ def _sharing_times(world: int, cores: int) -> dict:
     model = Llama(cfg.model)
     ids = torch.randint(0, cfg.model.vocab_size, (4, cfg.train.seq_len))
     step = lambda: token_loss_sum(model(ids), ids).backward()  # noqa: E731
-    dist.barrier()
-    alone = _timed(step, 7) if dist.get_rank() == 0 else None  # the others wait in the barrier below
-    dist.barrier()
-    return {"alone_s": alone, "shared_s": statistics.median(_iteration_times(step, 9)), "cores": cores}
+    alone, shared = [], []
+    for _ in range(SHARING_ROUNDS):
+        dist.barrier()
+        alone.append(_timed(step, 5) if dist.get_rank() == 0 else None)  # the others wait in the barrier below
+        dist.barrier()
+        shared.append(statistics.median(_iteration_times(step, 5)))
+    return {"alone_s": alone, "shared_s": shared, "cores": cores}
 
 
 def _loaded_latency(world: int) -> dict:
@@ -294,11 +302,7 @@ def fit_profile(results: list[dict]) -> dict:
             "dtensor_op_s": statistics.fmean(r["dtensor_op_s"] for r in results),
         }
     if results[0].get("sharing"):
-        # Every rank's shared time against rank 0's alone time times ranks per core; never a
-        # speed-up.
-        alone, cores = results[0]["sharing"]["alone_s"], results[0]["sharing"]["cores"]
-        shared = statistics.fmean(r["sharing"]["shared_s"] for r in results)
-        host["sharing_slowdown"] = max(1.0, shared / (alone * world / cores))
+        host["sharing_slowdown"] = sharing_slowdown(results)
     return {
         "ranks": world,
         "cores": usable_cores(),
@@ -313,6 +317,46 @@ def fit_profile(results: list[dict]) -> dict:
         "measured_gemm_flops": {str(d): mean_rate[d] for d in GEMM_DIMS},
         "measured_all_reduce_s": {str(n): t for n, t in zip(ALL_REDUCE_BYTES, times)},
     }
+
+
+def sharing_slowdown(results: list[dict]) -> float:
+    """Every rank's shared time against rank 0's alone time times ranks per core, round by round
+    (the median of the rounds' ratios); never a speed-up."""
+    world, cores = results[0]["world"], results[0]["sharing"]["cores"]
+    rounds = len(results[0]["sharing"]["alone_s"])
+    ratios = [statistics.fmean(r["sharing"]["shared_s"][i] for r in results)
+              / (results[0]["sharing"]["alone_s"][i] * world / cores) for i in range(rounds)]
+    return max(1.0, statistics.median(ratios))
+
+
+def _measure_speed() -> dict:
+    """Runs on every rank at once: the parts of the profile that drift with the machine's load
+    (GEMM rates, memory rate, the sharing slowdown), for ``refresh``."""
+    world = dist.get_world_size()
+    operands = {d: (torch.randn(1024, d), torch.randn(d, 1024)) for d in GEMM_DIMS}
+    rates = {d: statistics.median(_sustained_rate(lambda: a @ b, 2 * 1024 * 1024 * d, window_s=0.2)
+                                  for _ in range(GEMM_ROUNDS)) for d, (a, b) in operands.items()}
+    src = torch.randn(8 * 2**20)
+    dst = torch.empty_like(src)
+    memory_rate = statistics.median(_sustained_rate(lambda: dst.copy_(src), 2 * src.numel() * 4, window_s=0.2)
+                                    for _ in range(GEMM_ROUNDS))
+    return {"rates": rates, "memory_bytes_per_s": memory_rate, "world": world,
+            "sharing": _sharing_times(world, usable_cores())}
+
+
+def refresh(profile: dict, ranks: int) -> dict:
+    """``profile`` with the GEMM curve, memory rate and sharing slowdown measured again now (a
+    few seconds): this machine's speed drifts by 10-20% over minutes, and a prediction is only
+    as good as the rates of the moment it describes."""
+    results = spawn(_measure_speed, ranks)
+    mean_rate = {d: statistics.fmean(r["rates"][d] for r in results) for d in GEMM_DIMS}
+    peak, half_dim = fit_gemm_curve(mean_rate)
+    fresh = {**profile, "matmul_flops": peak, "gemm_half_dim": half_dim,
+             "memory_bytes_per_s": statistics.fmean(r["memory_bytes_per_s"] for r in results),
+             "measured_gemm_flops": {str(d): mean_rate[d] for d in GEMM_DIMS}}
+    if results[0].get("sharing"):
+        fresh["sharing_slowdown"] = sharing_slowdown(results)
+    return fresh
 
 
 def calibrate(ranks: int) -> dict:

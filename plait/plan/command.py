@@ -61,8 +61,8 @@ def run_plan(argv: list[str]) -> int:
     if cluster.heterogeneous:
         rerank_nic_aware(result, request.model, request.train, cluster)
     if args.json:
-        print(to_json(result, args.top))
+        print(to_json(result, args.top, cluster.gpu.name == "cpu"))
     else:
-        print(to_table(result, args.top, cluster.gpu.memory_bytes / GIB))
+        print(to_table(result, args.top, cluster.gpu.memory_bytes / GIB, cluster.gpu.name == "cpu"))
         print(f"searched in {time.perf_counter() - started:.2f} s")
     return 0

@@ -36,6 +36,9 @@ DTENSOR_OPS_PER_BLOCK = 140
 DTENSOR_OPS_PER_HEAD = 60
 DTENSOR_OPS_PER_PARAM = 10
 PARAM_TENSORS_PER_BLOCK = 9  # two norms, four attention and three MLP weights
+# Operators of a block's forward whose outputs op recompute keeps (plait/parallel/recompute.py):
+# the q, k, v, output, gate, up and down projections and the attention kernel.
+SAVED_OPS_PER_BLOCK = 8
 # Bytes each parameter moves through memory in the optimizer step: a fused AdamW reads and
 # writes weights and both moments, reads the gradient and writes the compute copy (~28); the
 # multi-tensor (foreach) AdamW plait runs on CPUs makes a pass per operation (weight decay,
@@ -67,17 +70,22 @@ def memory_seconds(gpu: GpuSpec, nbytes: float) -> float:
 @dataclass(frozen=True)
 class BlockCost:
     """One block, one micro-batch, one GPU, seconds. ``attention_core_s`` is the part selective
-    recompute repeats (scores, softmax, weighted sum)."""
+    recompute repeats (scores, softmax, weighted sum); ``between_matmuls_s`` what op recompute
+    repeats: the forward's element-wise kernels (norms, rotary, activation, residuals) and the
+    host time of issuing them."""
 
     forward_s: float
     backward_s: float
     attention_core_s: float
+    between_matmuls_s: float = 0.0
 
     def with_recompute(self, recompute: str, fraction: float = 0.0) -> float:
-        """Forward + backward + what ``recompute`` runs again in backward; token-wise recompute
-        (``fraction`` of the tokens, recompute = none) reruns that share of the block's forward
-        outside the attention core."""
-        extra = {"none": 0.0, "selective": self.attention_core_s, "full": self.forward_s}[recompute]
+        """Forward + backward + what ``recompute`` runs again in backward, priced by the operations
+        it repeats: the attention core (selective), the element-wise operators between the
+        matmuls (op), the whole forward (full). Token-wise recompute (``fraction`` of the tokens,
+        recompute = none) reruns that share of the block's forward outside the attention core."""
+        extra = {"none": 0.0, "selective": self.attention_core_s, "op": self.between_matmuls_s,
+                 "full": self.forward_s}[recompute]
         if recompute == "none":
             extra += fraction * (self.forward_s - self.attention_core_s)
         return self.forward_s + self.backward_s + extra
@@ -133,10 +141,13 @@ def block_cost(model: PlanModel, train: PlanTrain, layout: Layout, gpu: GpuSpec)
     backward = 2 * gemms + core_backward + 2 * memory_seconds(gpu, elementwise)
     ops_fwd, ops_bwd = OPS_PER_BLOCK[train.kernels]
     host_fwd, host_bwd = ops_fwd * gpu.op_overhead_s, ops_bwd * gpu.op_overhead_s
+    # Op recompute reruns the operators between the saved matmuls and attention kernel.
+    between_ops = ops_fwd - SAVED_OPS_PER_BLOCK
+    between = with_host(gpu, memory_seconds(gpu, elementwise), between_ops * gpu.op_overhead_s)
     if t > 1 and train.kernels == "eager":  # a third of the DTensor work in forward, the rest in backward, like the operators
         host_fwd += DTENSOR_OPS_PER_BLOCK / 3 * gpu.dtensor_op_s
         host_bwd += DTENSOR_OPS_PER_BLOCK * 2 / 3 * gpu.dtensor_op_s
-    return BlockCost(with_host(gpu, forward, host_fwd), with_host(gpu, backward, host_bwd), core)
+    return BlockCost(with_host(gpu, forward, host_fwd), with_host(gpu, backward, host_bwd), core, between)
 
 
 def with_host(gpu: GpuSpec, device_s: float, host_s: float) -> float:

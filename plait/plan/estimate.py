@@ -149,7 +149,8 @@ def estimate(model: PlanModel, train: PlanTrain, cluster: Cluster, layout: Layou
 
     shared, experts = stage_params(model, layout, first=True, last=layout.pp == 1)
     tensors = layers * PARAM_TENSORS_PER_BLOCK + 3  # the stage's parameter tensors (+ embedding, norm, output)
-    exposed["dp"] = _exposed_dp(train, layout, cluster, shared, experts, m, compute_fwd, compute_bwd, layers)
+    exposed["dp"] = _exposed_dp(train, layout, cluster, shared, experts, m, compute_fwd, compute_bwd, layers,
+                                model.shared_block_params() / layout.tp, tensors)
     shards = layout.dp * layout.cp if layout.zero >= 1 else 1
     updated = shared / shards + experts / max(1, shards // layout.ep)  # parameters this rank's optimizer steps
     optimizer = slowdown * optimizer_seconds(updated, gpu, train, tensors, layout.tp)
@@ -190,55 +191,75 @@ def _head_tp_comm(model: PlanModel, train: PlanTrain, layout: Layout, cluster: C
 
 
 def _exposed_dp(train: PlanTrain, layout: Layout, cluster: Cluster, shared: float, experts: float, m: int,
-                fwd_s: float, bwd_s: float, layers: int) -> float:
-    """Data-parallel seconds not hidden behind compute, per step.
+                fwd_s: float, bwd_s: float, layers: int, block_shared: float, tensors: int) -> float:
+    """Data-parallel seconds not hidden behind compute, per step, plus the compute that the hidden
+    part slows down (``GpuSpec.comm_overlap_slowdown``).
 
     ZeRO-0/1 all-reduce the gradients once per step, after the last micro-batch's backward,
     which they overlap bucket by bucket except the last bucket (one block); ZeRO-1 then sends
     the updated parameters from their owners (an all-gather's bytes). ZeRO-2 reduce-scatters
-    every micro-batch's gradients (overlapping its backward) and all-gathers the new weights once. ZeRO-3 also all-gathers the weights before
-    each forward and backward, prefetched behind the previous block's compute.
+    every micro-batch's gradients (overlapping its backward) and all-gathers the new weights once.
+    ZeRO-3 gathers each wrapped unit (every block, and the root: embedding, final norm, output
+    layer) before its forward and again before its backward, and reduce-scatters its gradients
+    (in ``train.reduce_dtype``), one collective per unit: see ``_zero3_per_micro_batch``.
     """
     group, stride = layout.dp * layout.cp, layout.tp
     if group == 1:
         return 0.0
     weight_bytes = 4 if train.dtype == "fp32" else 2
     expert_group = max(1, group // layout.ep)
-    payload = weight_bytes * shared
-    expert_payload = weight_bytes * experts
 
     collectives = {"all_reduce": comm.all_reduce, "reduce_scatter": comm.reduce_scatter, "all_gather": comm.all_gather}
 
-    def both(kind: str, pieces: int = 1) -> float:
-        """``pieces`` collectives of ``kind`` that together carry the dense and expert weights."""
+    def both(kind: str, dense: float = shared, expert: float = experts, element_bytes: int = weight_bytes) -> float:
+        """One collective of ``kind`` over the dense weights and one over the expert weights."""
         fn = collectives[kind]
-        seconds = pieces * fn(cluster, group, stride, payload / pieces)
-        if expert_payload:
-            seconds += pieces * fn(cluster, expert_group, stride, expert_payload / pieces)
+        seconds = fn(cluster, group, stride, element_bytes * dense) if dense else 0.0
+        if expert:
+            seconds += fn(cluster, expert_group, stride, element_bytes * expert)
         return seconds
 
     # Ranks that share cores pay for communication with the cores they compute on (loopback
     # copies, the collective's own thread): nothing is hidden.
     overlap = train.overlap_grad_reduce and cluster.gpu.core_share >= 1.0
+    slowdown = cluster.gpu.comm_overlap_slowdown
+
+    def exposed_and_slowed(total: float, exposed: float) -> float:
+        return exposed + slowdown * (total - exposed)
+
     if layout.zero <= 1:
         grads = both("all_reduce")
-        exposed = max(grads - bwd_s, grads / layers) if overlap else grads
+        exposed = exposed_and_slowed(grads, max(grads - bwd_s, grads / layers)) if overlap else grads
         if layout.zero == 1:
             # Each rank updates the parameters it owns and sends them to the others after the
-            # optimizer step, with nothing left to hide behind: an all-gather's bytes (torch's
-            # ZeroRedundancyOptimizer issues one broadcast per tensor, all at once, so their
-            # latencies overlap; DeepSpeed stage 1 all-gathers flat buffers).
-            exposed += both("all_gather")
+            # optimizer step, with nothing left to hide behind: an all-gather's bytes, and one
+            # broadcast per parameter tensor (torch's ZeroRedundancyOptimizer without bucket
+            # views), which the process group runs one after another, each paying a collective's
+            # latency.
+            exposed += both("all_gather") + (tensors - 1) * comm.ring_latency(
+                cluster, comm.group_shape(cluster, group, stride), 1.0)
         return exposed
     if layout.zero == 2:
         scatter = both("reduce_scatter")
-        per_mb = max(scatter - bwd_s, scatter / layers) if overlap else scatter
+        per_mb = exposed_and_slowed(scatter, max(scatter - bwd_s, scatter / layers)) if overlap else scatter
         return m * per_mb + both("all_gather")
-    # One all-gather per wrapped unit (each block, and the root: embedding, norm, output) for
-    # forward and again for backward, and one reduce-scatter of its gradients: the bytes of
-    # three passes over the weights, the latency of 3 x units collectives.
-    units = layers + 1
-    per_mb_comm = 2 * both("all_gather", units) + both("reduce_scatter", units)
+    reduce_bytes = 4 if train.reduce_dtype == "fp32" or train.dtype == "fp32" else 2
+    block_experts = experts / layers
+    root = shared - layers * block_shared  # embedding, final norm, output layer
+    gather_block, gather_root = both("all_gather", block_shared, block_experts), both("all_gather", root, 0.0)
+    scatter_block = both("reduce_scatter", block_shared, block_experts, reduce_bytes)
+    scatter_root = both("reduce_scatter", root, 0.0, reduce_bytes)
+    total = 2 * (layers * gather_block + gather_root) + layers * scatter_block + scatter_root
     if not overlap:
-        return m * per_mb_comm
-    return m * max(per_mb_comm - (fwd_s + bwd_s), per_mb_comm / layers)
+        return m * total
+    block_fwd, block_bwd = fwd_s / layers, bwd_s / layers
+    # Forward (prefetch depth memory.ZERO3_PREFETCH = 1): the root and the first block are gathered
+    # before any compute can hide them; each later block's gather runs beside the previous block's forward and delays the next block by
+    # what is left over.
+    forward = gather_root + gather_block + (layers - 1) * max(0.0, gather_block - block_fwd)
+    # Backward: a block's backward runs beside the re-gather of the block before it and the
+    # reduce-scatter of the block after it, which share the link; the first re-gather hides
+    # behind the output layer's backward; the last block's and the root's reduce-scatters end
+    # the step with nothing to hide behind.
+    backward = (layers - 1) * max(0.0, gather_block + scatter_block - block_bwd) + scatter_block + scatter_root
+    return m * exposed_and_slowed(total, min(total, forward + backward))

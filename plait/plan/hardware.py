@@ -44,8 +44,9 @@ class GpuSpec:
     # cores); the FLOP/s above are that contended rate. 1.0: every device is its own.
     core_share: float = 1.0
     # Flash attention's FLOP rate as a fraction of a GEMM's at the same shape (its softmax and
-    # online rescaling run between the matmuls). 1.0 on GPUs, whose flash kernels keep the
-    # tensor cores busy; the CPU's is measured (``--calibrate``).
+    # online rescaling run between the matmuls). 1.0 on A100s, whose flash kernels keep the
+    # tensor cores as busy as a GEMM; 0.6 on Hopper and Blackwell (see the catalog); the CPU's is
+    # measured (``--calibrate``).
     attention_efficiency: float = 1.0
     # Host time to issue one operator (Python, dispatcher, autograd bookkeeping, kernel launch).
     # On a GPU the host runs ahead of the device, so a block costs max(host, device); on a CPU
@@ -71,6 +72,11 @@ class GpuSpec:
     host_memory_bytes: float = 250 * GIGA
     host_memory_bytes_per_s: float = 100 * GIGA
     unified_memory: bool = False
+    # Compute slows while a collective runs beside it: NCCL's kernels occupy SMs and share HBM
+    # bandwidth with the GEMMs (overlap studies measure 10-20% slower GEMMs during a concurrent
+    # all-gather or reduce-scatter). Charged as this fraction of the communication time hidden
+    # behind compute. 0 on CPUs, where nothing overlaps (``core_share``).
+    comm_overlap_slowdown: float = 0.15
 
     def peak_flops(self, dtype: str) -> float:
         """Peak matmul FLOP/s for ``dtype`` ('bf16', 'fp8' or 'fp32')."""
@@ -90,26 +96,30 @@ GPUS: dict[str, GpuSpec] = {
         GpuSpec("a100-80gb", 312 * TERA, None, 156 * TERA, 80 * GIGA, 2.039e12, host_link_bytes_per_s=25 * GIGA),
         # Hopper and Blackwell GEMMs sustain about 62% of the datasheet under a training load (the
         # clocks drop below the boost the datasheet assumes), and twice the work per SM needs twice
-        # the tile depth to hide latency, so their half-efficiency dimension doubles.
+        # the tile depth to hide latency, so their half-efficiency dimension doubles. The flash
+        # attention kernels frameworks run there (FlashAttention-2 class: PyTorch's SDPA) reach
+        # about 35-40% of the peak against the GEMMs' ~62% (FlashAttention-3 paper, Shah et al.
+        # 2024), so attention runs at 0.6 of a GEMM's rate; on A100 they match the GEMMs.
         # Their nodes reach the host over PCIe Gen5 and hold 2 TB (DGX B200: 4 TB) for 8 GPUs.
         GpuSpec("h100-sxm", 989 * TERA, 1979 * TERA, 494 * TERA, 80 * GIGA, 3.35e12, gemm_efficiency=0.62,
-                gemm_half_dim=80.0),
+                gemm_half_dim=80.0, attention_efficiency=0.6),
         GpuSpec("h100-pcie", 756 * TERA, 1513 * TERA, 378 * TERA, 80 * GIGA, 2.0e12, gemm_efficiency=0.62,
-                gemm_half_dim=80.0),
+                gemm_half_dim=80.0, attention_efficiency=0.6),
         GpuSpec("h200", 989 * TERA, 1979 * TERA, 494 * TERA, 141 * GIGA, 4.8e12, gemm_efficiency=0.62,
-                gemm_half_dim=80.0),
+                gemm_half_dim=80.0, attention_efficiency=0.6),
         # One of the two dies of an MI250X, which the software sees as one GPU.
         # Frontier-class node: 512 GB of DRAM for 8 GCDs, Infinity Fabric to the host (~36 GB/s each).
         GpuSpec("mi250x-gcd", 191.5 * TERA, None, 47.9 * TERA, 64 * GIGA, 1.6e12, gemm_efficiency=0.70,
                 host_link_bytes_per_s=36 * GIGA, host_memory_bytes=64 * GIGA),
         GpuSpec("b200", 2250 * TERA, 4500 * TERA, 1100 * TERA, 192 * GIGA, 8.0e12, gemm_efficiency=0.62,
-                gemm_half_dim=160.0, host_memory_bytes=500 * GIGA),
+                gemm_half_dim=160.0, host_memory_bytes=500 * GIGA,
+                attention_efficiency=0.6),
         # This machine's CPU cores, nominal; ``plait plan --cluster.gpu cpu --calibrate`` measures them.
         # Host memory is the same RAM as the "device" memory (``unified_memory``).
         GpuSpec("cpu", 0.05 * TERA, None, 0.05 * TERA, 8 * GIGA, 10e9, gemm_efficiency=1.0, gemm_half_dim=16.0,
                 hbm_efficiency=1.0, reserved_bytes=0.3 * GIB, attention_efficiency=0.3, op_overhead_s=20e-6,
                 dtensor_op_s=120e-6, host_async=False, host_link_bytes_per_s=5 * GIGA, host_memory_bytes=8 * GIGA,
-                host_memory_bytes_per_s=10e9, unified_memory=True),
+                host_memory_bytes_per_s=10e9, unified_memory=True, comm_overlap_slowdown=0.0),
     )
 }
 
@@ -132,6 +142,19 @@ class Link:
     # None: ``latency_s`` and the achieved bandwidth.
     p2p_latency_s: float | None = None
     p2p_bytes_per_s: float | None = None
+    # Network links: the share of the NIC rate left when traffic climbs above the leaf switch
+    # (static ECMP hashing puts several large flows on one spine link; studies of AI fabrics
+    # report 20-40% less without adaptive routing), per tier; and one switch traversal's latency.
+    spine_efficiency: float = 1.0
+    switch_latency_s: float = 0.0
+    # One step of a ring or tree collective across this link, when longer than a message's
+    # latency: NCCL's bulk (Simple) protocol synchronizes each step through its network proxy
+    # thread (its tuning model: 14 us per network step). None: ``latency_s``.
+    collective_step_s: float | None = None
+
+    @property
+    def step_latency_s(self) -> float:
+        return self.latency_s if self.collective_step_s is None else max(self.latency_s, self.collective_step_s)
 
     @property
     def achieved_bytes_per_s(self) -> float:
@@ -147,10 +170,14 @@ LINKS: dict[str, Link] = {
         Link("pcie4", 32 * GIGA, 5e-6),
         Link("pcie5", 64 * GIGA, 5e-6),
         # Network links: per GPU, i.e. one NIC per GPU (rail-optimized nodes).
-        Link("ib-hdr", 25 * GIGA, 5e-6, efficiency=0.9),
-        Link("ib-ndr", 50 * GIGA, 5e-6, efficiency=0.9),
-        Link("roce", 50 * GIGA, 10e-6, efficiency=0.8),
-        Link("ethernet", 12.5 * GIGA, 30e-6, efficiency=0.6),
+        # InfiniBand's adaptive routing spreads flows over the spine better than RoCE's ECMP.
+        Link("ib-hdr", 25 * GIGA, 5e-6, efficiency=0.9, spine_efficiency=0.85, switch_latency_s=0.2e-6,
+             collective_step_s=14e-6),
+        Link("ib-ndr", 50 * GIGA, 5e-6, efficiency=0.9, spine_efficiency=0.85, switch_latency_s=0.2e-6,
+             collective_step_s=14e-6),
+        Link("roce", 50 * GIGA, 10e-6, efficiency=0.8, spine_efficiency=0.75, switch_latency_s=0.6e-6,
+             collective_step_s=14e-6),
+        Link("ethernet", 12.5 * GIGA, 30e-6, efficiency=0.6, spine_efficiency=0.75, switch_latency_s=1e-6),
         # Local gloo ranks over loopback TCP; ``--calibrate`` replaces it with measured figures.
         Link("loopback", 2 * GIGA, 50e-6, efficiency=1.0, partial_as_all_reduce=True),
     )
@@ -187,6 +214,9 @@ class Cluster:
     intra_link: Link
     inter_link: Link
     groups: tuple[NodeGroup, ...] = field(default_factory=tuple)
+    # Nodes under one leaf switch of the network (per rail): a group spanning more climbs to the
+    # spine (plait.plan.comm.fabric_tiers).
+    nodes_per_leaf: int = 32
 
     @property
     def nodes(self) -> int:

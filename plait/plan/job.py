@@ -40,13 +40,13 @@ def plan_train(cfg: JobConfig) -> PlanTrain:
 def job_layout(cfg: JobConfig, world: int) -> Layout:
     """The layout ``cfg`` runs on ``world`` ranks, with its [memory] options. Raises ConfigError
     for what the planner does not model: HSDP (dp_replicate > 1), micro_batch = auto, and
-    activation checkpointing other than none or full."""
+    activation checkpointing other than none, op or full."""
     p, t, mem = cfg.parallel, cfg.train, cfg.memory
     if t.micro_batch == "auto":
         raise ConfigError("train.micro_batch = 'auto': the planner needs the micro-batch the trial picked")
-    if t.activation_checkpointing not in ("none", "full"):
+    if t.activation_checkpointing not in ("none", "op", "full"):
         raise ConfigError(f"train.activation_checkpointing = '{t.activation_checkpointing}' is not modelled by the "
-                          "planner (none and full are)")
+                          "planner (none, op and full are)")
     if p.dp_replicate > 1:
         raise ConfigError("parallel.dp_replicate > 1 (HSDP) is not modelled by the planner")
     model_parallel = p.tp * p.pp * p.cp

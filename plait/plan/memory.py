@@ -41,12 +41,17 @@ class BlockActivations:
     region_b: float
     block_input: float
     scores: float  # the part of ``core`` selective (attention-core) recompute drops
+    # What op recompute keeps besides the block input: the outputs of the matmuls and of the
+    # attention kernel (plait/parallel/recompute.py's policy); everything between is rebuilt.
+    matmul_outputs: float = 0.0
 
     def kept(self, recompute: str, fraction: float = 0.0) -> float:
-        """Bytes kept to backward under ``recompute`` (none | selective | full), with ``fraction``
+        """Bytes kept to backward under ``recompute`` (none | selective | op | full), with ``fraction``
         of the tokens' per-token activations recomputed (recompute = none)."""
         if recompute == "full":
             return self.block_input
+        if recompute == "op":
+            return self.block_input + self.matmul_outputs
         core = self.core - (self.scores if recompute == "selective" else 0.0)
         per_token = self.region_a + self.region_b
         return core + (1 - fraction) * per_token + fraction * self.block_input
@@ -56,6 +61,8 @@ class BlockActivations:
         (selective), the recomputed tokens' regions A and B (token-wise)."""
         if recompute == "full":
             return self.core + self.region_a + self.region_b
+        if recompute == "op":
+            return max(0.0, self.core + self.region_a + self.region_b - self.matmul_outputs)
         if recompute == "selective":
             return self.scores
         return fraction * (self.region_a + self.region_b)
@@ -98,7 +105,13 @@ def block_activations(model: PlanModel, train: PlanTrain, layout: Layout) -> Blo
         ffn_tensors = 2
     mlp = e * stream + ffn_tensors * e * rows * width / t + dispatch + mask * stream
     region_b = mask * stream + _norm_saved(train, stream, rows) + mlp  # attention dropout mask, MLP norm
-    return BlockActivations(region_a, core, region_b, stream_bytes(train) * stream, score_bytes)
+    # Op recompute keeps the q/k/v projections (before rotary and the K/V expansion), the
+    # attention output with its log-sum-exp (or scores), the output projection, the MLP's input
+    # projections and its down projection.
+    attention_kept = e * rows * h / t + (score_bytes if train.attention == "eager" else FP32 * rows * heads)
+    matmul_outputs = (e * rows * (h + 2 * kv) / t + attention_kept + e * stream
+                      + (model.mlp_matrices - 1) * e * rows * width / t + e * stream + dispatch)
+    return BlockActivations(region_a, core, region_b, stream_bytes(train) * stream, score_bytes, matmul_outputs)
 
 
 def block_activation_bytes(model: PlanModel, train: PlanTrain, layout: Layout, recompute: str,
@@ -225,6 +238,33 @@ def offloaded_blocks(layout: Layout, n_layers: int, first: bool) -> int:
     return sum(max(0, min(size, count - s * size)) for s in stages)
 
 
+# Units FSDP gathers ahead of the one computing (FSDP2's implicit prefetch: the next block's
+# all-gather is issued while the current block runs). Deeper prefetch would not hide more in the
+# steady state, where the link is busy throughout; it would only hold more gathered blocks.
+ZERO3_PREFETCH = 1
+
+# Gradient buckets in flight when ZeRO-0/1/2 reduce gradients while backward runs: PyTorch DDP's
+# default bucket (bucket_cap_mb = 25), one being filled and one being reduced.
+BUCKET_BYTES = 25 * 2**20
+BUCKETS_IN_FLIGHT = 2
+
+
+def bucket_bytes(layout: Layout) -> float:
+    """Device bytes of the gradient buckets of bucketed data-parallel reduction (ZeRO-0/1/2)."""
+    return BUCKETS_IN_FLIGHT * BUCKET_BYTES if layout.zero <= 2 and layout.dp * layout.cp > 1 else 0.0
+
+
+def gathered_bytes(model: PlanModel, train: PlanTrain, layout: Layout, shared: float, block: float) -> float:
+    """ZeRO-3's unsharded buffers at the step's peak (the start of backward): the block computing
+    and the one prefetched (ZERO3_PREFETCH ahead), the root's weights (embedding and output layer,
+    gathered for the loss), and the unsharded gradients of the output layer and of one block
+    waiting for their reduce-scatter, in ``train.reduce_dtype``."""
+    e, layers = DTYPE_BYTES[train.dtype], -(-model.n_layers // layout.pp)
+    reduce_b = FP32 if train.reduce_dtype == "fp32" or train.dtype == "fp32" else e
+    root = shared - layers * model.shared_block_params() / layout.tp  # elements
+    return (1 + ZERO3_PREFETCH) * block + e * root + reduce_b * (root + block / e)
+
+
 def model_states(model: PlanModel, train: PlanTrain, layout: Layout, first: bool,
                  last: bool) -> tuple[float, float, float, HostMemory, float]:
     """(device params, grads, optimizer, host model states, gathered weights in flight) of a stage.
@@ -239,7 +279,8 @@ def model_states(model: PlanModel, train: PlanTrain, layout: Layout, first: bool
     shared, experts = stage_params(model, layout, first, last)
     params, grads, optimizer = model_state_bytes(shared, experts, layout, train.dtype)
     block = e * (model.shared_block_params() / layout.tp + model.expert_params() / (layout.tp * layout.ep))
-    gathered = 2 * e * model.shared_block_params() / layout.tp if layout.zero == 3 else 0.0
+    gathered = gathered_bytes(model, train, layout, shared, block) if layout.zero == 3 else 0.0
+    gathered += bucket_bytes(layout)
     if layout.offload == "optimizer":
         # The host step reads a copy of each parameter and gradient this rank updates (its
         # shard under ZeRO-1), beside the optimizer state: no persistent master is kept.

@@ -31,8 +31,8 @@ from plait.layout import layout_problem as trainer_problem
 from plait.plan.memory import fits, memory_per_gpu
 from plait.plan.spec import PlanModel, PlanTrain
 
-SEARCHED_RECOMPUTE = ("none", "full")  # "selective" (attention core) only when --layout asks for it
-PLAIT_RECOMPUTE = {"none": "none", "full": "full"}  # planner recompute -> train.activation_checkpointing
+SEARCHED_RECOMPUTE = ("none", "op", "full")  # "selective" (attention core) only when --layout asks for it
+PLAIT_RECOMPUTE = {"none": "none", "op": "op", "full": "full"}  # planner recompute -> train.activation_checkpointing
 DEGREE_FIELDS = frozenset(f.name for f in fields(Degrees))
 RECOMPUTE_FRACTIONS = (0.25, 0.5, 0.75)  # memory.recompute_fraction values searched
 

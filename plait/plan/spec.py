@@ -95,7 +95,9 @@ class PlanCluster:
     inter_link: str = _f("", "link between nodes, per GPU; empty = the GPU's usual one")
     intra_gbs: float = _f(0.0, "override: intra-node GB/s per GPU per direction; 0 = the link's", min=0)
     inter_gbs: float = _f(0.0, "override: inter-node GB/s per GPU per direction; 0 = the link's", min=0)
-    inter_latency_us: float = _f(0.0, "override: inter-node latency in microseconds; 0 = the link's", min=0)
+    inter_latency_us: float = _f(0.0, "override: inter-node latency in microseconds (messages and collective steps); 0 = the link's", min=0)
+    nodes_per_leaf: int = _f(32, "nodes under one leaf switch of the network (per rail); groups spanning more "
+                                 "cross the spine, which adds switch hops and loses bandwidth to flow collisions", min=2)
     node_groups: str = _f("", "heterogeneous cluster: 'NODESxLINK,...' in rank order, e.g. '4xib-ndr,4xroce'")
     profile: str = _f("", "cpu: calibration profile (JSON); empty = .plait_cache/plan_profile_cpu.json if present")
 
@@ -181,7 +183,7 @@ def build_cluster(c: PlanCluster) -> Cluster:
     if c.inter_gbs:
         inter = dataclasses.replace(inter, bytes_per_s=c.inter_gbs * GIGA)
     if c.inter_latency_us:
-        inter = dataclasses.replace(inter, latency_s=c.inter_latency_us * 1e-6)
+        inter = dataclasses.replace(inter, latency_s=c.inter_latency_us * 1e-6, collective_step_s=None)
     per_node = min(c.gpus_per_node, c.gpus)
     if c.gpus % per_node:
         raise ConfigError(f"cluster.gpus = {c.gpus} is not a multiple of cluster.gpus_per_node = {per_node}")
@@ -194,5 +196,5 @@ def build_cluster(c: PlanCluster) -> Cluster:
     if groups:
         # Collectives that span every group run at the slowest group's pace.
         inter = min((g.inter_link for g in groups), key=lambda lk: lk.achieved_bytes_per_s)
-    return Cluster(gpu, c.gpus, per_node, intra, inter, groups)
+    return Cluster(gpu, c.gpus, per_node, intra, inter, groups, nodes_per_leaf=c.nodes_per_leaf)
 

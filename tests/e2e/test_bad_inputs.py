@@ -197,6 +197,8 @@ CASES = {
                          ["train.kernels = 'bogus'", "'fused', 'eager'"]),
     "plan_unknown_key": ([*PLAN, "--cluster.gpu", "h100-sxm", "--cluster.nodes", "4"], ["cluster.nodes"]),
     "plan_bad_layout_key": ([*PLAN, "--cluster.gpu", "h100-sxm", "--layout", "tp=8,foo=2"], ["--layout", "foo=2"]),
+    "plan_leaf_of_one_node": ([*PLAN, "--cluster.gpu", "h100-sxm", "--cluster.nodes_per_leaf", "1"],
+                              ["cluster.nodes_per_leaf", "2"]),
     "plan_calibrate_needs_cpu": ([*PLAN, "--cluster.gpu", "h100-sxm", "--calibrate"], ["--calibrate", "cluster.gpu cpu"]),
     "bad_injection": (["train", "--resilience.inject", "explode:rank=1"], ["resilience.inject", "unknown fault 'explode'"]),
     "injection_rank_outside_job": (["train", "--resilience.inject", "crash:rank=3:step=2"],
