@@ -271,6 +271,11 @@ def load_profile(path: str) -> tuple[GpuSpec, Link]:
             data = json.load(fh)
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cluster.profile = {path!r} cannot be read as a calibration profile: {exc}") from None
+    return parse_profile(data, path)
+
+
+def parse_profile(data: dict, path: str = "<profile>") -> tuple[GpuSpec, Link]:
+    """The measured CPU device and loopback link from a profile's fields (``path`` names it in errors)."""
     base = GPUS["cpu"]
     try:
         gpu = dataclasses.replace(

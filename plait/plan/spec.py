@@ -21,7 +21,7 @@ from plait.config.parse import apply_toml, has_key, sections_of, set_key
 from plait.errors import ConfigError
 from plait.plan.hardware import (
     DEFAULT_LINKS, GIGA, Cluster, default_profile_path, load_profile, lookup_gpu, lookup_link,
-    parse_node_groups,
+    parse_node_groups, parse_profile,
 )
 
 _SCHEDULES = typing.get_type_hints(ParallelConfig)["pp_schedule"]  # the trainer's pipeline schedules
@@ -168,13 +168,16 @@ def refuse_gla(m, who: str) -> None:
                           "model.layer_pattern); set the layout by hand")
 
 
-def build_cluster(c: PlanCluster) -> Cluster:
-    """The Cluster for the ``cluster`` section: catalog GPU, its usual links unless named, overrides."""
+def build_cluster(c: PlanCluster, profile_data: dict | None = None) -> Cluster:
+    """The Cluster for the ``cluster`` section: catalog GPU, its usual links unless named, overrides.
+    ``profile_data``: a calibration profile's fields, for a cpu cluster, instead of its file."""
     gpu = lookup_gpu(c.gpu)
     intra_name, inter_name = DEFAULT_LINKS[gpu.name]
     intra = lookup_link("cluster.intra_link", c.intra_link or intra_name)
     inter = lookup_link("cluster.inter_link", c.inter_link or inter_name)
-    if gpu.name == "cpu":
+    if gpu.name == "cpu" and profile_data is not None:
+        gpu, intra = parse_profile(profile_data)
+    elif gpu.name == "cpu":
         path = c.profile or default_profile_path()
         if c.profile or os.path.isfile(path):
             gpu, intra = load_profile(path)

@@ -21,10 +21,7 @@ themselves: each run's band built from the other runs only, and how many runs fa
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 
 from plait.layout import Layout, resolve_schedule
@@ -63,15 +60,8 @@ class ValidationRun:
     def predict(self) -> float:
         layout = dict(self.layout)
         layout.setdefault("schedule", resolve_schedule("auto", layout["pp"], layout["vpp"]))
-        cluster = dict(self.cluster)
-        if self.profile is None:
-            return _estimate(self.model, self.train, cluster, layout)
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-            json.dump(self.profile, fh)
-        try:
-            return _estimate(self.model, self.train, {**cluster, "profile": fh.name}, layout)
-        finally:
-            os.unlink(fh.name)
+        cluster = build_cluster(PlanCluster(**self.cluster), self.profile)
+        return estimate(PlanModel(**self.model), PlanTrain(**self.train), cluster, Layout(**layout)).step_time_s
 
     def error(self) -> float:
         """Relative error of the prediction: predicted / measured - 1."""
@@ -80,11 +70,6 @@ class ValidationRun:
     @property
     def layout_class(self) -> str:
         return layout_class(Layout(**{"schedule": "1f1b", **self.layout}))
-
-
-def _estimate(model: dict, train: dict, cluster: dict, layout: dict) -> float:
-    return estimate(PlanModel(**model), PlanTrain(**train), build_cluster(PlanCluster(**cluster)),
-                    Layout(**layout)).step_time_s
 
 
 def _megatron(name: str, source: str, layers: int, hidden: int, heads: int, tp: int, pp: int, gpus: int,
