@@ -21,6 +21,7 @@ train: setup
 	$(VENV)/bin/plait train
 
 test: setup
+	scripts/install_browser.sh
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests
 

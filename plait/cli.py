@@ -1,4 +1,4 @@
-"""``plait train | plan | generate | convert``: the command line.
+"""``plait train | plan | generate | convert | watch``: the command line.
 
 Any user error ends as one line on stderr, ``plait: error: ...``, and exit code 2.
 """
@@ -18,13 +18,15 @@ from plait.launch import RankFailed, launch_training
 from plait.launch.supervisor import JobFailed
 from plait.plan.auto import apply_auto_layout
 from plait.plan.command import run_plan
+from plait.watch.watch_command import run_watch
 
 USAGE = """plait train [CONFIG.toml] [--print-config] [--resume] [--profile-pipeline] [--section.field VALUE ...]
        plait generate CHECKPOINT [--prompt TEXT] [--max-new-tokens N] [--temperature T]
                       [--top-k K] [--top-p P] [--seed S]
        plait plan [CONFIG.toml] --cluster.gpu NAME --cluster.gpus N --train.global_batch B --train.seq_len S
                   [--model.* ...] [--layout "tp=8,pp=2,..."] [--top K] [--json] [--max-micro-batch] [--calibrate]
-       plait convert SRC DST [--force] (Hugging Face folder <-> plait checkpoint)"""
+       plait convert SRC DST [--force] (Hugging Face folder <-> plait checkpoint)
+       plait watch RUN_DIR [--port P] [--host ADDRESS] (the live page of a run)"""
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -87,7 +89,7 @@ def cmd_convert(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "plan": run_plan, "generate": cmd_generate, "convert": cmd_convert}
+COMMANDS = {"train": cmd_train, "plan": run_plan, "generate": cmd_generate, "convert": cmd_convert, "watch": run_watch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,11 +18,12 @@ from typing import IO
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
     """Yield a temp file in ``path``'s folder; on success it is renamed onto ``path``.
 
     On any error the temp file is removed and ``path`` is left untouched, so a killed run (or
-    two ranks writing the same cache) never leaves a half-written file behind.
+    two ranks writing the same cache) never leaves a half-written file behind. ``durable=False``
+    skips the fsync: for status files rewritten every second, whose readers only need them whole.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -31,7 +32,8 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; caches are shared like any other file
         os.replace(tmp, path)
     except BaseException:

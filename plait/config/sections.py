@@ -297,6 +297,15 @@ class MetricsConfig:
     plot: bool = field_spec(True, "write loss_curve.png at the end when matplotlib is installed")
     progress: bool = field_spec(True, "rich progress bar on rank 0 (plain lines when not a terminal)")
     profile_pipeline: bool = field_spec(False, "write pipeline_gantt.png of the last step (needs parallel.pp > 1)")
+    serve: int = field_spec(0, "serve the live page on this port while training (0: off); see plait watch", min=0, max=65535)
+    host: str = field_spec("127.0.0.1", "address the live page listens on; anything but loopback exposes it to the network",
+                           nonempty=True)
+    wandb: bool = field_spec(False, "log the metrics to Weights & Biases too (pip install 'plait[wandb]')")
+    wandb_project: str = field_spec("plait", "W&B project", nonempty=True)
+    wandb_mode: Literal["offline", "online"] = field_spec("offline", "offline writes run.dir/wandb, no account needed")
+    mlflow: bool = field_spec(False, "log the metrics to MLflow too (pip install 'plait[mlflow]')")
+    mlflow_uri: str = field_spec("", "MLflow tracking URI; empty: a file store in run.dir/mlruns")
+    mlflow_experiment: str = field_spec("plait", "MLflow experiment name", nonempty=True)
 
 
 @dataclass

@@ -8,9 +8,11 @@ fault the monitor names; ``rundir`` keeps a second run out of a run dir in use.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 import sys
 from datetime import timedelta
@@ -31,7 +33,9 @@ from plait.launch.rundir import hold_run_dir, lock_run_dir
 from plait.launch.supervisor import supervise
 from plait.resilience.events import log_event
 from plait.resilience.watchdog import monitor_store
+from plait.train.trackers import check_trackers
 from plait.train.trainer import run_training, validation_batches, with_vocab
+from plait.watch.server import PageServer, open_page
 
 
 def under_torchrun() -> bool:
@@ -71,6 +75,7 @@ def preflight(cfg: JobConfig, world_size: int, prepare: bool = True) -> JobConfi
         raise ConfigError("parallel.backend = 'nccl' needs CUDA devices; use 'gloo' or 'auto'")
     check_attention_kernel(cfg)
     needs_budget(cfg, on_cuda(cfg))
+    check_trackers(cfg)
     check_folder("run.dir", cfg.run.dir)
     check_folder("data.cache_dir", cfg.data.cache_dir)
     if cfg.checkpoint.resume:
@@ -131,12 +136,33 @@ def launch_training(cfg: JobConfig):
         return _train_under_torchrun(cfg)
     with sigterm_as_interrupt():
         cfg = preflight(cfg, cfg.parallel.nproc)
-        with hold_run_dir(cfg.run.dir):
+        page = _open_page(cfg)  # bound before anything is written: a port in use costs nothing
+        with hold_run_dir(cfg.run.dir), _serving(page):
             if cfg.parallel.nproc == 1:
                 return run_training(cfg)
             if cfg.resilience.watch:
                 return supervise(run_training, cfg, pick_backend(cfg))[0]
             return spawn(run_training, cfg.parallel.nproc, (cfg,), pick_backend(cfg))[0]
+
+
+def _open_page(cfg: JobConfig) -> PageServer | None:
+    """The live page (``metrics.serve``), bound but not yet serving; None when off."""
+    m = cfg.metrics
+    return open_page(cfg.run.dir, m.host, m.serve, f"metrics.serve = {m.serve}") if m.serve else None
+
+
+@contextlib.contextmanager
+def _serving(page: PageServer | None) -> Iterator[None]:
+    """Serve ``page`` from this process (the monitor's: it outlives a frozen rank) while inside."""
+    if page is None:
+        yield
+        return
+    print(f"plait: the live page is at {page.url}", flush=True)
+    page.start()
+    try:
+        yield
+    finally:
+        page.stop()
 
 
 def _train_under_torchrun(cfg: JobConfig):
@@ -151,6 +177,10 @@ def _train_under_torchrun(cfg: JobConfig):
     preflight(cfg, world, prepare=False)
     if rank == 0:  # one holder for the whole job, whichever nodes share the run dir
         lock_run_dir(cfg.run.dir)  # held until this process ends; torchrun's next restart retakes it
+        page = _open_page(cfg)  # served by rank 0 until its process ends
+        if page is not None:
+            print(f"plait: the live page is at {page.url}", flush=True)
+            page.start()
     if rank == 0 and restart > 0:
         where = "its last good checkpoint" if cfg.checkpoint.resume else "the start (no checkpoint yet)"
         log_event(cfg.run.dir, "restart", rank=0, detail=f"torchrun restart {restart}, from {where}")

@@ -14,6 +14,7 @@ from plait.checkpoint import store as ckpt
 from plait.config import JobConfig
 from plait.launch.ranks import RankFailed, collect_results, loopback_store, start_ranks, stop_ranks
 from plait.resilience.events import log_event
+from plait.resilience.health import HealthWriter
 from plait.resilience.monitor import Fault, Monitor
 from plait.resilience.watchdog import ATTEMPT_ENV, MONITOR_ENV
 
@@ -44,12 +45,14 @@ def run_once(fn, cfg: JobConfig, attempt: int, backend: str) -> tuple[list[Any] 
     store = loopback_store()
     env = {MONITOR_ENV: f"127.0.0.1:{store.port}", ATTEMPT_ENV: str(attempt)}
     monitor = Monitor(store, nproc, cfg.resilience)
+    health = HealthWriter(cfg.run.dir, monitor, attempt)
     procs, results = start_ranks(fn, nproc, (cfg,), backend, env)
 
     def check(codes: list[int | None]) -> None:
         if USER_ERROR in codes:  # bad input met inside a rank: restarting cannot help
             raise RankFailed(codes.index(USER_ERROR), USER_ERROR)
         fault = monitor.check(codes)
+        health.update(codes, fault)
         if fault is None:
             return
         log_event(cfg.run.dir, fault.kind, rank=fault.ranks[0] if fault.ranks else None,
@@ -62,9 +65,11 @@ def run_once(fn, cfg: JobConfig, attempt: int, backend: str) -> tuple[list[Any] 
     try:
         return collect_results(procs, results, check, POLL_S), None
     except _FatalFault as stop:
+        health.stopped_by = stop.fault.ranks
         return None, stop.fault
     finally:
         stop_ranks(procs, graceful=False)
+        health.update([proc.exitcode for proc in procs], force=True)  # each rank's end
 
 
 def supervise(fn, cfg: JobConfig, backend: str) -> list[Any]:

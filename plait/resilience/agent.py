@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from plait.config import ResilienceConfig
 from plait.resilience.events import log_event
+from plait.resilience.health import HealthWriter
 from plait.resilience.monitor import Monitor
 from plait.resilience.watchdog import ATTEMPT_ENV, MONITOR_ENV, PREFIX_ENV
 
@@ -120,11 +121,14 @@ def watch(store, world: int, cfg: ResilienceConfig, run_dir: str, master_port: s
     """The monitor loop: returns 'done', 'abort' (a fatal fault was handled) or 'orphan'.
     ``master_port``: the port of torchrun's store, which names this job's ranks."""
     monitor = Monitor(store, world, cfg)
+    health = HealthWriter(run_dir, monitor, torchrun_attempt())  # the environment is rank 0's
     last_seen = time.time()
     while True:
         if store.check(["done"]):
             return "done"
-        fault = monitor.check(_exitcodes(monitor))
+        codes = _exitcodes(monitor)
+        fault = monitor.check(codes)
+        health.update(codes, fault)
         if monitor.beats:
             last_seen = max([last_seen] + [b["time"] for b in monitor.beats.values()])
         if time.time() - last_seen > ORPHAN_S:

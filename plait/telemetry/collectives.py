@@ -463,8 +463,8 @@ _clear = reset  # step_summary's ``reset`` argument shadows the function
 def step_summary(reset: bool = True) -> dict[str, Any]:
     """Totals since the last reset: ``comm_bytes`` (wire bytes sent by this rank) and
     ``comm_payload_bytes`` per mesh dim, ``comm_op_bytes`` (wire bytes per "dim/op"), ``comm_s`` (sum of end - start over the records, in
-    seconds: overlapping async collectives each count, so it can exceed wall time) and
-    ``comm_count``. Resets afterwards unless ``reset=False``."""
+    seconds: overlapping async collectives each count, so it can exceed wall time), the same
+    per mesh dim in ``comm_dim_s``, and ``comm_count``. Resets afterwards unless ``reset=False``."""
     recs = _records
     if reset:
         _clear()
@@ -472,11 +472,11 @@ def step_summary(reset: bool = True) -> dict[str, Any]:
     wire: dict[str, int] = {}
     payload: dict[str, int] = {}
     by_op: dict[str, int] = {}
-    seconds = 0.0
+    dim_s: dict[str, float] = {}
     for rec in recs:
         wire[rec.dim] = wire.get(rec.dim, 0) + rec.wire_bytes
         by_op[f"{rec.dim}/{rec.op}"] = by_op.get(f"{rec.dim}/{rec.op}", 0) + rec.wire_bytes
         payload[rec.dim] = payload.get(rec.dim, 0) + rec.bytes
-        seconds += rec.end - rec.start
-    return {"comm_bytes": wire, "comm_payload_bytes": payload, "comm_op_bytes": by_op, "comm_s": seconds,
-            "comm_count": len(recs)}
+        dim_s[rec.dim] = dim_s.get(rec.dim, 0.0) + rec.end - rec.start
+    return {"comm_bytes": wire, "comm_payload_bytes": payload, "comm_op_bytes": by_op, "comm_s": float(sum(dim_s.values())),
+            "comm_dim_s": dim_s, "comm_count": len(recs)}

@@ -2,8 +2,11 @@
 
 metrics.jsonl holds one JSON object per logged step with ``step``, ``loss``, ``lr``,
 ``grad_norm``, ``tokens`` (cumulative), ``tokens_per_s``, ``mfu`` (fraction of the configured
-peak), ``mem_gib``, ``step_s``, and the data's ``imbalance`` and ``padding`` (``StepStats`` in
-plait/data/loader.py); steps that ran validation add ``val_loss`` and ``val_ppl``.
+peak), ``mem_gib``, ``step_s``, rank 0's traffic (``comm_bytes`` and ``comm_dim_s``: wire bytes
+and seconds per mesh dim; ``comm_s`` in all), and the data's ``imbalance`` and ``padding``
+(``StepStats`` in plait/data/loader.py); steps that ran validation add ``val_loss`` and
+``val_ppl``. Pipeline runs add ``bubble``, low-bandwidth runs ``sync_bytes``/``sync_wait_s``,
+MoE runs the ``moe_*`` keys.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ import torch
 
 from plait.config import JobConfig
 from plait.models.flops import flops_per_token  # the MFU's count (bench/gpu.py imports it from here)
+from plait.checkpoint.atomic import atomic_write
 from plait.telemetry import collectives as comm
+from plait.train.trackers import open_trackers, scalars
+
+METRICS_FILE = "metrics.jsonl"
+PIPELINE_FILE = "pipeline.json"  # the latest step's pipeline timeline, for the live page
+TIMELINE_EVERY_S = 1.0
 
 
 class StepClock:
@@ -54,6 +63,7 @@ def step_record(cfg: JobConfig, step: int, loss: float, lr: float, grad_norm: fl
     tokens_per_step = t.global_batch * t.seq_len
     return {
         "step": step,
+        "time": time.time(),
         "loss": loss,
         "lr": lr,
         "grad_norm": grad_norm,
@@ -64,6 +74,7 @@ def step_record(cfg: JobConfig, step: int, loss: float, lr: float, grad_norm: fl
         "step_s": elapsed,
         "comm_bytes": traffic["comm_bytes"],
         "comm_s": traffic["comm_s"],
+        "comm_dim_s": traffic["comm_dim_s"],
         "imbalance": data_stats.imbalance,
         "padding": data_stats.padding,
     }
@@ -84,23 +95,19 @@ class MetricsLogger:
         self.history: list[dict[str, Any]] = []
         self.start_time = time.perf_counter()
         self.start_step = start_step
-        self._file = self._tb = self._progress = None
+        self._file = self._progress = None
+        self._trackers: list = []
+        self._timeline_written = 0.0
         if not enabled:
             return
         os.makedirs(cfg.run.dir, exist_ok=True)
-        path = os.path.join(cfg.run.dir, "metrics.jsonl")
+        path = os.path.join(cfg.run.dir, METRICS_FILE)
         if start_step == 0 and os.path.exists(path):
             os.remove(path)
         elif start_step > 0 and os.path.exists(path):
             self.history = self._truncate_after(path, start_step)
         self._file = open(path, "a")
-        if cfg.metrics.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(cfg.run.dir, "tensorboard"))
-            except ImportError:
-                self._tb = None
+        self._trackers = open_trackers(cfg)
         if cfg.metrics.progress and sys.stdout.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -129,10 +136,9 @@ class MetricsLogger:
         self.history.append(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, record["step"])
+        values = scalars(record)
+        for tracker in self._trackers:
+            tracker.log(values, record["step"])
         if "loss" not in record:  # the step-0 validation before training
             print(f"step 0  val {record['val_loss']:.4f}", flush=True)
             return
@@ -147,14 +153,24 @@ class MetricsLogger:
             eta = elapsed / max(done, 1) * (self.cfg.train.steps - record["step"])
             print(f"step {record['step']}/{self.cfg.train.steps}  {text}  eta {eta:.0f}s", flush=True)
 
+    def timeline(self, step: int, timelines: list[dict], last: bool) -> None:
+        """Write ``run.dir/pipeline.json``: this step's pipeline timeline (every pp rank's compute
+        intervals), at most once a second and at the last step."""
+        now = time.monotonic()
+        if not self.enabled or not timelines or (now - self._timeline_written < TIMELINE_EVERY_S and not last):
+            return
+        self._timeline_written = now
+        with atomic_write(os.path.join(self.cfg.run.dir, PIPELINE_FILE), "w", durable=False) as fh:
+            json.dump({"step": step, "schedule": self.cfg.parallel.pp_schedule, "ranks": timelines}, fh)
+
     def close(self) -> dict[str, Any]:
         """Stop the display, write loss_curve.png and return the run summary."""
         if not self.enabled:
             return {}
         if self._progress is not None:
             self._progress.stop()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
         self._file.close()
         summary = self.summary()
         with open(os.path.join(self.cfg.run.dir, "summary.json"), "w") as fh:

@@ -350,7 +350,7 @@ class Trainer:
         if self.val and self.start_step == 0:
             # The loss before any update: the baseline every later validation is judged against.
             result.val_losses[0] = val = self.evaluate()
-            metrics.log({"step": 0, "tokens": 0, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
+            metrics.log({"step": 0, "time": time.time(), "tokens": 0, "val_loss": val, "val_ppl": float(torch.tensor(val).exp())})
         for step in range(self.start_step + 1, cfg.train.steps + 1):
             record = self._step(step, result)
             if self.val and self._due(cfg.train.eval_every, step):
@@ -359,6 +359,8 @@ class Trainer:
                 self._checkpoint(step, result)
             if step % cfg.metrics.log_every == 0 or "val_loss" in record or step == cfg.train.steps:
                 metrics.log(record)
+            if self.pipeline is not None:
+                metrics.timeline(step, self.pipeline.last_timelines, step == cfg.train.steps)
         if self.saver is not None:  # training is over when its last checkpoint is
             self._saved(self.saver.wait(), result)
         self._finish(result, metrics)

@@ -236,6 +236,14 @@ CASES = {
     "plan_gpus_huge": ([*PLAN, "--cluster.gpu", "h100-sxm", "--cluster.gpus", "1000000000000"],
                        ["cluster.gpus = 1000000000000", "<= 1048576"]),
     "convert_missing_source": (["convert", "/nope/src", "/tmp/plait-never-written"], ["/nope/src"]),
+    "serve_port_out_of_range": (["train", "--metrics.serve", "70000"], ["metrics.serve", "<= 65535"]),
+    "serve_host_empty": (["train", "--metrics.serve", "8000", "--metrics.host", " "], ["metrics.host"]),
+    "serve_host_unknown": (["train", "--metrics.serve", "8000", "--metrics.host", "no-such-host.invalid"],
+                           ["metrics.serve = 8000", "cannot listen on no-such-host.invalid:8000"]),
+    "watch_port_out_of_range": (["watch", "/tmp", "--port", "70000"], ["--port 70000", "1-65535"]),
+    "watch_port_not_a_number": (["watch", "/tmp", "--port", "http"], ["--port", "invalid int value"]),
+    "watch_missing_run_dir": (["watch", "/nope/run"], ["/nope/run", "is not a folder"]),
+    "watch_run_dir_without_metrics": (["watch", "/"], ["has no metrics.jsonl"]),
 }
 
 

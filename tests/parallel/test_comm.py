@@ -291,5 +291,6 @@ def test_step_summary_aggregates_and_resets(ranks):
         assert first["comm_bytes"] == {"world": D * F32 + D * F32}  # 2(n-1)/n·64 + (n-1)/n·128
         assert first["comm_op_bytes"] == {"world/all_reduce": D * F32, "world/broadcast": D * F32}
         assert first["comm_s"] > 0
+        assert first["comm_dim_s"] == {"world": pytest.approx(first["comm_s"])}
         assert out["summary"]["second"] == {"comm_bytes": {}, "comm_payload_bytes": {}, "comm_op_bytes": {},
-                                            "comm_s": 0.0, "comm_count": 0}
+                                            "comm_s": 0.0, "comm_dim_s": {}, "comm_count": 0}
