@@ -125,6 +125,8 @@ def watch(store, world: int, cfg: ResilienceConfig, run_dir: str, master_port: s
     last_seen = time.time()
     while True:
         if store.check(["done"]):
+            monitor.read()
+            health.update([0] * world, force=True)  # rank 0 reported a clean end: every rank is done
             return "done"
         codes = _exitcodes(monitor)
         fault = monitor.check(codes)

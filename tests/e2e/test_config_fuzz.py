@@ -39,7 +39,8 @@ FIELDS = [
     for f in dataclasses.fields(kind)
 ]
 # Strings that mean nothing when blank: every other string field takes "" (no split, no fault, ...).
-MUST_NOT_BE_EMPTY = {"run.dir", "data.source", "data.text_field", "data.tokenizer", "data.cache_dir"}
+MUST_NOT_BE_EMPTY = {"run.dir", "data.source", "data.text_field", "data.tokenizer", "data.cache_dir", "metrics.host",
+                     "metrics.wandb_project", "metrics.mlflow_experiment"}
 FUZZ = settings(max_examples=6, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 

@@ -111,7 +111,9 @@ def test_page_follows_a_run_and_names_a_frozen_rank(tmp_path, browser):
         points = page_value(browser, LOSS_POINTS)
         wait_for("the step counter to advance", lambda: (page_value(browser, STEP) or 0) > first, 60)
         wait_for("the loss chart to grow", lambda: page_value(browser, LOSS_POINTS) > points, 60)
-        wait_for("every rank healthy", lambda: all((row(browser, r) or {}).get("state") == "healthy" for r in range(4)), 60)
+        # "slow" is a verdict too (a loaded machine may earn one); it does not stop the run.
+        running = ("healthy", "slow")
+        wait_for("every rank running", lambda: all((row(browser, r) or {}).get("state") in running for r in range(4)), 60)
         shoot(browser, "1-training.png")
 
         # Rank 2 stopped from outside: its row turns "hung" within the detection bound.
@@ -131,7 +133,7 @@ def test_page_follows_a_run_and_names_a_frozen_rank(tmp_path, browser):
 
         # The supervisor restarts the job from its last checkpoint; the page follows.
         wait_for("the restarted attempt", lambda: page_value(browser, "return document.getElementById('attempt').textContent") == "1"
-                 and all((row(browser, r) or {}).get("state") == "restarted" for r in range(4)), 180)
+                 and all((row(browser, r) or {}).get("state") in ("restarted", "slow") for r in range(4)), 180)
         resumed = page_value(browser, STEP)
         wait_for("training to go on after the restart", lambda: (page_value(browser, STEP) or 0) > resumed, 60)
         events = page_value(browser, "return [...document.querySelectorAll('#events tbody tr')].map(tr => tr.dataset.kind)")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from tests.e2e.test_bad_inputs import TINY
+from tests.e2e.test_live_page import free_port
 from tests.parallel.harness import write_corpus
 
 
@@ -15,7 +16,8 @@ def test_torchrun_two_ranks(tmp_path):
     corpus = write_corpus(str(tmp_path), n_docs=40)
     run_dir = tmp_path / "run"
     args = [*TINY, "--data.source", corpus, "--data.cache_dir", str(tmp_path / "cache"),
-            "--run.dir", str(run_dir), "--train.steps", "3", "--parallel.nproc", "5"]  # nproc ignored
+            "--run.dir", str(run_dir), "--train.steps", "3", "--parallel.nproc", "5",  # nproc ignored
+            "--metrics.serve", str(port := free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -27,3 +29,7 @@ def test_torchrun_two_ranks(tmp_path):
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["step"] for r in rows if r["step"] > 0] == [1, 2, 3]
     assert os.path.isdir(run_dir / "checkpoints" / "step_000003")
+    # Rank 0 served the live page; the torchrun monitor wrote the ranks' health for it.
+    assert f"the live page is at http://127.0.0.1:{port}/" in proc.stdout
+    health = json.load(open(run_dir / "ranks.json"))
+    assert health["attempt"] == 0 and [(r["rank"], r["state"]) for r in health["ranks"]] == [(0, "done"), (1, "done")]

@@ -270,7 +270,7 @@ function apply(s) {
   state.last = s;
   drawCounters(s);
   drawStatus(s);
-  for (const c of CHARTS) drawChart(c);
+  if (s.rows.length || s.rows_from === 0) for (const c of CHARTS) drawChart(c); // charts change with rows only
   drawRanks(s);
   drawComm(s.latest);
   drawPipeline(s.pipeline);
@@ -280,6 +280,7 @@ function apply(s) {
 }
 
 async function poll() {
+  if (document.hidden) { setTimeout(poll, POLL_MS); return; } // a tab nobody looks at costs nothing
   try {
     const res = await fetch(`/api/state?rows=${state.rows.length}&events=${state.events.length}`, { cache: "no-store" });
     if (!res.ok) throw new Error(res.statusText);
