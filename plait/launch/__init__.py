@@ -32,6 +32,7 @@ from plait.launch.ranks import RankFailed, sigterm_as_interrupt, spawn, start_ra
 from plait.launch.rundir import hold_run_dir, lock_run_dir
 from plait.launch.supervisor import supervise
 from plait.resilience.events import log_event
+from plait.resilience.health import forget_health
 from plait.resilience.watchdog import monitor_store
 from plait.train.trackers import check_trackers
 from plait.train.trainer import run_training, validation_batches, with_vocab
@@ -135,14 +136,19 @@ def launch_training(cfg: JobConfig):
     if under_torchrun():
         return _train_under_torchrun(cfg)
     with sigterm_as_interrupt():
-        cfg = preflight(cfg, cfg.parallel.nproc)
-        page = _open_page(cfg)  # bound before anything is written: a port in use costs nothing
-        with hold_run_dir(cfg.run.dir), _serving(page):
-            if cfg.parallel.nproc == 1:
-                return run_training(cfg)
-            if cfg.resilience.watch:
-                return supervise(run_training, cfg, pick_backend(cfg))[0]
-            return spawn(run_training, cfg.parallel.nproc, (cfg,), pick_backend(cfg))[0]
+        page = _open_page(cfg)  # bound first: a port in use stops the run before any data work
+        try:
+            cfg = preflight(cfg, cfg.parallel.nproc)
+            with hold_run_dir(cfg.run.dir), _serving(page):
+                forget_health(cfg.run.dir)  # a previous run's rank rows; this run's monitor writes its own
+                if cfg.parallel.nproc == 1:
+                    return run_training(cfg)
+                if cfg.resilience.watch:
+                    return supervise(run_training, cfg, pick_backend(cfg))[0]
+                return spawn(run_training, cfg.parallel.nproc, (cfg,), pick_backend(cfg))[0]
+        finally:
+            if page is not None:
+                page.server_close()  # a run stopped before serving leaves no listening socket
 
 
 def _open_page(cfg: JobConfig) -> PageServer | None:
@@ -177,6 +183,8 @@ def _train_under_torchrun(cfg: JobConfig):
     preflight(cfg, world, prepare=False)
     if rank == 0:  # one holder for the whole job, whichever nodes share the run dir
         lock_run_dir(cfg.run.dir)  # held until this process ends; torchrun's next restart retakes it
+        if restart == 0:
+            forget_health(cfg.run.dir)
         page = _open_page(cfg)  # served by rank 0 until its process ends
         if page is not None:
             print(f"plait: the live page is at {page.url}", flush=True)

@@ -62,12 +62,14 @@ def run_once(fn, cfg: JobConfig, attempt: int, backend: str) -> tuple[list[Any] 
         if fault.fatal:
             raise _FatalFault(fault)
 
+    culprits: list[int] | None = None
     try:
         return collect_results(procs, results, check, POLL_S), None
     except _FatalFault as stop:
-        health.stopped_by = stop.fault.ranks
+        culprits = stop.fault.ranks
         return None, stop.fault
     finally:
+        health.stop([proc.exitcode for proc in procs], culprits)  # ranks running now end by our hand
         stop_ranks(procs, graceful=False)
         health.update([proc.exitcode for proc in procs], force=True)  # each rank's end
 

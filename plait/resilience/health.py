@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -46,19 +47,36 @@ def read_health(run_dir: str) -> dict[str, Any] | None:
     return health if isinstance(health, dict) else None
 
 
+def forget_health(run_dir: str) -> None:
+    """Remove a previous run's ``ranks.json`` (a new run starts with no rows, or its own)."""
+    try:
+        os.remove(health_path(run_dir))
+    except FileNotFoundError:
+        pass
+
+
 class HealthWriter:
-    """Keeps ``ranks.json`` current for one attempt of a job watched by ``monitor``."""
+    """Keeps ``ranks.json`` current for one attempt of a job watched by ``monitor``. It never
+    raises: the page is a view, and the monitor must go on whatever happens to the file."""
 
     def __init__(self, run_dir: str, monitor, attempt: int):
         self.run_dir, self.monitor, self.attempt = run_dir, monitor, attempt
-        self.verdicts: dict[int, tuple[str, str]] = {}  # rank -> (state, detail) from a fault
-        self.stopped_by: list[int] | None = None  # the culprits, once the supervisor stops the ranks
+        self.verdicts: dict[int, tuple[str, str, bool]] = {}  # rank -> (state, detail, fatal) from a fault
+        self.stopped: dict[int, str] = {}  # rank -> why the supervisor ended it
+        self._written = 0.0
+        self._failed = False
         # The previous attempt's rows: until a rank beats again, its row keeps the verdict that
         # ended that attempt (a page polling once a second must not miss a short-lived "hung").
         before = read_health(run_dir) if attempt > 0 else None
-        self.carried = {row.get("rank"): row for row in before.get("ranks", []) if isinstance(row, dict)} \
-            if before and isinstance(before.get("attempt"), int) and before["attempt"] < attempt else {}
-        self._written = 0.0
+        rows = before.get("ranks") if before and isinstance(before.get("attempt"), int) and before["attempt"] < attempt else None
+        self.carried = {row.get("rank"): row for row in rows if isinstance(row, dict)} if isinstance(rows, list) else {}
+
+    def stop(self, before: list[int | None], culprits: list[int] | None) -> None:
+        """The supervisor is ending the attempt: ranks still running then (``before``: exit
+        codes just before it stopped them) are written as stopped, not as crashed."""
+        why = f"stopped by the supervisor after the fault on rank(s) {culprits}" if culprits else \
+            "stopped by the supervisor (the job was interrupted, or another rank failed)"
+        self.stopped = {rank: why for rank, code in enumerate(before) if code is None}
 
     def update(self, exitcodes: list[int | None], fault=None, force: bool = False) -> None:
         """After a monitor check: note ``fault`` (if any) and rewrite the file when due
@@ -66,15 +84,18 @@ class HealthWriter:
         if fault is not None and (fault.fatal or fault.kind == "slow"):  # a skipped NaN step passes
             state = _FAULT_STATE.get(fault.kind, "hung")
             for rank in fault.ranks or range(self.monitor.nproc):  # no culprit: a communication hang
-                self.verdicts[rank] = (state, fault.detail)
+                self.verdicts[rank] = (state, fault.detail, fault.fatal)
         elif fault is None and not force and time.monotonic() - self._written < EVERY_S:
             return
         self._written = time.monotonic()
         try:
             with atomic_write(health_path(self.run_dir), "w", durable=False) as fh:
                 json.dump(self.snapshot(exitcodes), fh)
-        except OSError:  # a full disk must not stop the monitor
-            pass
+        except Exception as exc:  # a full disk, an odd heartbeat: the monitor goes on
+            if not self._failed:
+                self._failed = True
+                print(f"plait: monitor: cannot write {HEALTH_FILE} ({exc}); the live page's rank rows stop "
+                      "updating", file=sys.stderr, flush=True)
 
     def snapshot(self, exitcodes: list[int | None]) -> dict[str, Any]:
         now = time.time()
@@ -87,7 +108,7 @@ class HealthWriter:
         beat = self.monitor.beats.get(rank)
         row: dict[str, Any] = {"rank": rank, "state": "starting", "detail": "", "exit_code": code}
         ended = self.carried.get(rank, {})
-        if beat is None and ended.get("state") in ("hung", "crashed", "nan", "stopped"):
+        if beat is None and ended.get("state") in ("hung", "crashed", "nan", "stopped", "slow"):
             row.update(state=ended["state"], detail=f"{ended.get('detail', '')}; restarting (attempt {self.attempt})")
         if beat is not None:
             collective = beat.get("collective")
@@ -98,13 +119,14 @@ class HealthWriter:
                        collective=f"{collective['op']} on {collective['dim']}" if collective else None,
                        state="restarted" if self.attempt > 0 else "healthy")
         if rank in self.verdicts:
-            row["state"], row["detail"] = self.verdicts[rank]
-        if row["state"] in ("hung", "crashed", "nan"):
-            return row
-        if code == 0:  # finished: a slow verdict on the way is history (the event log keeps it)
-            row["state"] = "done"
-        elif code is not None and self.stopped_by is not None:
-            row["state"], row["detail"] = "stopped", f"stopped after the fault on rank(s) {self.stopped_by}"
+            row["state"], row["detail"], fatal = self.verdicts[rank]
+            # A fatal verdict stands; a slow rank's that did not end the job, while it runs.
+            if fatal or code is None:
+                return row
+        if code == 0:
+            row["state"], row["detail"] = "done", ""
+        elif code is not None and rank in self.stopped:
+            row["state"], row["detail"] = "stopped", self.stopped[rank]
         elif code is not None:
             row["state"], row["detail"] = "crashed", f"exit code {code}"
         return row

@@ -11,6 +11,7 @@ MoE runs the ``moe_*`` keys.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,9 +26,10 @@ from plait.config import JobConfig
 from plait.models.flops import flops_per_token  # the MFU's count (bench/gpu.py imports it from here)
 from plait.checkpoint.atomic import atomic_write
 from plait.telemetry import collectives as comm
-from plait.train.trackers import open_trackers, scalars
+from plait.train.trackers import log_to, open_trackers, scalars
 
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 PIPELINE_FILE = "pipeline.json"  # the latest step's pipeline timeline, for the live page
 TIMELINE_EVERY_S = 1.0
 
@@ -101,6 +103,9 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(cfg.run.dir, exist_ok=True)
+        for stale in (SUMMARY_FILE, PIPELINE_FILE):  # a previous run's: this one is not finished
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(cfg.run.dir, stale))
         path = os.path.join(cfg.run.dir, METRICS_FILE)
         if start_step == 0 and os.path.exists(path):
             os.remove(path)
@@ -126,7 +131,8 @@ class MetricsLogger:
         with open(path) as fh:
             kept = [json.loads(line) for line in fh if line.strip()]
         kept = [r for r in kept if r["step"] <= step]
-        with open(path, "w") as fh:
+        # A new file, not a rewrite in place: a reader following the old one sees it replaced.
+        with atomic_write(path, "w", durable=False) as fh:
             fh.writelines(json.dumps(r) + "\n" for r in kept)
         return kept
 
@@ -136,9 +142,7 @@ class MetricsLogger:
         self.history.append(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        values = scalars(record)
-        for tracker in self._trackers:
-            tracker.log(values, record["step"])
+        log_to(self._trackers, scalars(record), record["step"])
         if "loss" not in record:  # the step-0 validation before training
             print(f"step 0  val {record['val_loss']:.4f}", flush=True)
             return
@@ -160,8 +164,11 @@ class MetricsLogger:
         if not self.enabled or not timelines or (now - self._timeline_written < TIMELINE_EVERY_S and not last):
             return
         self._timeline_written = now
-        with atomic_write(os.path.join(self.cfg.run.dir, PIPELINE_FILE), "w", durable=False) as fh:
-            json.dump({"step": step, "schedule": self.cfg.parallel.pp_schedule, "ranks": timelines}, fh)
+        try:
+            with atomic_write(os.path.join(self.cfg.run.dir, PIPELINE_FILE), "w", durable=False) as fh:
+                json.dump({"step": step, "schedule": self.cfg.parallel.pp_schedule, "ranks": timelines}, fh)
+        except OSError:  # a view for the page: a full disk must not stop the training
+            pass
 
     def close(self) -> dict[str, Any]:
         """Stop the display, write loss_curve.png and return the run summary."""
@@ -170,10 +177,11 @@ class MetricsLogger:
         if self._progress is not None:
             self._progress.stop()
         for tracker in self._trackers:
-            tracker.close()
+            with contextlib.suppress(Exception):  # the run is over; a tracker's goodbye cannot undo it
+                tracker.close()
         self._file.close()
         summary = self.summary()
-        with open(os.path.join(self.cfg.run.dir, "summary.json"), "w") as fh:
+        with open(os.path.join(self.cfg.run.dir, SUMMARY_FILE), "w") as fh:
             json.dump(summary, fh, indent=1)
         if self.cfg.metrics.plot:
             self._plot()

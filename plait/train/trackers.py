@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import sys
 import time
 from typing import Any
 
@@ -101,15 +102,35 @@ class MlflowTracker:
 
 
 def open_trackers(cfg: JobConfig) -> list:
-    """The trackers ``cfg.metrics`` asks for (rank 0 only)."""
+    """The trackers ``cfg.metrics`` asks for (rank 0 only). One that cannot start (W&B online
+    without a key, an MLflow server out of reach) is a ConfigError: the run stops with one
+    line rather than being restarted for a fault it does not have."""
     trackers: list = []
     if cfg.metrics.tensorboard:
         try:
             trackers.append(TensorBoardTracker(cfg))
         except ImportError:
             pass
-    if cfg.metrics.wandb:
-        trackers.append(WandbTracker(cfg))
-    if cfg.metrics.mlflow:
-        trackers.append(MlflowTracker(cfg))
+    for wanted, name, kind in ((cfg.metrics.wandb, "wandb", WandbTracker), (cfg.metrics.mlflow, "mlflow", MlflowTracker)):
+        if not wanted:
+            continue
+        try:
+            trackers.append(kind(cfg))
+        except Exception as exc:
+            for started in trackers:
+                started.close()
+            raise ConfigError(f"metrics.{name} = true but the tracker did not start: {str(exc).splitlines()[0][:300]}") from None
     return trackers
+
+
+def log_to(trackers: list, values: dict[str, float], step: int) -> None:
+    """Log to every tracker; one that fails (a network drop) is reported once and dropped, and
+    the training goes on."""
+    for tracker in list(trackers):
+        try:
+            tracker.log(values, step)
+        except Exception as exc:
+            trackers.remove(tracker)
+            print(f"plait: warning: {type(tracker).__name__} stopped logging at step {step} "
+                  f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); the others go on",
+                  file=sys.stderr, flush=True)

@@ -27,10 +27,9 @@ except ModuleNotFoundError:  # Python 3.10
 
 from plait.resilience.events import events_path
 from plait.resilience.health import read_health
-from plait.train.metrics import METRICS_FILE, PIPELINE_FILE
+from plait.train.metrics import METRICS_FILE, PIPELINE_FILE, SUMMARY_FILE
 from plait.train.trackers import scalars
 
-SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.toml"
 
 
@@ -41,6 +40,7 @@ class JsonLines:
         self.path, self.slim = path, slim or (lambda record: record)
         self.rows: list[dict[str, Any]] = []
         self.last: dict[str, Any] | None = None
+        self.generation = 0  # counts the times the file started over
         self._offset, self._inode, self._pending = 0, None, b""
 
     def refresh(self) -> bool:
@@ -51,6 +51,7 @@ class JsonLines:
             stat = None
         if stat is None or stat.st_ino != self._inode or stat.st_size < self._offset:
             restarted = bool(self.rows)
+            self.generation += restarted
             self.rows, self.last, self._offset, self._pending = [], None, 0, b""
             self._inode = stat.st_ino if stat else None
             if stat is None:
@@ -59,20 +60,24 @@ class JsonLines:
             restarted = False
         if stat.st_size == self._offset:
             return restarted
-        with open(self.path, "rb") as fh:
-            fh.seek(self._offset)
-            chunk = fh.read(stat.st_size - self._offset)
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                chunk = fh.read(stat.st_size - self._offset)
+        except OSError:  # replaced between stat and open: the next refresh reads the new one
+            return restarted
         self._offset += len(chunk)
         lines = (self._pending + chunk).split(b"\n")
         self._pending = lines.pop()  # a line still being written has no newline yet
         for line in lines:
             try:
                 record = json.loads(line)
-            except ValueError:
+                row = self.slim(record) if isinstance(record, dict) else None
+            except (ValueError, TypeError):  # not a record plait writes: skipped, the rest is read
                 continue
-            if isinstance(record, dict):
+            if row is not None:
                 self.last = record
-                self.rows.append(self.slim(record))
+                self.rows.append(row)
         return restarted
 
 
@@ -80,8 +85,8 @@ def _slim(record: dict[str, Any]) -> dict[str, Any]:
     """A metrics row for the charts: its numbers, and the largest MoE layer imbalance."""
     row = {"step": record.get("step"), "time": record.get("time"), **scalars(record)}
     moe = record.get("moe_load_imbalance")
-    if isinstance(moe, list) and moe:
-        row["moe_max_imbalance"] = max(v for v in moe if isinstance(v, (int, float)))
+    if isinstance(moe, list):
+        row["moe_max_imbalance"] = max((v for v in moe if isinstance(v, (int, float))), default=None)
     return row
 
 
@@ -127,19 +132,24 @@ class RunReader:
         self.events = JsonLines(events_path(run_dir))
         self._lock = threading.Lock()
 
-    def state(self, have_rows: int = 0, have_events: int = 0) -> dict[str, Any]:
-        """Everything new for a client that holds ``have_rows`` rows and ``have_events`` events.
-        ``rows_from`` says where the returned rows start (0 after the file started over)."""
+    def state(self, have_rows: int = 0, have_events: int = 0, generation: int | None = None) -> dict[str, Any]:
+        """Everything new for a client that holds ``have_rows`` rows and ``have_events`` events
+        of the files' ``generation`` it was last told. ``rows_from`` says where the returned rows
+        start: 0 for a client whose rows are of an older generation (the file started over since:
+        a resumed run rewrites the steps it logs again) or that holds more than there are."""
         with self._lock:
-            restarted = self.metrics.refresh()
+            self.metrics.refresh()
             self.events.refresh()
             rows, events = self.metrics.rows, self.events.rows
-            rows_from = 0 if restarted or have_rows > len(rows) else have_rows
-            events_from = 0 if have_events > len(events) else have_events
+            now_generation = self.metrics.generation + self.events.generation
+            stale = generation is not None and generation != now_generation
+            rows_from = 0 if stale or have_rows > len(rows) else have_rows
+            events_from = 0 if stale or have_events > len(events) else have_events
             summary = _read_json(os.path.join(self.run_dir, SUMMARY_FILE))
             return {
                 "now": time.time(), "run_dir": os.path.abspath(self.run_dir),
                 "run": _run_info(self.run_dir), "finished": isinstance(summary, dict), "summary": summary,
+                "generation": now_generation,
                 "rows_from": rows_from, "rows": rows[rows_from:], "latest": self.metrics.last,
                 "events_from": events_from, "events": events[events_from:],
                 "health": read_health(self.run_dir),

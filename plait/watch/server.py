@@ -1,7 +1,7 @@
-"""The live page's HTTP server: the page's three files, and ``/api/state`` (JSON) that it polls.
+"""The live page's HTTP server: the page's files, and ``/api/state`` (JSON) that it polls.
 
-Read-only: it answers GET and HEAD, and only for the paths below, so no request names a file
-on disk. It listens on 127.0.0.1 unless told another address; while on loopback it answers only
+Read-only: it answers GET and HEAD, and only for the paths below (the page, its script and
+style, an empty favicon, the state), so no request names a file on disk. It listens on 127.0.0.1 unless told another address; while on loopback it answers only
 requests addressed to a loopback name (a page elsewhere cannot reach it by DNS rebinding).
 Every asset ships inside plait (no CDN), so the page works on a machine without internet.
 """
@@ -25,7 +25,6 @@ from plait.watch.reader import RunReader
 LOOPBACK = "127.0.0.1"
 ASSETS = {"/": ("index.html", "text/html; charset=utf-8"), "/index.html": ("index.html", "text/html; charset=utf-8"),
           "/app.js": ("app.js", "text/javascript; charset=utf-8"), "/style.css": ("style.css", "text/css; charset=utf-8")}
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
            "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; frame-ancestors 'none'"}
 
@@ -68,7 +67,7 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         host = (self.headers.get("Host") or "").strip().lower()
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        return name in LOOPBACK_NAMES
+        return is_loopback(name.strip("[]"))
 
     def do_GET(self, head: bool = False) -> None:  # noqa: N802 (http.server's naming)
         if not self._addressed_here():
@@ -83,7 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif url.path == "/api/state":
             query = parse_qs(url.query)
             have = [_count(query.get(key)) for key in ("rows", "events")]
-            body = _dumps(self.server.reader.state(*have))
+            generation = _count(query.get("gen")) if query.get("gen") else None
+            body = _dumps(self.server.reader.state(*have, generation))
             self._send(HTTPStatus.OK, body, "application/json", head)
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain", head)
@@ -137,6 +137,13 @@ class PageServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         shown = f"[{host}]" if ":" in str(host) else host
         return f"http://{shown}:{port}/"
+
+    def handle_error(self, request, client_address) -> None:
+        """A browser that goes away mid-answer is no error; anything else is one line, never a
+        traceback in the training's log."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            print(f"plait: live page: request from {client_address[0]} failed ({error!r:.200})", file=sys.stderr, flush=True)
 
     def start(self) -> "PageServer":
         """Serve from a daemon thread; returns self."""

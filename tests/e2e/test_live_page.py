@@ -77,7 +77,7 @@ def row(browser, rank: int) -> dict | None:
     return page_value(browser, f"""
         const tr = document.getElementById('rank-{rank}');
         if (!tr) return null;
-        return {{state: tr.dataset.state, text: tr.textContent, pid: Number(tr.children[8].textContent)}};""")
+        return {{state: tr.dataset.state, detail: tr.children[9].textContent, pid: Number(tr.children[8].textContent)}};""")
 
 
 def shoot(browser, name: str) -> None:
@@ -124,7 +124,7 @@ def test_page_follows_a_run_and_names_a_frozen_rank(tmp_path, browser):
         hung = wait_for("rank 2's row to turn hung", lambda: (r := row(browser, 2)) and r["state"] == "hung" and r, 60)
         took = time.time() - stopped_at
         assert took <= HANG_S + PAGE_POLL_S, f"the page showed the hang {took:.1f} s after SIGSTOP"
-        assert "rank 2" in hung["text"] and "stopped" in hung["text"], hung
+        assert hung["detail"].startswith("rank 2: no heartbeat") and "stopped" in hung["detail"], hung  # the verdict
         assert all(row(browser, r)["state"] != "hung" for r in (0, 1, 3)), "a healthy rank was named"
         assert page_value(browser, "return document.getElementById('status').textContent") == "stalled"
         events = page_value(browser, "return [...document.querySelectorAll('#events tbody tr')].map(tr => [tr.dataset.kind, tr.textContent])")

@@ -7,7 +7,7 @@ const MAX_POINTS = 1200; // points drawn per series; longer runs are thinned eve
 const SVG = "http://www.w3.org/2000/svg";
 const W = 600, H = 150, PAD_L = 48, PAD_R = 8, PAD_T = 8, PAD_B = 20;
 
-const state = { rows: [], events: [], last: null, axis: "step", started: null };
+const state = { rows: [], events: [], last: null, axis: "step", started: null, generation: null };
 
 const CHARTS = [
   { id: "loss", title: "loss", series: [{ key: "loss", label: "train", color: "#1e88e5" },
@@ -261,6 +261,7 @@ function drawEvents() {
 }
 
 function apply(s) {
+  state.generation = s.generation;
   if (s.rows_from === 0) state.rows = [];
   state.rows = state.rows.concat(s.rows);
   if (s.events_from === 0) state.events = [];
@@ -282,7 +283,8 @@ function apply(s) {
 async function poll() {
   if (document.hidden) { setTimeout(poll, POLL_MS); return; } // a tab nobody looks at costs nothing
   try {
-    const res = await fetch(`/api/state?rows=${state.rows.length}&events=${state.events.length}`, { cache: "no-store" });
+    const gen = state.generation === null ? "" : `&gen=${state.generation}`;
+    const res = await fetch(`/api/state?rows=${state.rows.length}&events=${state.events.length}${gen}`, { cache: "no-store" });
     if (!res.ok) throw new Error(res.statusText);
     apply(await res.json());
   } catch (err) {
