@@ -93,6 +93,11 @@ def validate_lowbw(cfg: JobConfig) -> None:
         return
     if p.ep > 1:
         raise ConfigError(f"lowbw.method = '{lb.method}' does not support parallel.ep > 1")
+    if lb.method == "zo":
+        if p.pp > 1:
+            raise ConfigError("lowbw.method = 'zo' does not support parallel.pp > 1: its forward passes run whole "
+                              "on each worker's ranks; use dp_shard, tp or cp inside a worker")
+        return
     if t.steps % lb.inner_steps:
         raise ConfigError(
             f"train.steps = {t.steps} must be a multiple of lowbw.inner_steps = {lb.inner_steps}, "

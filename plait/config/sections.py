@@ -310,8 +310,9 @@ class MetricsConfig:
 
 @dataclass
 class LowBWConfig:
-    method: Literal["none", "diloco", "streaming", "co2"] = field_spec(
-        "none", "training over slow links: workers are the parallel.dp_replicate groups; none = every step synced"
+    method: Literal["none", "diloco", "streaming", "co2", "zo"] = field_spec(
+        "none", "training over slow links: workers are the parallel.dp_replicate groups; none = every step synced; "
+                "zo = zeroth-order, one number per direction per step"
     )
     inner_steps: int = field_spec(50, "H: local (inner AdamW) steps between two syncs of the same weights", min=1)
     outer_lr: float = field_spec(0.7, "outer SGD learning rate", gt=0)
@@ -328,6 +329,11 @@ class LowBWConfig:
     co2_penalty: float = field_spec(0.0, "co2: staleness gap penalty lambda (0 disables)", min=0)
     co2_clip: float = field_spec(0.0, "co2: max norm of the outer momentum (0 disables)", min=0)
     check_sync: bool = field_spec(True, "after each sync compare a hash of the global weights across workers")
+    zo_eps: float = field_spec(1e-3, "zo: perturbation size epsilon of the central difference", gt=0)
+    zo_samples: int = field_spec(1, "zo: random directions per step (each costs two forward passes)", min=1, max=1024)
+    zo_bits: int = field_spec(8, "zo: bits of each exchanged directional derivative (stochastic rounding)", min=1, max=16)
+    zo_params: Literal["all", "norms_and_output"] = field_spec(
+        "all", "zo: the parameters trained; norms_and_output = the norm weights and the output layer (lower variance)")
 
 
 @dataclass

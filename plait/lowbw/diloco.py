@@ -39,6 +39,7 @@ from plait.lowbw.fragments import Fragment, split_fragments
 from plait.lowbw.outer import outer_step, staleness_scales
 from plait.lowbw.quantize import scale_groups
 from plait.lowbw.reduce import quantized_mean
+from plait.lowbw.zo_step import ZerothOrder
 from plait.telemetry import collectives as comm
 
 
@@ -249,7 +250,8 @@ class OuterLoop:
         self.pool.shutdown(wait=True)
 
 
-def build_outer_loop(cfg: LowBWConfig, parts: list[nn.Module], dims, device: torch.device, injector=None):
+def build_outer_loop(cfg: LowBWConfig, parts: list[nn.Module], dims, device: torch.device, injector=None,
+                     seed: int = 0):
     """The outer loop for ``lowbw.method``, or None for plain training. Collective."""
     if cfg.method == "none":
         return None
@@ -258,4 +260,6 @@ def build_outer_loop(cfg: LowBWConfig, parts: list[nn.Module], dims, device: tor
     if sync is not None:
         comm.register_group(sync, "dp_replicate")  # counted (and emulated) as the workers' link
         check = dims.group("dp_replicate")
+    if cfg.method == "zo":
+        return ZerothOrder(cfg, parts, sync, worker, dims.local_rank("dp_replicate"), seed, check)
     return OuterLoop(cfg, parts, sync, worker, device, injector, check)

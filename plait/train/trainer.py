@@ -93,7 +93,7 @@ class Trainer:
             # Before the outer loop copies the weights its workers start from.
             ckpt.load_model_weights(start, self.parts)
         # DiLoCo family: the outer loop around the inner steps (workers = dp_replicate groups).
-        self.outer = build_outer_loop(cfg.lowbw, self.parts, self.dims, self.device, self.guard.injector)
+        self.outer = build_outer_loop(cfg.lowbw, self.parts, self.dims, self.device, self.guard.injector, cfg.train.seed)
         n_micro = cfg.train.global_batch // (cfg.train.micro_batch * self.dims.dp)
         self.moe = (MoEControl(self.parts, cfg, n_micro, self.dims.group("grad"), self.dims.group("pp"), self.device)
                     if cfg.model.moe_experts else None)
@@ -241,6 +241,8 @@ class Trainer:
         for part in self.parts:
             part.train()
         micro_batches = [self._local(mb) for mb in micro_batches]
+        if getattr(self.outer, "zeroth_order", False):
+            return self._zo_step(micro_batches, step)
         if self.moe is not None:
             self.moe.begin_step()
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
@@ -258,6 +260,20 @@ class Trainer:
             global_tokens = float(self._reduce(torch.tensor(float(local_tokens)), over_workers=True))
         loss = float(self._reduce(total, over_pp=True, over_workers=True)) / max(global_tokens, 1.0)
         return loss, norm
+
+    @torch.no_grad()
+    def _zo_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int) -> tuple[float, float]:
+        """lowbw.method = zo (plait/lowbw/zo_step.py): losses at perturbed weights, no backward.
+        Returns (this worker's mean loss over the evaluations, |mean directional derivative|)."""
+        tokens = float(self._reduce(torch.tensor(float(sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)))))
+
+        def worker_loss() -> float:
+            with self._loss_context():
+                total = sum(plain(self._loss_sum(mb)).double().cpu() for mb in micro_batches)
+            return float(self._reduce(torch.as_tensor(total, dtype=torch.float64))) / max(tokens, 1.0)
+        loss, derivative = self.outer.step(step, worker_loss, self.scheduler.get_last_lr()[0])
+        self.scheduler.step()
+        return loss, derivative
 
     def _forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], scale: float) -> torch.Tensor:
         """Forward and backward of every micro-batch, gradients of ``scale`` x the loss sum,
