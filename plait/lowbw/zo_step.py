@@ -55,6 +55,16 @@ def trained_pieces(parts: list[nn.Module], which: str) -> list[Piece]:
     return pieces
 
 
+def mean_over_workers(loss: float, tokens: float, group) -> float:
+    """The token-weighted mean of the workers' losses (each the same on all its ranks), for the
+    metrics: bookkeeping, not counted as training traffic."""
+    total = torch.tensor([loss * tokens, tokens], dtype=torch.float64)
+    if group is not None:
+        with comm.paused():
+            dist.all_reduce(total, group=group)
+    return float(total[0] / total[1].clamp_min(1.0))
+
+
 class ZerothOrder:
     def __init__(self, cfg: LowBWConfig, parts: list[nn.Module], sync_group, worker_group, worker: int,
                  seed: int, check_group=None):
@@ -64,6 +74,7 @@ class ZerothOrder:
         self.pieces = trained_pieces(parts, cfg.zo_params)
         self.scale = SharedScale(cfg.zo_bits)
         self.step_syncs: list[dict] = []
+        self.metrics_group = check_group  # the same ranks: this rank's peers in the other workers
 
     # --- the step -------------------------------------------------------------------------
     @torch.no_grad()
