@@ -20,6 +20,7 @@ Every input of the update is identical on all workers, so their weights stay bit
 from __future__ import annotations
 
 import random
+import warnings
 import zlib
 
 import torch
@@ -53,6 +54,14 @@ def trained_pieces(parts: list[nn.Module], which: str) -> list[Piece]:
             else:
                 pieces.append(Piece(name, param.data, (0,) * param.dim()))
     return pieces
+
+
+def step_schedule(scheduler) -> None:
+    """Advance the learning-rate schedule. No optimizer steps under zo, which torch's scheduler
+    takes for a misuse and warns about on every step; here it is the design."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
 
 
 def mean_over_workers(loss: float, tokens: float, group) -> float:

@@ -26,7 +26,7 @@ from plait.errors import CheckpointError
 from plait.data import train_loader
 from plait.infer.generate import generate
 from plait.lowbw.diloco import build_outer_loop
-from plait.lowbw.zo_step import mean_over_workers
+from plait.lowbw.zo_step import mean_over_workers, step_schedule
 from plait.models.llama import init_source, model_from_state
 from plait.telemetry import collectives as comm
 from plait.parallel.context_parallel import sequence_layout
@@ -273,7 +273,7 @@ class Trainer:
                 total = sum(plain(self._loss_sum(mb)).double().cpu() for mb in micro_batches)
             return float(self._reduce(torch.as_tensor(total, dtype=torch.float64))) / max(tokens, 1.0)
         loss, derivative = self.outer.step(step, worker_loss, self.scheduler.get_last_lr()[0])
-        self.scheduler.step()
+        step_schedule(self.scheduler)
         return mean_over_workers(loss, tokens, self.outer.metrics_group), derivative
 
     def _forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], scale: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """lowbw.method = zo on 4 gloo workers (one spawned group runs every case): the workers stay
 bitwise identical for 100 steps, each sends one byte per direction per step, a corrupted worker
-is caught by the hash check, and the loss goes down."""
+is caught by the hash check, the loss goes down, and a resume is bit-identical."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from plait.config import LowBWConfig
 from plait.launch import spawn
 from plait.lowbw.zo_step import WorkerDivergence, ZerothOrder
 from plait.train.trainer import run_training
-from tests.parallel.harness import job, write_corpus
+from tests.parallel.harness import job, roll_back, write_corpus
 
 STEPS = 100
 ZO = {"lowbw.method": "zo", "lowbw.zo_eps": 1e-3, "lowbw.zo_bits": 8, "train.lr": 2e-3, "train.warmup_steps": 0,
@@ -27,6 +27,13 @@ def cases(workdir: str) -> dict:
     cfg = job(workdir, "zo4", **ZO)
     result = run_training(cfg)
     out["losses"], out["val"] = result.losses, result.val_losses
+    # Resume: the directions come from the step, the scale from the checkpoint: bit-identical.
+    common = {**ZO, "train.steps": 20, "checkpoint.every": 10, "checkpoint.keep": 5}
+    out["full"] = run_training(job(workdir, "zo_resume", **common)).losses
+    if dist.get_rank() == 0:
+        roll_back(os.path.join(workdir, "runs", "zo_resume"), 10)
+    dist.barrier()
+    out["resumed"] = run_training(job(workdir, "zo_resume", **common, **{"checkpoint.resume": True})).losses
     # A corrupted weight on one worker is caught by the next step's check.
     model = torch.nn.Linear(4, 4)
     torch.manual_seed(0)
@@ -60,3 +67,5 @@ def test_zo_workers(tmp_path):
     assert val[STEPS] < val[0], val
     for rank in ranks:
         assert "the workers' weights differ" in rank["caught"], rank["caught"]
+        assert sorted(rank["resumed"]) == list(range(11, 21))
+        assert all(rank["resumed"][s] == rank["full"][s] for s in range(11, 21)), (rank["full"], rank["resumed"])
