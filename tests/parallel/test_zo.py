@@ -34,7 +34,13 @@ def cases(workdir: str) -> dict:
         roll_back(os.path.join(workdir, "runs", "zo_resume"), 10)
     dist.barrier()
     out["resumed"] = run_training(job(workdir, "zo_resume", **common, **{"checkpoint.resume": True})).losses
-    # A corrupted weight on one worker is caught by the next step's check.
+    # Workers sharded inside (FSDP over 2 ranks, 2 workers): z drawn shard by shard, still in step.
+    sharded = {**ZO, "parallel.dp_replicate": 2, "parallel.dp_shard": 2, "train.steps": 10, "train.eval_every": 0}
+    out["sharded"] = run_training(job(workdir, "zo_fsdp", **sharded)).losses
+    # Only the norms and the output layer.
+    subset = {**ZO, "train.steps": 10, "train.eval_every": 0, "lowbw.zo_params": "norms_and_output"}
+    out["subset"] = run_training(job(workdir, "zo_subset", **subset)).losses
+        # A corrupted weight on one worker is caught by the next step's check.
     model = torch.nn.Linear(4, 4)
     torch.manual_seed(0)
     torch.nn.init.normal_(model.weight)
@@ -65,6 +71,8 @@ def test_zo_workers(tmp_path):
     # It learns.
     val = ranks[0]["val"]
     assert val[STEPS] < val[0], val
+    assert all(r["sharded"] == ranks[0]["sharded"] and r["subset"] == ranks[0]["subset"] for r in ranks)
+    assert len(ranks[0]["sharded"]) == len(ranks[0]["subset"]) == 10
     for rank in ranks:
         assert "the workers' weights differ" in rank["caught"], rank["caught"]
         assert sorted(rank["resumed"]) == list(range(11, 21))

@@ -90,3 +90,19 @@ def test_the_shared_scale_follows_the_agreed_averages_and_survives_a_resume():
     copy = SharedScale(bits=8)
     copy.load_state_dict(scale.state_dict())
     assert copy.scale == scale.scale
+
+
+def test_the_subset_is_the_norms_and_the_output_layer():
+    from plait.config import build_config
+    from plait.lowbw.zo_step import trained_pieces
+    from plait.models.llama import build_model
+
+    cfg = build_config(values={"model.dim": 32, "model.n_layers": 2, "model.n_heads": 4, "model.ffn_dim": 64,
+                               "model.vocab_size": 40, "model.max_seq_len": 16, "train.seq_len": 16,
+                               "train.micro_batch": 1, "parallel.nproc": 1})
+    model = build_model(cfg.model, "cpu", seed=0)
+    every = {p.name for p in trained_pieces([model], "all")}
+    subset = {p.name for p in trained_pieces([model], "norms_and_output")}
+    assert every == {name for name, _ in model.named_parameters()}
+    assert subset and subset < every and all("norm" in n or n.startswith("output") for n in subset)
+    assert any(n.startswith("output") for n in subset) and any("norm" in n for n in subset)
