@@ -35,16 +35,13 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.config import LowBWConfig
+from plait.lowbw.agreement import WorkerDivergence, check_same  # noqa: F401 (WorkerDivergence: the API)
 from plait.lowbw.fragments import Fragment, split_fragments
 from plait.lowbw.outer import outer_step, staleness_scales
 from plait.lowbw.quantize import scale_groups
 from plait.lowbw.reduce import quantized_mean
 from plait.lowbw.zo_step import ZerothOrder
 from plait.telemetry import collectives as comm
-
-
-class WorkerDivergence(RuntimeError):
-    """The workers' global weights differ after a sync: a bug or a corrupted exchange."""
 
 
 @dataclass
@@ -202,18 +199,8 @@ class OuterLoop:
             self.anchor[0] = local.clone()
 
     def _check(self, fragment: int, step: int) -> None:
-        digest = zlib.crc32(self.global_w[fragment].numpy().tobytes())
-        mine = torch.tensor([digest], dtype=torch.int64)
-        everyone = [mine]
-        if self.check_group is not None:
-            everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(self.check_group))]
-            with comm.paused():
-                dist.all_gather(everyone, mine, group=self.check_group)
-        if len({int(d) for d in everyone}) > 1:
-            raise WorkerDivergence(
-                f"step {step}: the workers' global weights of fragment {fragment} differ after the outer sync "
-                f"(hashes {[int(d) for d in everyone]})"
-            )
+        check_same(zlib.crc32(self.global_w[fragment].numpy().tobytes()), self.check_group,
+                   f"step {step}: the workers' global weights of fragment {fragment} differ after the outer sync")
 
     # ---- checkpoints ------------------------------------------------------------------------
 

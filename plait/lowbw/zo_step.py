@@ -28,12 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.config import LowBWConfig
+from plait.lowbw.agreement import WorkerDivergence, check_same  # noqa: F401 (WorkerDivergence: the API)
 from plait.lowbw.zeroth_order import Piece, SharedScale, _hash64, dequantize, direction_seed, perturb_, quantize
 from plait.telemetry import collectives as comm
-
-
-class WorkerDivergence(RuntimeError):
-    """The workers' weights differ after a zeroth-order step."""
 
 
 def trained_pieces(parts: list[nn.Module], which: str) -> list[Piece]:
@@ -129,18 +126,10 @@ class ZerothOrder:
 
     def check(self, step: int) -> None:
         """Compare a hash of this rank's trained tensors with its peers in the other workers."""
-        if self.check_group is None:
-            return
         digest = 0
         for piece in self.pieces:
             digest = zlib.crc32(piece.data.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), digest)
-        mine = torch.tensor([digest], dtype=torch.int64)
-        everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(self.check_group))]
-        with comm.paused():
-            dist.all_gather(everyone, mine, group=self.check_group)
-        if len({int(d) for d in everyone}) > 1:
-            raise WorkerDivergence(f"step {step}: the workers' weights differ after the zeroth-order step "
-                                   f"(hashes {[int(d) for d in everyone]})")
+        check_same(digest, self.check_group, f"step {step}: the workers' weights differ after the zeroth-order step")
 
     # --- the outer-loop interface the trainer uses -----------------------------------------
     zeroth_order = True  # the trainer runs ``step`` in place of forward, backward and AdamW
