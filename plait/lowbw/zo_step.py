@@ -7,10 +7,11 @@ and direction k (plait/lowbw/zeroth_order.py for the pieces):
 1. perturb by +eps·z_k, evaluate the worker's mean token loss L+, perturb by -2eps·z_k,
    evaluate L-, perturb by +eps·z_k back: no gradient, no optimizer state;
 2. g_k = (L+ − L-) / 2eps, the same on every rank of the worker; quantized to ``zo_bits``
-   with stochastic rounding (the uniform draw seeded by the step, k and the worker, so every
-   rank of a worker sends the same level) on the shared scale, and all-gathered over the
-   rank's sync group (its peers holding the same shards in the other workers; counted as
-   ``dp_replicate``). The first exchange of a run, before any scale exists, is float32;
+   with stochastic rounding (the uniform draw seeded by the step, k and the worker) on the
+   shared scale, and all-gathered between the workers' first ranks (the sync group of a
+   worker's rank 0 holds exactly those; counted as ``dp_replicate``): one level per worker.
+   A worker of several ranks broadcasts the gathered levels from its rank 0 over its own
+   links. The first exchange of a run, before any scale exists, is float32;
 3. every rank applies θ ← θ − lr · mean_k(ḡ_k) · z_k, regenerating z_k.
 
 Every input of the update is identical on all workers, so their weights stay bitwise equal;
@@ -81,6 +82,8 @@ class ZerothOrder:
         self.scale = SharedScale(cfg.zo_bits)
         self.step_syncs: list[dict] = []
         self.metrics_group = check_group  # the same ranks: this rank's peers in the other workers
+        self._worker_size = dist.get_world_size(worker_group) if worker_group is not None else 1
+        self._leader = self._worker_size == 1 or dist.get_rank(worker_group) == 0  # sends for its worker
 
     # --- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -107,20 +110,27 @@ class ZerothOrder:
         return sum(losses) / len(losses), abs(sum(averages) / samples)
 
     def exchange(self, g: float, step: int, k: int) -> float:
-        """The average of ``g`` over the workers, the same bits on every rank."""
+        """The average of ``g`` over the workers, the same bits on every rank. One rank per
+        worker (its first) sends; a worker of several ranks then shares the workers' levels
+        over its own fast links, so a worker sends one level whatever its size."""
         if self.sync_group is None:
             return g
         n = dist.get_world_size(self.sync_group)
-        if self.scale.ready:
-            uniform = random.Random(_hash64("zo-round", self.seed, step, k, self.worker)).random()
-            level = quantize(g, self.scale.scale, self.cfg.zo_bits, uniform)
-            mine = torch.tensor([level], dtype=torch.int8 if self.cfg.zo_bits <= 8 else torch.int16)
-        else:  # the run's first exchange: no agreed scale yet
-            mine = torch.tensor([g], dtype=torch.float32)
-        everyone = [torch.zeros_like(mine) for _ in range(n)]
-        dist.all_gather(everyone, mine, group=self.sync_group)
-        self.step_syncs.append({"bytes": mine.element_size(), "wait_s": 0.0})
-        if mine.dtype == torch.float32:
+        dtype = torch.float32 if not self.scale.ready else torch.int8 if self.cfg.zo_bits <= 8 else torch.int16
+        everyone = [torch.zeros(1, dtype=dtype) for _ in range(n)]
+        if self._leader:
+            if self.scale.ready:
+                uniform = random.Random(_hash64("zo-round", self.seed, step, k, self.worker)).random()
+                mine = torch.tensor([quantize(g, self.scale.scale, self.cfg.zo_bits, uniform)], dtype=dtype)
+            else:  # the run's first exchange: no agreed scale yet
+                mine = torch.tensor([g], dtype=dtype)
+            dist.all_gather(everyone, mine, group=self.sync_group)
+            self.step_syncs.append({"bytes": mine.element_size(), "wait_s": 0.0})
+        if self._worker_size > 1:
+            gathered = torch.cat(everyone)
+            dist.broadcast(gathered, group=self.worker_group, group_src=0)
+            everyone = list(gathered)
+        if dtype == torch.float32:
             return float(sum(float(v) for v in everyone)) / n
         return dequantize(sum(int(v) for v in everyone), self.scale.scale) / n
 

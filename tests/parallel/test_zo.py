@@ -36,7 +36,9 @@ def cases(workdir: str) -> dict:
     out["resumed"] = run_training(job(workdir, "zo_resume", **common, **{"checkpoint.resume": True})).losses
     # Workers sharded inside (FSDP over 2 ranks, 2 workers): z drawn shard by shard, still in step.
     sharded = {**ZO, "parallel.dp_replicate": 2, "parallel.dp_shard": 2, "train.steps": 10, "train.eval_every": 0}
-    out["sharded"] = run_training(job(workdir, "zo_fsdp", **sharded)).losses
+    result = run_training(job(workdir, "zo_fsdp", **sharded))
+    out["sharded"] = result.losses
+    out["sharded_sent"] = [result.comm_bytes[s].get("dp_replicate", 0) for s in sorted(result.comm_bytes)]
     # Only the norms and the output layer.
     subset = {**ZO, "train.steps": 10, "train.eval_every": 0, "lowbw.zo_params": "norms_and_output"}
     out["subset"] = run_training(job(workdir, "zo_subset", **subset)).losses
@@ -73,6 +75,12 @@ def test_zo_workers(tmp_path):
     assert val[STEPS] < val[0], val
     assert all(r["sharded"] == ranks[0]["sharded"] and r["subset"] == ranks[0]["subset"] for r in ranks)
     assert len(ranks[0]["sharded"]) == len(ranks[0]["subset"]) == 10
+    # A worker of 2 ranks sends one level per step, from its first rank (ranks 0 and 2 lead the
+    # workers {0, 1} and {2, 3}): the all-gather between the 2 leaders is 1 wire byte each.
+    for rank in (0, 2):
+        assert ranks[rank]["sharded_sent"] == [4] + [1] * 9, ranks[rank]["sharded_sent"]
+    for rank in (1, 3):
+        assert ranks[rank]["sharded_sent"] == [0] * 10, ranks[rank]["sharded_sent"]
     for rank in ranks:
         assert "the workers' weights differ" in rank["caught"], rank["caught"]
         assert sorted(rank["resumed"]) == list(range(11, 21))
