@@ -14,6 +14,7 @@ to ``--out``.
     PYTHONPATH=. .venv/bin/python bench/lowbw.py --smoke   # a few steps, tiny model
     PYTHONPATH=. .venv/bin/python bench/lowbw.py --sweep   # where DiLoCo's gap to DDP comes from
     PYTHONPATH=. .venv/bin/python bench/lowbw.py --warm-start 400   # the DiLoCo paper's protocol
+    PYTHONPATH=. .venv/bin/python bench/lowbw.py --time-to-target --warm-start 300   # fine-tuning, 3 links
 
 ``--warm-start W`` first trains the model with DDP for W steps (constant lr after warmup, no
 link emulation) and starts every run from those weights (``checkpoint.init_from``), as the
@@ -21,11 +22,23 @@ DiLoCo paper starts both DiLoCo and its baseline from one pretrained checkpoint.
 warm phase's bytes are printed once and are not in any run's total. The runs after it read
 the data in another order (``train.seed`` 1), so they do not repeat the warm phase's batches.
 It uses every core: run it alone.
+
+``--time-to-target`` is the fine-tuning race of the zeroth-order issue. The demo model (the
+``--warm-start`` DDP phase on Shakespeare) is fine-tuned on a second corpus every Python carries
+offline (the language reference's topics, ``pydoc_data.topics``, in chunks of about 2,000
+characters) with the warm phase's tokenizer, by DDP, DiLoCo (int8), Streaming DiLoCo (int8) and
+``zo`` (one byte per step), each over emulated links of ``--links`` Mbit/s (default 1000, 100,
+10). Time is the sum of the training steps' wall time (``step_s``: compute plus the emulated
+links' waits; evaluations and checkpoints left out), bytes are rank 0's on all dimensions. The
+targets are validation losses DDP reaches on the fastest link: its start minus ``--target``
+fractions of its whole drop. It prints each run's time and bytes to each target and writes
+``time_to_target.png`` (validation loss against time, one panel per link) and ``table.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -140,6 +153,141 @@ def run_one(values: dict) -> dict:
     return {"val_loss": curve[-1][1], "total_bytes": total, "peak_bytes": peak, "wall_s": wall, "curve": curve}
 
 
+def write_finetune_corpus(path: str) -> int:
+    """The second corpus: the Python language reference's topics (shipped with Python, so
+    offline everywhere), one JSONL document per chunk of about 2,000 characters; returns the
+    number of documents."""
+    import pydoc_data.topics
+
+    documents = []
+    for name in sorted(pydoc_data.topics.topics):
+        chunk = ""
+        for paragraph in pydoc_data.topics.topics[name].split("\n\n"):
+            chunk = f"{chunk}\n\n{paragraph}" if chunk else paragraph
+            if len(chunk) >= 2000:
+                documents.append(chunk)
+                chunk = ""
+        if chunk.strip():
+            documents.append(chunk)
+    with open(path, "w") as fh:
+        for text in documents:
+            fh.write(json.dumps({"text": text}) + "\n")
+    return len(documents)
+
+
+def target_runs(args) -> list[tuple[str, dict]]:
+    """(label, overrides) of the fine-tuning race, DDP first. DiLoCo is evaluated at its syncs
+    (its global model), the others every ``--eval-every`` steps (``--zo-eval-every`` for zo)."""
+    h = args.target_h
+    return [
+        ("ddp", {"train.steps": args.steps}),
+        (f"diloco H={h} int8", {"lowbw.method": "diloco", "lowbw.inner_steps": h, "lowbw.quantize": "int8",
+                                "train.steps": args.steps, "train.eval_every": h}),
+        (f"streaming P=4 H={2 * h} int8", {"lowbw.method": "streaming", "lowbw.inner_steps": 2 * h,
+                                            "lowbw.fragments": 4, "lowbw.overlap_steps": 1, "lowbw.quantize": "int8",
+                                            "train.steps": args.steps}),
+        ("zo 8-bit", {"lowbw.method": "zo", "lowbw.zo_eps": args.zo_eps, "lowbw.zo_samples": 1,
+                      "lowbw.zo_params": args.zo_params, "train.lr": args.zo_lr, "train.steps": args.zo_steps,
+                      "train.eval_every": args.zo_eval_every}),
+    ]
+
+
+def size(nbytes: float) -> str:
+    """Bytes in the unit that keeps 3 significant digits readable."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def race_curve(run_dir: str) -> list[tuple[float, float, float]]:
+    """(training seconds, bytes sent, validation loss) at every evaluation of a finished run."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    curve, seconds, sent = [], 0.0, 0
+    for r in rows:
+        seconds += r.get("step_s", 0.0)
+        sent += sum(r.get("comm_bytes", {}).values())
+        if "val_loss" in r:
+            curve.append((seconds, sent, r["val_loss"]))
+    return curve
+
+
+def reached(curve: list[tuple[float, float, float]], target: float) -> tuple[float, float] | None:
+    """(seconds, bytes) at the first evaluation at or below ``target``; None if never."""
+    return next(((t, b) for t, b, v in curve if v <= target), None)
+
+
+def time_to_target(args) -> int:
+    warm = warm_start(args)
+    tokenizer = sorted(glob.glob(os.path.join(warm, "checkpoints", "step_*", "tokenizer.json")))[-1]
+    corpus = os.path.join(args.out, "python_docs.jsonl")
+    print(f"fine-tuning corpus: {write_finetune_corpus(corpus)} documents of the Python language reference", flush=True)
+    results: dict[str, dict] = {}
+    for mbit in args.links:
+        args.link_mbit = mbit
+        for label, values in target_runs(args):
+            key = f"{mbit:g} Mbit/s {label}"
+            run_dir = os.path.join(args.out, key.replace(" ", "_").replace("/", "").replace("=", ""))
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_one({**base_values(args, run_dir), "checkpoint.init_from": warm, "data.source": corpus,
+                     "data.tokenizer": tokenizer, "data.val_fraction": 0.1, "train.schedule": "constant",
+                     "train.warmup_steps": 5, **values})
+            curve = race_curve(run_dir)
+            results[key] = {"link_mbit": mbit, "method": label, "curve": curve}
+            print(f"{key:<36} val {curve[0][2]:.4f} -> {curve[-1][2]:.4f} (best {min(v for *_, v in curve):.4f})  "
+                  f"{curve[-1][0]:7.1f} s of training  {size(curve[-1][1])}", flush=True)
+            with open(os.path.join(args.out, "results.json"), "w") as fh:
+                json.dump(results, fh, indent=1)
+    fastest = f"{max(args.links):g} Mbit/s ddp"
+    start, end = results[fastest]["curve"][0][2], min(v for _, _, v in results[fastest]["curve"])
+    targets = [start - f * (start - end) for f in args.target]
+    lines = ["| link | method | " + " | ".join(f"to {t:.3f} ({100 * f:g}% of DDP's drop)" for t, f in
+                                                zip(targets, args.target)) + " | final val (steps) |",
+             "|---|---|" + "---|" * (len(targets) + 1)]
+    for key, r in results.items():
+        cells = []
+        for target in targets:
+            hit = reached(r["curve"], target)
+            cells.append("not reached" if hit is None else f"{hit[0]:.1f} s, {size(hit[1])}")
+        steps = next(v["train.steps"] for label, v in target_runs(args) if label == r["method"])
+        lines.append(f"| {r['link_mbit']:g} Mbit/s | {r['method']} | " + " | ".join(cells)
+                     + f" | {r['curve'][-1][2]:.3f} ({steps}) |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(args.out, "table.md"), "w") as fh:
+        fh.write(table + "\n")
+    plot_race(results, targets, args.links, os.path.join(args.out, "time_to_target.png"))
+    return 0
+
+
+def plot_race(results: dict, targets: list[float], links: list[float], path: str) -> None:
+    """One panel per link of validation loss against training time, and one against bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(links) + 1, figsize=(4.5 * (len(links) + 1), 4.5), sharey=True)
+    for index, ax in enumerate(axes):
+        by_bytes = index == len(links)
+        for r in results.values():
+            if r["link_mbit"] == (links[0] if by_bytes else links[index]):  # bytes are the same on every link
+                points = [(b if by_bytes else t, v) for t, b, v in r["curve"] if (b if by_bytes else t) > 0]
+                ax.plot([x for x, _ in points], [v for _, v in points], marker=".", markersize=3, label=r["method"])
+        for target in targets:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_title("bytes sent (any link)" if by_bytes else f"{links[index]:g} Mbit/s link")
+        ax.set_xlabel("bytes sent by rank 0" if by_bytes else "training wall time (s)")
+    axes[0].set_ylabel("validation loss (Python docs)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("fine-tuning the demo model on 4 workers (dashed: targets, fractions of DDP's drop)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(results: dict[str, dict], path: str) -> None:
     import matplotlib
 
@@ -163,7 +311,7 @@ def plot(results: dict[str, dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 400; smoke 4)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 400; smoke 4; time-to-target 60)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--global-batch", type=int, default=16, help="sequences per step, all workers together")
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per forward on one rank")
@@ -171,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diloco-h", type=int, nargs="*", default=[50, 200], help="DiLoCo sync periods to run")
     parser.add_argument("--streaming-h", type=int, nargs="*", default=[100], help="Streaming (P=4) sync periods")
     parser.add_argument("--tokenizer", default="bpe:2048")
-    parser.add_argument("--eval-every", type=int, default=None, help="default steps/8")
+    parser.add_argument("--eval-every", type=int, default=None, help="default steps/8 (time-to-target: 1)")
     parser.add_argument("--link-mbit", type=float, default=100.0, help="emulated link, Mbit/s")
     parser.add_argument("--latency-ms", type=float, default=10.0, help="emulated latency per collective")
     parser.add_argument("--only", nargs="*", help="run only the labels starting with these (spaces may be written _)")
@@ -187,12 +335,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="config overrides for the DDP baseline, e.g. train.lr=0.004")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 4 steps, two methods")
     parser.add_argument("--sweep", action="store_true", help="the gap analysis (sync period, outer optimizer, lr)")
+    parser.add_argument("--time-to-target", action="store_true",
+                        help="fine-tune the warm-start model on a second corpus over --links (see the doc)")
+    parser.add_argument("--links", type=float, nargs="*", default=[1000.0, 100.0, 10.0], help="Mbit/s")
+    parser.add_argument("--target", type=float, nargs="*", default=[0.1, 0.25, 0.5, 0.9],
+                        help="targets: fractions of DDP's drop in validation loss on the fastest link")
+    parser.add_argument("--target-h", type=int, default=10, help="DiLoCo's H in the race (Streaming: 2H)")
+    parser.add_argument("--zo-steps", type=int, default=800)
+    parser.add_argument("--zo-lr", type=float, default=1e-3, help="zo's constant lr (3e-3 diverges here)")
+    parser.add_argument("--zo-eps", type=float, default=1e-3)
+    parser.add_argument("--zo-params", default="all", choices=["all", "norms_and_output"])
+    parser.add_argument("--zo-eval-every", type=int, default=10)
     parser.add_argument("--out", default="runs/bench_lowbw")
     args = parser.parse_args(argv)
-    args.steps = args.steps or (4 if args.smoke else 400)
-    args.eval_every = args.eval_every or max(args.steps // 8, 1)
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, dict] = {}
+    if args.time_to_target:
+        args.steps, args.eval_every = args.steps or 60, args.eval_every or 1
+        if not args.warm_start:
+            parser.error("--time-to-target fine-tunes the demo model: give --warm-start W (its DDP steps)")
+        return time_to_target(args)
+    args.steps = args.steps or (4 if args.smoke else 400)
+    args.eval_every = args.eval_every or max(args.steps // 8, 1)
     method_extra, ddp_extra = (dict(_override(item) for item in items) for items in (args.set, args.ddp_set))
     # After a warm start the runs read the data in another order (train.seed 1): with the warm
     # phase's order they would repeat exactly its batches.

@@ -94,11 +94,12 @@ class Record:
     seconds. ``seq``: this process's issue order. ``deadline``: when the emulated link delivers
     it (perf_counter seconds), 0.0 when not emulated."""
 
-    __slots__ = ("seq", "op", "dim", "bytes", "wire_bytes", "group_size", "start", "end", "deadline")
+    __slots__ = ("seq", "op", "dim", "bytes", "wire_bytes", "group_size", "start", "end", "deadline", "thread")
 
     def __init__(self, seq, op, dim, nbytes, wire, size, start):
         self.seq, self.op, self.dim, self.bytes, self.wire_bytes = seq, op, dim, nbytes, wire
         self.group_size, self.start, self.end, self.deadline = size, start, start, 0.0
+        self.thread = threading.get_ident()  # who issued it: see forget_own()
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -455,6 +456,19 @@ def reset() -> None:
     _records = collections.deque(maxlen=MAX_RECORDS)  # rebound: a summary in progress keeps its own
     _handles.clear()
     _info.clear()
+
+
+def forget_own() -> None:
+    """Drop the records this thread issued, and its unwaited handles, keeping other threads':
+    at a step's start the trainer forgets its own validation and checkpoint traffic since the
+    last step, while a background exchange issued meanwhile stays counted (in the step that
+    sums it) and its emulated wait stays due."""
+    global _records
+    me = threading.get_ident()
+    _records = collections.deque((r for r in list(_records) if r.thread != me), maxlen=MAX_RECORDS)
+    for key, (_, rec) in list(_handles.items()):
+        if rec.thread == me:
+            _handles.pop(key, None)
 
 
 _clear = reset  # step_summary's ``reset`` argument shadows the function

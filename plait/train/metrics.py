@@ -43,7 +43,7 @@ class StepClock:
         self.begin, self.bookkeeping_s = time.perf_counter(), 0.0
 
     def start(self) -> None:
-        comm.reset()  # drop validation/checkpoint traffic of the previous step
+        comm.forget_own()  # the validation/checkpoint traffic since the last step; not a background exchange's
         self.begin, self.bookkeeping_s = time.perf_counter(), 0.0
 
     def compute_s(self) -> float:
