@@ -130,6 +130,19 @@ def test_pipeline_stages_are_compared_only_within_themselves():
     assert monitor(beats, slow_steps=3).check([None] * 4) is None
 
 
+def test_the_heartbeat_carries_the_pipeline_stage():
+    from plait.resilience.records import parse_heartbeat
+    from plait.resilience.watchdog import PROGRESS, Watchdog
+
+    store = FakeStore()
+    PROGRESS.reset()
+    PROGRESS.stage = 2  # what StepGuard sets from the rank's pp coordinate
+    Watchdog(store, 1, 0.5).beat()
+    assert parse_heartbeat(store.get("hb/1"), 1, 4)["stage"] == 2
+    PROGRESS.reset()
+    assert parse_heartbeat(json.dumps(beat()).encode(), 0, 4)["stage"] == 0  # a writer without stages
+
+
 def test_nan_names_the_ranks_where_it_appeared_first():
     beats = {r: beat() for r in range(4)}
     beats[1], beats[3] = beat(nan_step=6), beat(nan_step=5)
