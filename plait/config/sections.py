@@ -262,7 +262,10 @@ class ResilienceConfig:
     watch: bool = field_spec(True, "multi-rank local runs: per-rank watchdog + monitor that names a faulty rank and restarts")
     heartbeat_s: float = field_spec(0.5, "seconds between a rank's heartbeats", gt=0)
     hang_s: float = field_spec(5.0, "a hang is reported after max(hang_s, 3 x median step time) without progress", gt=0)
-    slow_factor: float = field_spec(1.3, "a rank whose compute per step is this many times the others' median is slow", gt=1)
+    slow_factor: float = field_spec(
+        1.3, "a rank whose compute per step is this many times the median of its pipeline stage's other ranks is slow",
+        gt=1,
+    )
     slow_steps: int = field_spec(3, "consecutive slow steps before a slow rank is reported", min=1)
     evict_slow: bool = field_spec(False, "treat a slow rank as a fault: stop, restart from the last checkpoint")
     max_restarts: int = field_spec(3, "restarts from the last good checkpoint before giving up", min=0)

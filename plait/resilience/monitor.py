@@ -12,8 +12,11 @@ same pace, so the rank that breaks the pattern is the faulty one:
   collective, it is a communication hang; a rank waiting in a different collective than
   everyone else is the culprit;
 - slow: a rank's compute per step (step time minus time blocked in collectives) has been
-  ``slow_factor`` times the others' median for ``slow_steps`` steps in a row, and the time
-  its process waited for a CPU over those steps (a loaded machine) does not explain it;
+  ``slow_factor`` times the median of the other ranks of its pipeline stage for ``slow_steps``
+  steps in a row, and the time its process waited for a CPU over those steps (a loaded
+  machine) does not explain it. Stages do different work (the last one computes the output
+  layer and the loss), so ranks are compared only within one; a stage of one rank has no
+  peer to be slow against;
 - nan: a rank's own loss (or gradient) was not finite; the culprits are the ranks where it
   appeared first.
 
@@ -228,10 +231,11 @@ class Monitor:
 
     def _starved(self, rank: int, series: dict[int, list[float]]) -> bool:
         """Whether waiting for a CPU (more runnable processes than cores) explains the rank's
-        slowness over its last ``slow_steps`` steps: its process waited at least the extra
-        compute, or waited so large a share of the time (1 - 1/slow_factor) that a slowdown
-        of slow_factor is within what starvation alone does. Compute is a wall-clock
-        difference, so on a starved machine it mostly measures who got a CPU when."""
+        slowness over its last ``slow_steps`` steps against its peers in ``series``: its
+        process waited at least the extra compute, or waited so large a share of the time
+        (1 - 1/slow_factor) that a slowdown of slow_factor is within what starvation alone
+        does. Compute is a wall-clock difference, so on a starved machine it mostly measures
+        who got a CPU when."""
         beat, n = self.beats[rank], self.cfg.slow_steps
         if beat["host"] != self.host:
             return False
@@ -243,19 +247,21 @@ class Monitor:
 
     def _slow(self) -> Fault | None:
         n = self.cfg.slow_steps
-        series = {r: b.get("compute_s", []) for r, b in self.beats.items()}
-        if len(series) < self.nproc or min(len(s) for s in series.values()) < n:
+        if len(self.beats) < self.nproc or min(len(b.get("compute_s", [])) for b in self.beats.values()) < n:
             return None
-        for rank, own in series.items():
-            if rank in self.reported_slow:
+        for rank, beat in self.beats.items():
+            # Its peers: the ranks of its own pipeline stage, which do the same work per step.
+            series = {r: b["compute_s"] for r, b in self.beats.items() if b.get("stage", 0) == beat.get("stage", 0)}
+            if rank in self.reported_slow or len(series) < 2:
                 continue
-            ratios = []
+            own, ratios = series[rank], []
             for k in range(1, n + 1):
                 others = [series[o][-k] for o in series if o != rank]
                 ratios.append(own[-k] / max(statistics.median(others), 1e-9))
             if min(ratios) >= self.cfg.slow_factor and not self._starved(rank, series):
                 self.reported_slow.add(rank)
+                peers = "the others'" if len(series) == len(self.beats) else f"pipeline stage {beat['stage']}'s others'"
                 return Fault("slow", [rank], self._step(rank),
-                             f"compute per step {min(ratios):.2f}-{max(ratios):.2f}x the others' median "
+                             f"compute per step {min(ratios):.2f}-{max(ratios):.2f}x {peers} median "
                              f"for the last {n} steps", fatal=self.cfg.evict_slow)
         return None

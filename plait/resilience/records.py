@@ -72,6 +72,9 @@ def parse_heartbeat(raw: bytes, rank: int, nproc: int) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise BadRecord(f"{where}: a JSON {type(record).__name__}, not an object")
     _check_keys(record, HEARTBEAT_KEYS, where)
+    stage = record.setdefault("stage", 0)  # optional: a writer without pipeline stages leaves it out
+    if not (_integer(stage) and stage >= 0):
+        raise BadRecord(f"{where}: 'stage' is {stage!r:.60}; it must be an integer >= 0")
     if "rank" in record and record["rank"] != rank:
         raise BadRecord(f"{where}: says it is rank {record['rank']!r:.20}, not {rank}")
     collective = record.get("collective")

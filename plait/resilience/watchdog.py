@@ -43,6 +43,7 @@ class Progress:
     compute_s: list[float] = field(default_factory=list)  # per finished step, last few
     step_s: list[float] = field(default_factory=list)  # wall time per finished step, last few
     nan_step: int | None = None  # first step this rank's own loss (or gradient) was not finite
+    stage: int = 0  # its pipeline stage: only ranks of one stage do the same work per step
 
     def reset(self) -> None:
         """A new training run in this process starts from scratch."""
@@ -89,7 +90,7 @@ class Watchdog(threading.Thread):
         value = {
             "rank": self.rank, "time": time.time(), "mono": time.perf_counter(), "pid": self.pid, "host": self.host,
             "step": p.step, "phase": p.phase, "collective": collective, "compute_s": p.compute_s[-8:], "step_s": p.step_s[-8:],
-            "nan_step": p.nan_step,
+            "nan_step": p.nan_step, "stage": p.stage,
         }
         self.store.set(f"hb/{self.rank}", json.dumps(value))
 

@@ -22,9 +22,10 @@ from plait.resilience.watchdog import PROGRESS, Watchdog, attempt, monitor_store
 class StepGuard:
     """Collective to build (the injector may create a process group). ``close`` at the end."""
 
-    def __init__(self, cfg: JobConfig, rank: int):
+    def __init__(self, cfg: JobConfig, rank: int, stage: int = 0):
         self.rank, self.on_nan = rank, cfg.resilience.on_nan
         PROGRESS.reset()
+        PROGRESS.stage = stage  # the monitor compares a rank's pace with its own stage's only
         self.injector = Injector(parse_injection(cfg.resilience.inject), rank, attempt(), cfg.run.dir)
         store = monitor_store() if cfg.resilience.watch else None
         self.watchdog = Watchdog(store, rank, cfg.resilience.heartbeat_s) if store is not None else None

@@ -77,7 +77,7 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.device = resolve_device(cfg)
         self.dims = self._build_layout(cfg)
-        self.guard = StepGuard(cfg, self.rank)  # fault watching and injection (tests, demos)
+        self.guard = StepGuard(cfg, self.rank, self.dims.local_rank("pp"))  # fault watching and injection
         self.clock = StepClock()
         self.data = load_data(cfg)
         self.cfg = cfg = with_vocab(cfg, self.data.tokenizer.vocab_size)

@@ -207,8 +207,10 @@ def test_read_proc_stat_on_real_processes():
     json.dumps({**beat(0), "step_s": [0.1, "x"]}),
     json.dumps({**beat(0), "rank": 3}),
     json.dumps({**beat(0), "time": float("nan")}),
+    json.dumps({**beat(0), "stage": -1}),
+    json.dumps({**beat(0), "stage": "last"}),
 ], ids=["not-json", "not-utf8", "a-list", "pid-str", "pid-bool", "time-str", "no-step", "collective-str",
-        "collective-keys", "step_s-str", "wrong-rank", "time-nan"])
+        "collective-keys", "step_s-str", "wrong-rank", "time-nan", "stage-negative", "stage-str"])
 def test_a_bad_heartbeat_is_reported_once_and_ignored(record, capsys):
     m, store, proc = watched()
     assert m.check([None] * 4) is None

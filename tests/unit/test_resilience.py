@@ -117,6 +117,32 @@ def test_slow_rank_needs_consecutive_slow_steps():
     assert monitor(beats, slow_steps=3, evict_slow=True).check([None] * 4).fatal
 
 
+def test_pipeline_stages_are_compared_only_within_themselves():
+    # pp 2 x dp 2: the last stage (output layer and loss) computes 3x what the first does.
+    beats = {r: {**beat(compute=(0.1,) * 3 if r < 2 else (0.3,) * 3), "stage": r // 2} for r in range(4)}
+    assert monitor(beats, slow_steps=3).check([None] * 4) is None
+    beats[3] = {**beat(compute=(0.45,) * 3), "stage": 1}  # 1.5x its own stage's other rank
+    fault = monitor(beats, slow_steps=3).check([None] * 4)
+    assert (fault.kind, fault.ranks) == ("slow", [3])
+    assert "pipeline stage 1's others' median" in fault.detail
+    # One rank per stage (pp 4): no peer to be slow against.
+    beats = {r: {**beat(compute=(0.1 * (r + 1),) * 3), "stage": r} for r in range(4)}
+    assert monitor(beats, slow_steps=3).check([None] * 4) is None
+
+
+def test_the_heartbeat_carries_the_pipeline_stage():
+    from plait.resilience.records import parse_heartbeat
+    from plait.resilience.watchdog import PROGRESS, Watchdog
+
+    store = FakeStore()
+    PROGRESS.reset()
+    PROGRESS.stage = 2  # what StepGuard sets from the rank's pp coordinate
+    Watchdog(store, 1, 0.5).beat()
+    assert parse_heartbeat(store.get("hb/1"), 1, 4)["stage"] == 2
+    PROGRESS.reset()
+    assert parse_heartbeat(json.dumps(beat()).encode(), 0, 4)["stage"] == 0  # a writer without stages
+
+
 def test_nan_names_the_ranks_where_it_appeared_first():
     beats = {r: beat() for r in range(4)}
     beats[1], beats[3] = beat(nan_step=6), beat(nan_step=5)
