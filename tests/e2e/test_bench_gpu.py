@@ -4,25 +4,19 @@ the full run refuses with one line and exit status 2."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "bench", "gpu.py")
+from tests.e2e.bench_script import run_bench
+
 KEYS = ["device", "torch", "params", "tokens/step", "step time median", "step time mean", "tokens/s",
         "TFLOP/s per GPU", "MFU", "peak memory"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "2")
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return run_bench("gpu.py", *args, timeout=120)
 
 
 def report(stdout: str) -> dict[str, str]:

@@ -4,23 +4,14 @@ assertion (its formula, the same at every length), and the ring's match its form
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "bench", "linear_attention.py")
+from tests.e2e.bench_script import run_bench
 
 
 def test_tiny_run_reports_both_parts(tmp_path):
     path = tmp_path / "linear_attention.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, "--lengths", "512", "1024", "--repeats", "1", "--b-lengths", "256",
-         "--b-layers", "1", "--b-rounds", "1", "--out", str(path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
-    )
+    proc = run_bench("linear_attention.py", "--lengths", "512", "1024", "--repeats", "1", "--b-lengths", "256",
+                     "--b-layers", "1", "--b-rounds", "1", "--out", str(path), timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "(asserted)" in proc.stdout
     figures = json.loads(path.read_text())

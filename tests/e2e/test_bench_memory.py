@@ -6,20 +6,13 @@ totals). One timed round is too noisy to order step times: BENCHMARKS.md has the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "bench", "memory.py")
+from tests.e2e.bench_script import run_bench
 
 
 def test_short_run_passes_the_memory_checks(tmp_path):
     path = tmp_path / "memory.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, SCRIPT, "--seq", "128", "--rounds", "1", "--no-time-check",
-                           "--out", str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bench("memory.py", "--seq", "128", "--rounds", "1", "--no-time-check", "--out", str(path), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "(asserted)" in proc.stdout
     figures = json.loads(path.read_text())
