@@ -337,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="the gap analysis (sync period, outer optimizer, lr)")
     parser.add_argument("--time-to-target", action="store_true",
                         help="fine-tune the warm-start model on a second corpus over --links (see the doc)")
-    parser.add_argument("--links", type=float, nargs="*", default=[1000.0, 100.0, 10.0], help="Mbit/s")
-    parser.add_argument("--target", type=float, nargs="*", default=[0.1, 0.25, 0.5, 0.9],
+    parser.add_argument("--links", type=float, nargs="+", default=[1000.0, 100.0, 10.0], help="Mbit/s")
+    parser.add_argument("--target", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.9],
                         help="targets: fractions of DDP's drop in validation loss on the fastest link")
     parser.add_argument("--target-h", type=int, default=10, help="DiLoCo's H in the race (Streaming: 2H)")
     parser.add_argument("--zo-steps", type=int, default=800)
@@ -348,13 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zo-eval-every", type=int, default=10)
     parser.add_argument("--out", default="runs/bench_lowbw")
     args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     results: dict[str, dict] = {}
     if args.time_to_target:
         args.steps, args.eval_every = args.steps or 60, args.eval_every or 1
         if not args.warm_start:
             parser.error("--time-to-target fine-tunes the demo model: give --warm-start W (its DDP steps)")
+        if args.only or args.set or args.ddp_set or args.sweep or args.smoke:
+            parser.error("--time-to-target runs its own four methods: --only, --set, --ddp-set, --sweep and "
+                         "--smoke do not apply")
+        os.makedirs(args.out, exist_ok=True)
         return time_to_target(args)
+    os.makedirs(args.out, exist_ok=True)
     args.steps = args.steps or (4 if args.smoke else 400)
     args.eval_every = args.eval_every or max(args.steps // 8, 1)
     method_extra, ddp_extra = (dict(_override(item) for item in items) for items in (args.set, args.ddp_set))

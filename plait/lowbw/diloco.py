@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.config import LowBWConfig
-from plait.lowbw.agreement import WorkerDivergence, check_same  # noqa: F401 (WorkerDivergence: the API)
+from plait.lowbw.agreement import WorkerDivergence, check_same, exchange_device  # noqa: F401 (WorkerDivergence: the API)
 from plait.lowbw.fragments import Fragment, split_fragments
 from plait.lowbw.outer import outer_step, staleness_scales
 from plait.lowbw.quantize import scale_groups
@@ -157,7 +157,7 @@ class OuterLoop:
         """A squared norm summed over this worker's ranks (its shards and stages)."""
         if self.worker_group is None:
             return local
-        value = torch.tensor([local], dtype=torch.float64)
+        value = torch.tensor([local], dtype=torch.float64, device=exchange_device(self.worker_group))
         with comm.paused():
             dist.all_reduce(value, group=self.worker_group)
         return float(value)

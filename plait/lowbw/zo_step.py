@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.config import LowBWConfig
-from plait.lowbw.agreement import WorkerDivergence, check_same  # noqa: F401 (WorkerDivergence: the API)
+from plait.lowbw.agreement import WorkerDivergence, check_same, exchange_device  # noqa: F401 (WorkerDivergence: the API)
 from plait.lowbw.zeroth_order import Piece, SharedScale, _hash64, dequantize, direction_seed, perturb_, quantize
 from plait.telemetry import collectives as comm
 
@@ -65,10 +65,11 @@ def step_schedule(scheduler) -> None:
 def mean_over_workers(loss: float, tokens: float, group) -> float:
     """The token-weighted mean of the workers' losses (each the same on all its ranks), for the
     metrics: bookkeeping, not counted as training traffic."""
-    total = torch.tensor([loss * tokens, tokens], dtype=torch.float64)
-    if group is not None:
-        with comm.paused():
-            dist.all_reduce(total, group=group)
+    if group is None:
+        return loss
+    total = torch.tensor([loss * tokens, tokens], dtype=torch.float64, device=exchange_device(group))
+    with comm.paused():
+        dist.all_reduce(total, group=group)
     return float(total[0] / total[1].clamp_min(1.0))
 
 
@@ -113,17 +114,19 @@ class ZerothOrder:
         """The average of ``g`` over the workers, the same bits on every rank. One rank per
         worker (its first) sends; a worker of several ranks then shares the workers' levels
         over its own fast links, so a worker sends one level whatever its size."""
-        if self.sync_group is None:
+        n = dist.get_world_size(self.sync_group) if self.sync_group is not None else 1
+        if n == 1:  # one worker: nothing to send
             return g
-        n = dist.get_world_size(self.sync_group)
         dtype = torch.float32 if not self.scale.ready else torch.int8 if self.cfg.zo_bits <= 8 else torch.int16
-        everyone = [torch.zeros(1, dtype=dtype) for _ in range(n)]
+        device = exchange_device(self.sync_group)
+        everyone = [torch.zeros(1, dtype=dtype, device=device) for _ in range(n)]
         if self._leader:
             if self.scale.ready:
                 uniform = random.Random(_hash64("zo-round", self.seed, step, k, self.worker)).random()
-                mine = torch.tensor([quantize(g, self.scale.scale, self.cfg.zo_bits, uniform)], dtype=dtype)
+                level = quantize(g, self.scale.scale, self.cfg.zo_bits, uniform)
+                mine = torch.tensor([level], dtype=dtype, device=device)
             else:  # the run's first exchange: no agreed scale yet
-                mine = torch.tensor([g], dtype=dtype)
+                mine = torch.tensor([g], dtype=dtype, device=device)
             dist.all_gather(everyone, mine, group=self.sync_group)
             self.step_syncs.append({"bytes": mine.element_size(), "wait_s": 0.0})
         if self._worker_size > 1:

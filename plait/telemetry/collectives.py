@@ -465,7 +465,9 @@ def forget_own() -> None:
     sums it) and its emulated wait stays due."""
     global _records
     me = threading.get_ident()
-    _records = collections.deque((r for r in list(_records) if r.thread != me), maxlen=MAX_RECORDS)
+    # Rebind first, then filter the old records: another thread's append lands in the new deque.
+    old, _records = _records, collections.deque(maxlen=MAX_RECORDS)
+    _records.extendleft(reversed([r for r in list(old) if r.thread != me]))
     for key, (_, rec) in list(_handles.items()):
         if rec.thread == me:
             _handles.pop(key, None)

@@ -40,6 +40,7 @@ class StepClock:
     to ``bookkeeping_s``."""
 
     def __init__(self) -> None:
+        comm.reset()  # a new run in this process: nothing of an earlier one's threads carries over
         self.begin, self.bookkeeping_s = time.perf_counter(), 0.0
 
     def start(self) -> None:

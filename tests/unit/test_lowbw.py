@@ -171,3 +171,12 @@ def test_streaming_mix_keeps_part_of_the_local_fragment():
         landed[mix] = split_fragments([model], 2)[0].read() - start
     assert torch.allclose(landed[0.0], torch.full_like(landed[0.0], 0.005), atol=1e-6)
     assert torch.allclose(landed[0.5], torch.full_like(landed[0.5], 0.0075), atol=1e-6)
+
+
+def test_exchanges_live_where_the_workers_backend_reduces():
+    from plait.lowbw.agreement import device_for_backend
+
+    # A CUDA job's default NCCL-only group needs GPU tensors; gloo (alone or beside NCCL) the CPU.
+    assert device_for_backend("nccl").type == "cuda"
+    assert device_for_backend("gloo").type == "cpu"
+    assert device_for_backend("cpu:gloo,cuda:nccl").type == "cpu"
