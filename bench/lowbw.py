@@ -145,12 +145,10 @@ def run_one(values: dict) -> dict:
         peak = max(sum(r["comm_bytes"].values()) for r in steps)
     else:
         peak = max(r.get("sync_bytes", 0) for r in steps)
-    curve, sent = [], 0
-    for r in rows:
-        sent += sum(r.get("comm_bytes", {}).values())
-        if "val_loss" in r:
-            curve.append((sent, r["val_loss"]))
-    return {"val_loss": curve[-1][1], "total_bytes": total, "peak_bytes": peak, "wall_s": wall, "curve": curve}
+    timed = evaluation_curve(rows)
+    curve = [(sent, val) for _, sent, val in timed]
+    return {"val_loss": curve[-1][1], "total_bytes": total, "peak_bytes": peak, "wall_s": wall, "curve": curve,
+            "timed_curve": timed}
 
 
 def write_finetune_corpus(path: str) -> int:
@@ -200,10 +198,9 @@ def size(nbytes: float) -> str:
     return f"{nbytes:.0f} B"
 
 
-def race_curve(run_dir: str) -> list[tuple[float, float, float]]:
-    """(training seconds, bytes sent, validation loss) at every evaluation of a finished run."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        rows = [json.loads(line) for line in fh]
+def evaluation_curve(rows: list[dict]) -> list[tuple[float, float, float]]:
+    """(training seconds, bytes sent by rank 0, validation loss) at every evaluation of a run's
+    metrics rows; training seconds sum the steps' ``step_s`` (evaluations left out)."""
     curve, seconds, sent = [], 0.0, 0
     for r in rows:
         seconds += r.get("step_s", 0.0)
@@ -230,10 +227,10 @@ def time_to_target(args) -> int:
             key = f"{mbit:g} Mbit/s {label}"
             run_dir = os.path.join(args.out, key.replace(" ", "_").replace("/", "").replace("=", ""))
             shutil.rmtree(run_dir, ignore_errors=True)
-            run_one({**base_values(args, run_dir), "checkpoint.init_from": warm, "data.source": corpus,
+            run = run_one({**base_values(args, run_dir), "checkpoint.init_from": warm, "data.source": corpus,
                      "data.tokenizer": tokenizer, "data.val_fraction": 0.1, "train.schedule": "constant",
                      "train.warmup_steps": 5, **values})
-            curve = race_curve(run_dir)
+            curve = run["timed_curve"]
             results[key] = {"link_mbit": mbit, "method": label, "curve": curve}
             print(f"{key:<36} val {curve[0][2]:.4f} -> {curve[-1][2]:.4f} (best {min(v for *_, v in curve):.4f})  "
                   f"{curve[-1][0]:7.1f} s of training  {size(curve[-1][1])}", flush=True)

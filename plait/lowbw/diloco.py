@@ -57,6 +57,8 @@ class Exchange:
 
 
 class OuterLoop:
+    zeroth_order = False  # inner AdamW steps, synced by the outer loop (zo_step.ZerothOrder: True)
+
     def __init__(self, cfg: LowBWConfig, parts: list[nn.Module], sync_group, worker_group, device: torch.device,
                  injector=None, check_group=None):
         self.cfg, self.parts, self.device = cfg, parts, device

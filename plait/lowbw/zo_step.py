@@ -85,6 +85,8 @@ class ZerothOrder:
         self.metrics_group = check_group  # the same ranks: this rank's peers in the other workers
         self._worker_size = dist.get_world_size(worker_group) if worker_group is not None else 1
         self._leader = self._worker_size == 1 or dist.get_rank(worker_group) == 0  # sends for its worker
+        self._workers = dist.get_world_size(sync_group) if sync_group is not None else 1
+        self._device = exchange_device(sync_group) if sync_group is not None else torch.device("cpu")
 
     # --- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -114,11 +116,10 @@ class ZerothOrder:
         """The average of ``g`` over the workers, the same bits on every rank. One rank per
         worker (its first) sends; a worker of several ranks then shares the workers' levels
         over its own fast links, so a worker sends one level whatever its size."""
-        n = dist.get_world_size(self.sync_group) if self.sync_group is not None else 1
+        n, device = self._workers, self._device
         if n == 1:  # one worker: nothing to send
             return g
         dtype = torch.float32 if not self.scale.ready else torch.int8 if self.cfg.zo_bits <= 8 else torch.int16
-        device = exchange_device(self.sync_group)
         everyone = [torch.zeros(1, dtype=dtype, device=device) for _ in range(n)]
         if self._leader:
             if self.scale.ready:

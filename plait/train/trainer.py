@@ -242,7 +242,7 @@ class Trainer:
         for part in self.parts:
             part.train()
         micro_batches = [self._local(mb) for mb in micro_batches]
-        if getattr(self.outer, "zeroth_order", False):
+        if self.outer is not None and self.outer.zeroth_order:
             return self._zo_step(micro_batches, step)
         if self.moe is not None:
             self.moe.begin_step()
